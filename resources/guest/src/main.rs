@@ -1,0 +1,242 @@
+//! molt-guest: the test guest kernel of the molt VMM.
+//!
+//! A freestanding x86-64 ELF booted with Linux's 64-bit boot protocol. It
+//! reports on the serial port, one machine-parseable line per event:
+//!
+//! ```text
+//! molt-guest: boot cpus=<n> mem_mib=<n> tsc_khz=<n> memtest_mib=<n>
+//! molt-guest: tick n=<n> gap_max_us=<us>
+//! molt-guest: memtest pass=<n> ok | memtest pass=<n> FAIL addr=<hex>
+//! molt-guest: cpu id=<i> up | cpu id=<i> n=<n>
+//! molt-guest: exit code=<c> | reset
+//! molt-guest: exception vector=<v> error=<hex> rip=<hex> | panic at <file>:<line>
+//! ```
+//!
+//! KVM on the development hosts (PVM) runs this code in its instruction
+//! emulator, which cannot execute SSE/AVX/x87: the build disables them and
+//! `vmm/tests/guest_image.rs` checks the image. For the same reason nothing
+//! here uses `core::fmt` or floating point, and every main-loop iteration does
+//! only a little work. The guest never enables interrupts; it only polls.
+
+#![no_std]
+#![no_main]
+
+mod boot;
+mod bootparams;
+mod mem;
+mod memtest;
+mod serial;
+mod smp;
+
+use bootparams::{Config, ExitAction, ZeroPage};
+use core::sync::atomic::{AtomicU64, Ordering};
+use serial::Line;
+
+/// TSC frequency in kHz, set once by the BSP before APs start.
+static TSC_KHZ: AtomicU64 = AtomicU64::new(0);
+/// The tick counter, kept in guest RAM so it survives a live update.
+static TICKS: AtomicU64 = AtomicU64::new(0);
+/// Number of CPUs (the per-CPU lines are printed only if > 1).
+static CPU_COUNT: AtomicU64 = AtomicU64::new(1);
+
+const DEFAULT_TSC_KHZ: u64 = 2_000_000;
+const CPU_LINE_MS: u64 = 500;
+
+/// Where the TSC frequency came from.
+#[derive(PartialEq, Eq)]
+enum TscSource {
+    Measured,
+    Assumed,
+}
+
+/// TSC frequency: the hypervisor's timing leaf 0x40000010, then
+/// `molt.tsc_khz=`, then CPUID 0x15, else an assumed 2 GHz.
+fn tsc_khz(config: &Config) -> (u64, TscSource) {
+    if boot::cpuid(0x4000_0000).0 >= 0x4000_0010 {
+        let khz = u64::from(boot::cpuid(0x4000_0010).0);
+        if khz != 0 {
+            return (khz, TscSource::Measured);
+        }
+    }
+    if config.tsc_khz != 0 {
+        return (config.tsc_khz, TscSource::Measured);
+    }
+    if boot::cpuid(0).0 >= 0x15 {
+        let (denominator, numerator, crystal_hz, _) = boot::cpuid(0x15);
+        if denominator != 0 && numerator != 0 && crystal_hz != 0 {
+            let khz = u64::from(crystal_hz) * u64::from(numerator) / u64::from(denominator) / 1000;
+            if khz != 0 {
+                return (khz, TscSource::Measured);
+            }
+        }
+    }
+    (DEFAULT_TSC_KHZ, TscSource::Assumed)
+}
+
+/// TSC cycles to microseconds, without overflow for any realistic value.
+fn cycles_to_us(cycles: u64, khz: u64) -> u64 {
+    cycles / khz * 1000 + cycles % khz * 1000 / khz
+}
+
+/// A periodic deadline on the TSC. Falls back to "now + period" instead of
+/// catching up after a long stall (or a TSC that went backwards), so a pause
+/// of the VM never causes a burst of lines.
+struct Deadline {
+    next: u64,
+    period: u64,
+}
+
+impl Deadline {
+    fn new(now: u64, period: u64) -> Deadline {
+        Deadline {
+            next: now + period,
+            period,
+        }
+    }
+
+    /// True (and re-armed) when the deadline has passed.
+    fn expired(&mut self, now: u64) -> bool {
+        if now < self.next {
+            if self.next - now > self.period {
+                self.next = now + self.period;
+            }
+            return false;
+        }
+        self.next += self.period;
+        if self.next <= now {
+            self.next = now + self.period;
+        }
+        true
+    }
+}
+
+/// The `cpu id=<i> n=<n>` lines every CPU prints when there are several.
+pub struct CpuTicker {
+    index: u32,
+    n: u64,
+    deadline: Deadline,
+}
+
+impl CpuTicker {
+    pub fn new(index: u32) -> CpuTicker {
+        let period = TSC_KHZ.load(Ordering::Relaxed) * CPU_LINE_MS;
+        CpuTicker {
+            index,
+            n: 0,
+            deadline: Deadline::new(boot::rdtsc(), period),
+        }
+    }
+
+    pub fn poll(&mut self, now: u64) {
+        if self.deadline.expired(now) {
+            self.n += 1;
+            Line::new()
+                .s(b"cpu id=")
+                .dec(self.index.into())
+                .s(b" n=")
+                .dec(self.n)
+                .print();
+        }
+    }
+}
+
+/// Rust entry of the BSP, called by `_start` on CPU 0's stack.
+pub extern "C" fn bsp_main(zero_page: u64) -> ! {
+    boot::init_idt();
+    boot::load_idt();
+
+    let zero_page = ZeroPage::new(zero_page);
+    let config = Config::parse(zero_page.cmdline());
+    let (khz, tsc_source) = tsc_khz(&config);
+    TSC_KHZ.store(khz, Ordering::Relaxed);
+    let cpus = smp::Cpus::discover();
+    CPU_COUNT.store(cpus.count as u64, Ordering::Relaxed);
+    let mut memtest = memtest::Memtest::new(zero_page, boot::image_end(), config.memtest_mib);
+
+    boot::marker(2);
+    let mut line = Line::new();
+    line.s(b"boot cpus=")
+        .dec(cpus.count as u64)
+        .s(b" mem_mib=")
+        .dec(zero_page.usable_mib())
+        .s(b" tsc_khz=")
+        .dec(khz)
+        .s(b" memtest_mib=")
+        .dec(memtest.bytes >> 20);
+    if tsc_source == TscSource::Assumed {
+        line.s(b" tsc=assumed");
+    }
+    line.print();
+
+    if cpus.count > 1 {
+        smp::start_aps(&cpus, khz);
+    }
+
+    let mut tick = Deadline::new(boot::rdtsc(), khz * config.tick_ms);
+    let mut cpu_ticker = CpuTicker::new(0);
+    let mut prev = boot::rdtsc();
+    let mut gap_max = 0;
+    loop {
+        let now = boot::rdtsc();
+        gap_max = gap_max.max(now.saturating_sub(prev));
+        prev = now;
+
+        memtest.step();
+
+        if tick.expired(now) {
+            let n = TICKS.fetch_add(1, Ordering::Relaxed) + 1;
+            Line::new()
+                .s(b"tick n=")
+                .dec(n)
+                .s(b" gap_max_us=")
+                .dec(cycles_to_us(gap_max, khz))
+                .print();
+            gap_max = 0;
+            if config.ticks != 0 && n >= config.ticks {
+                finish(config.exit);
+            }
+        }
+        if CPU_COUNT.load(Ordering::Relaxed) > 1 {
+            cpu_ticker.poll(now);
+        }
+    }
+}
+
+/// Ends the VM as `molt.exit=` asked.
+fn finish(action: ExitAction) -> ! {
+    match action {
+        ExitAction::Code(code) => {
+            Line::new().s(b"exit code=").dec(code.into()).print();
+            boot::exit(code)
+        }
+        ExitAction::Reset => {
+            Line::new().s(b"reset").print();
+            boot::reset()
+        }
+    }
+}
+
+/// Common handler of CPU exceptions 0..31 (called from the stubs in boot.rs).
+pub extern "C" fn exception(vector: u64, error: u64, rip: u64) -> ! {
+    Line::new()
+        .s(b"exception vector=")
+        .dec(vector)
+        .s(b" error=")
+        .hex(error)
+        .s(b" rip=")
+        .hex(rip)
+        .print_forced();
+    boot::exit(0xfe)
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    let mut line = Line::new();
+    line.s(b"panic at ");
+    match info.location() {
+        Some(loc) => line.s(loc.file().as_bytes()).s(b":").dec(loc.line().into()),
+        None => line.s(b"unknown"),
+    };
+    line.print_forced();
+    boot::exit(0xfd)
+}

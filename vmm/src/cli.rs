@@ -1,0 +1,128 @@
+//! The `molt` command line.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{
+    KernelSource, MemoryConfig, SerialConfig, VmConfig, DEFAULT_LINUX_CMDLINE,
+    EMBEDDED_GUEST_CMDLINE,
+};
+
+/// molt: a minimal KVM virtual machine monitor built for live update.
+///
+/// Without --kernel, molt boots its embedded test guest, whose serial console reports boot,
+/// ticks and memory-test results. The process exit code is the guest's exit code (written to
+/// the debug port 0x501), 0 when the guest resets or powers off or molt is stopped by
+/// SIGINT/SIGTERM, and 1 on an error.
+#[derive(Debug, Parser)]
+#[command(name = "molt", version = crate::VERSION, about, long_about)]
+pub struct Cli {
+    /// Kernel to boot: a bzImage or an ELF vmlinux (PVH entry used when present).
+    /// Default: the embedded test guest.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Kernel command line. Default: "console=ttyS0 molt.memtest=8" for the embedded guest,
+    /// "console=ttyS0 reboot=k panic=1" for --kernel.
+    #[arg(long, value_name = "STRING")]
+    pub cmdline: Option<String>,
+
+    /// Initial ramdisk loaded at the top of low RAM.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Number of vCPUs. vCPU 0 boots; the others wait for INIT/SIPI as on real hardware.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=254))]
+    pub cpus: u8,
+
+    /// Guest RAM: size=SIZE[,hugepages=on]. SIZE takes K, M, G suffixes (binary). RAM is
+    /// backed by memfds; hugepages=on uses 2 MiB hugetlb pages, which the host must have
+    /// free (/proc/sys/vm/nr_hugepages).
+    #[arg(
+        long,
+        value_name = "size=SIZE[,hugepages=on]",
+        default_value = "size=256M"
+    )]
+    pub memory: MemoryConfig,
+
+    /// Serial console (COM1, IRQ 4): stdio, file=PATH (output appended), socket=PATH (a unix
+    /// socket; one client at a time), or null.
+    #[arg(long, value_name = "BACKEND", default_value = "stdio")]
+    pub serial: SerialConfig,
+
+    /// Log level for molt's own messages on stderr: error, warn, info, debug, trace.
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    pub log_level: log::LevelFilter,
+}
+
+impl Cli {
+    /// The VM configuration this command line describes.
+    pub fn vm_config(&self) -> VmConfig {
+        let (kernel, default_cmdline) = match &self.kernel {
+            Some(p) => (KernelSource::File(p.clone()), DEFAULT_LINUX_CMDLINE),
+            None => (KernelSource::Embedded, EMBEDDED_GUEST_CMDLINE),
+        };
+        VmConfig {
+            kernel,
+            cmdline: self
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| default_cmdline.to_string()),
+            initrd: self.initrd.clone(),
+            cpus: self.cpus,
+            memory: self.memory,
+            serial: self.serial.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_boot_the_embedded_guest() {
+        let cli = Cli::try_parse_from(["molt"]).unwrap();
+        let cfg = cli.vm_config();
+        assert_eq!(cfg.kernel, KernelSource::Embedded);
+        assert_eq!(cfg.cmdline, EMBEDDED_GUEST_CMDLINE);
+        assert_eq!(cfg.cpus, 1);
+        assert_eq!(cfg.memory, MemoryConfig::default());
+        assert_eq!(cfg.serial, SerialConfig::Stdio);
+    }
+
+    #[test]
+    fn options_parse() {
+        let cli = Cli::try_parse_from([
+            "molt",
+            "--kernel",
+            "/k",
+            "--cpus",
+            "2",
+            "--memory",
+            "size=1G,hugepages=on",
+            "--serial",
+            "null",
+        ])
+        .unwrap();
+        let cfg = cli.vm_config();
+        assert_eq!(cfg.kernel, KernelSource::File("/k".into()));
+        assert_eq!(cfg.cmdline, DEFAULT_LINUX_CMDLINE);
+        assert_eq!(cfg.cpus, 2);
+        assert!(cfg.memory.hugepages);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for args in [
+            &["molt", "--cpus", "0"][..],
+            &["molt", "--memory", "size=lots"],
+            &["molt", "--serial", "tcp"],
+            &["molt", "--bogus"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! What the user asked for: the VM configuration and the parsers for its option syntax.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Default RAM size.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
+/// Smallest RAM size accepted.
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Huge page size used with `hugepages=on`.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+/// Default command line of the embedded test guest.
+pub const EMBEDDED_GUEST_CMDLINE: &str = "console=ttyS0 molt.memtest=8";
+/// Default command line for a user-supplied kernel.
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Errors in option values.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A size that does not parse.
+    #[error("invalid size '{0}' (expected e.g. 512M, 1G, 1073741824)")]
+    BadSize(String),
+    /// Memory too small.
+    #[error("memory size {0} is below the minimum of 16 MiB")]
+    MemoryTooSmall(u64),
+    /// Memory size not a multiple of the huge page size.
+    #[error("memory size {0} is not a multiple of 2 MiB, required with hugepages=on")]
+    NotHugeAligned(u64),
+    /// Memory size not a multiple of the page size.
+    #[error("memory size {0} is not a multiple of 4 KiB")]
+    NotPageAligned(u64),
+    /// Unknown key or malformed key=value list.
+    #[error("invalid {option} value '{value}': {why}")]
+    BadOption {
+        /// Option name.
+        option: &'static str,
+        /// What the user gave.
+        value: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// Parses `512M`, `1G`, `2GiB`, `1048576` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize(s.to_string());
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+fn on_off(option: &'static str, key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(ConfigError::BadOption {
+            option,
+            value: format!("{key}={v}"),
+            why: "expected on or off".into(),
+        }),
+    }
+}
+
+/// `--memory size=SIZE[,hugepages=on]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Bytes of guest RAM.
+    pub size: u64,
+    /// Back RAM with 2 MiB hugetlb pages.
+    pub hugepages: bool,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            size: DEFAULT_MEMORY,
+            hugepages: false,
+        }
+    }
+}
+
+impl FromStr for MemoryConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let mut cfg = MemoryConfig::default();
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                Some(("size", v)) => cfg.size = parse_size(v)?,
+                Some(("hugepages", v)) => cfg.hugepages = on_off("--memory", "hugepages", v)?,
+                None => cfg.size = parse_size(part)?,
+                Some((k, _)) => {
+                    return Err(ConfigError::BadOption {
+                        option: "--memory",
+                        value: s.to_string(),
+                        why: format!("unknown key '{k}' (expected size, hugepages)"),
+                    })
+                }
+            }
+        }
+        if cfg.size < MIN_MEMORY {
+            return Err(ConfigError::MemoryTooSmall(cfg.size));
+        }
+        if cfg.hugepages && cfg.size % HUGE_PAGE_SIZE != 0 {
+            return Err(ConfigError::NotHugeAligned(cfg.size));
+        }
+        if cfg.size % 4096 != 0 {
+            return Err(ConfigError::NotPageAligned(cfg.size));
+        }
+        Ok(cfg)
+    }
+}
+
+/// `--serial stdio|file=PATH|socket=PATH|null`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SerialConfig {
+    /// Output to stdout, input from stdin.
+    #[default]
+    Stdio,
+    /// Output appended to a file (created if missing); no input.
+    File(PathBuf),
+    /// A unix socket the VMM listens on; one client at a time gets output and sends input.
+    Socket(PathBuf),
+    /// Output discarded.
+    Null,
+}
+
+impl FromStr for SerialConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::BadOption {
+            option: "--serial",
+            value: s.to_string(),
+            why: why.to_string(),
+        };
+        match s.split_once('=') {
+            None if s == "stdio" => Ok(Self::Stdio),
+            None if s == "null" => Ok(Self::Null),
+            Some((_, "")) => Err(bad("empty path")),
+            Some(("file", p)) => Ok(Self::File(p.into())),
+            Some(("socket", p)) => Ok(Self::Socket(p.into())),
+            _ => Err(bad("expected stdio, file=PATH, socket=PATH or null")),
+        }
+    }
+}
+
+/// The kernel to boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelSource {
+    /// The test guest built into the molt binary.
+    Embedded,
+    /// A bzImage or ELF vmlinux on disk.
+    File(PathBuf),
+}
+
+/// Everything needed to build the VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Kernel.
+    pub kernel: KernelSource,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Initrd path.
+    pub initrd: Option<PathBuf>,
+    /// Number of vCPUs.
+    pub cpus: u8,
+    /// RAM.
+    pub memory: MemoryConfig,
+    /// Serial console backend.
+    pub serial: SerialConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        for bad in ["", "G", "1X", "-1G", "1.5G", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn memory_option() {
+        let m: MemoryConfig = "size=1G,hugepages=on".parse().unwrap();
+        assert_eq!((m.size, m.hugepages), (1 << 30, true));
+        assert_eq!("512M".parse::<MemoryConfig>().unwrap().size, 512 << 20);
+        assert!(matches!(
+            "size=1M".parse::<MemoryConfig>(),
+            Err(ConfigError::MemoryTooSmall(_))
+        ));
+        assert!(matches!(
+            "size=17M,hugepages=on".parse::<MemoryConfig>(),
+            Err(ConfigError::NotHugeAligned(_))
+        ));
+        assert!("size=1G,huge=on".parse::<MemoryConfig>().is_err());
+        assert!("size=1G,hugepages=maybe".parse::<MemoryConfig>().is_err());
+    }
+
+    #[test]
+    fn serial_option() {
+        assert_eq!("stdio".parse(), Ok(SerialConfig::Stdio));
+        assert_eq!("null".parse(), Ok(SerialConfig::Null));
+        assert_eq!(
+            "file=/tmp/x".parse(),
+            Ok(SerialConfig::File("/tmp/x".into()))
+        );
+        assert_eq!(
+            "socket=/tmp/s".parse(),
+            Ok(SerialConfig::Socket("/tmp/s".into()))
+        );
+        assert!("file=".parse::<SerialConfig>().is_err());
+        assert!("tcp=1".parse::<SerialConfig>().is_err());
+    }
+}

@@ -1,0 +1,211 @@
+//! The VMM's event loop (event-manager): VM end notifications, termination signals and
+//! serial console input.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::exit::{ExitNotifier, VmExit};
+use crate::pio::PioBus;
+use crate::serial_backend::SerialIn;
+
+/// Blocks SIGINT and SIGTERM in the calling thread (and threads it spawns later) and returns
+/// a signalfd delivering them.
+pub fn termination_signalfd() -> io::Result<File> {
+    // SAFETY: the sigset is initialised by sigemptyset before use; pthread_sigmask and
+    // signalfd only read it; the returned fd is checked and then owned by the File.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(File::from_raw_fd(fd))
+    }
+}
+
+/// Watches the VM-end eventfd and termination signals.
+pub struct Control {
+    exits: Arc<ExitNotifier>,
+    signals: File,
+}
+
+impl Control {
+    /// A control subscriber over `exits` and the signalfd from [`termination_signalfd`].
+    pub fn new(exits: Arc<ExitNotifier>, signals: File) -> Self {
+        Self { exits, signals }
+    }
+}
+
+impl MutEventSubscriber for Control {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.signals.as_raw_fd() {
+            let mut info = [0u8; 128];
+            if let Ok(128) = self.signals.read(&mut info) {
+                let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+                let name = if signo == libc::SIGINT as u32 {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                self.exits.end(VmExit::Stopped(format!("received {name}")));
+            }
+        } else {
+            let _ = self.exits.event_fd().read();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [self.exits.event_fd().as_raw_fd(), self.signals.as_raw_fd()] {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("event loop: cannot watch fd {fd}: {e:?}");
+            }
+        }
+    }
+}
+
+/// Feeds host input into the serial input FIFO, pausing the source while the FIFO is full.
+pub struct SerialInput {
+    source: SerialIn,
+    bus: Arc<PioBus>,
+    drained: EventFd,
+    pending: Vec<u8>,
+    /// The fd currently supplying input (stdin or the socket client).
+    reading: Option<RawFd>,
+}
+
+impl SerialInput {
+    /// Input from `source` into the serial device on `bus`; `drained` is the device's
+    /// "input FIFO empty" eventfd.
+    pub fn new(source: SerialIn, bus: Arc<PioBus>, drained: EventFd) -> Self {
+        Self {
+            source,
+            bus,
+            drained,
+            pending: Vec::new(),
+            reading: None,
+        }
+    }
+
+    /// Pushes pending bytes into the FIFO; returns true when all of them fit.
+    fn flush_pending(&mut self) -> bool {
+        if self.pending.is_empty() {
+            return true;
+        }
+        let mut serial = self.bus.serial.lock().unwrap_or_else(|p| p.into_inner());
+        match serial.enqueue_input(&self.pending) {
+            Ok(n) => {
+                self.pending.drain(..n);
+            }
+            Err(e) => {
+                log::warn!("serial input dropped: {e}");
+                self.pending.clear();
+            }
+        }
+        self.pending.is_empty()
+    }
+
+    fn read_from(&mut self, fd: RawFd, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        // SAFETY: reading into a stack buffer of the given length from an fd we watch.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n > 0 {
+            self.pending.extend_from_slice(&buf[..n as usize]);
+            if !self.flush_pending() {
+                // Stop reading until the guest drains the FIFO.
+                let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+            }
+            return;
+        }
+        let err = io::Error::last_os_error();
+        if n < 0 && err.kind() == io::ErrorKind::WouldBlock {
+            return;
+        }
+        // EOF or error: this source is finished.
+        let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+        self.reading = None;
+        if let SerialIn::Socket { client, .. } = &self.source {
+            *client.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            log::info!("serial socket client disconnected");
+        }
+    }
+
+    fn accept(&mut self, ops: &mut EventOps) {
+        let SerialIn::Socket {
+            listener, client, ..
+        } = &self.source
+        else {
+            return;
+        };
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
+        let mut guard = client.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_some() {
+            log::warn!("serial socket: refusing a second client");
+            return;
+        }
+        if let Err(e) = stream.set_nonblocking(true) {
+            log::warn!("serial socket: {e}");
+            return;
+        }
+        let fd = stream.as_raw_fd();
+        *guard = Some(stream);
+        drop(guard);
+        if ops.add(Events::new_raw(fd, EventSet::IN)).is_ok() {
+            self.reading = Some(fd);
+        }
+        log::info!("serial socket client connected");
+    }
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.drained.as_raw_fd() {
+            let _ = self.drained.read();
+            if self.flush_pending() {
+                if let Some(src) = self.reading {
+                    // Re-arm the source (ignored if it is still armed).
+                    let _ = ops.add(Events::new_raw(src, EventSet::IN));
+                }
+            }
+        } else if let SerialIn::Socket { listener, .. } = &self.source {
+            if fd == listener.as_raw_fd() {
+                self.accept(ops);
+            } else {
+                self.read_from(fd, ops);
+            }
+        } else {
+            self.read_from(fd, ops);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(&self.drained, EventSet::IN));
+        match &self.source {
+            SerialIn::Stdin => {
+                let fd = libc::STDIN_FILENO;
+                // epoll refuses regular files and /dev/null; such stdin simply gives no input.
+                if ops.add(Events::new_raw(fd, EventSet::IN)).is_ok() {
+                    self.reading = Some(fd);
+                }
+            }
+            SerialIn::Socket { listener, .. } => {
+                let _ = ops.add(Events::new(listener, EventSet::IN));
+            }
+            SerialIn::None => {}
+        }
+    }
+}

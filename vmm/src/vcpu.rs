@@ -1,0 +1,350 @@
+//! vCPU threads: an explicit state machine (Running / Paused / Exiting) driven by requests
+//! from the VMM and kicked out of KVM_RUN with `immediate_exit` plus a signal.
+
+use std::cell::Cell;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::exit::{ExitNotifier, VmExit};
+use crate::pio::PioBus;
+
+/// What a vCPU thread is doing, or is asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    /// Executing guest code.
+    Running,
+    /// Out of KVM_RUN with any pending I/O completed; registers are consistent.
+    Paused,
+    /// Leaving its loop; the thread ends.
+    Exiting,
+}
+
+/// Offset from SIGRTMIN of the signal that kicks a vCPU out of KVM_RUN.
+const KICK_SIGNAL_OFFSET: i32 = 0;
+
+thread_local! {
+    /// This thread's `kvm_run` area, so the kick handler can set `immediate_exit`.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN.with(|run| {
+        let run = run.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's live kvm_run mapping; it is cleared before
+            // the VcpuFd (and its mapping) is dropped. A byte store is signal-safe.
+            unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+        }
+    });
+}
+
+fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler);
+    });
+    result
+}
+
+#[derive(Debug)]
+struct Shared {
+    requested: VcpuState,
+    current: VcpuState,
+}
+
+/// The control block shared between a vCPU thread and the VMM.
+#[derive(Debug)]
+pub struct VcpuControl {
+    state: Mutex<Shared>,
+    changed: Condvar,
+}
+
+impl VcpuControl {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(Shared {
+                requested: VcpuState::Running,
+                current: VcpuState::Paused,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn requested(&self) -> VcpuState {
+        self.lock().requested
+    }
+
+    fn report(&self, s: VcpuState) {
+        let mut st = self.lock();
+        if st.current != s {
+            st.current = s;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Parks the thread while the request is Paused; returns the new request.
+    fn park(&self) -> VcpuState {
+        let mut st = self.lock();
+        st.current = VcpuState::Paused;
+        self.changed.notify_all();
+        while st.requested == VcpuState::Paused {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.requested
+    }
+}
+
+/// The VMM's handle on one vCPU thread.
+pub struct VcpuHandle {
+    /// vCPU index (= APIC ID).
+    pub index: u8,
+    control: Arc<VcpuControl>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Errors starting vCPU threads.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The kick signal handler cannot be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// The thread cannot be spawned.
+    #[error("cannot spawn vCPU thread {0}")]
+    Spawn(u8, #[source] std::io::Error),
+}
+
+impl VcpuHandle {
+    /// Starts a thread running `vcpu` (in state Running).
+    pub fn spawn(
+        index: u8,
+        vcpu: VcpuFd,
+        bus: Arc<PioBus>,
+        exits: Arc<ExitNotifier>,
+    ) -> Result<Self, VcpuError> {
+        install_kick_handler().map_err(VcpuError::Signal)?;
+        let control = Arc::new(VcpuControl::new());
+        let ctl = control.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || VcpuLoop::new(index, vcpu, bus, exits, ctl).run())
+            .map_err(|e| VcpuError::Spawn(index, e))?;
+        Ok(Self {
+            index,
+            control,
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks the vCPU to move to `state` and kicks it out of KVM_RUN.
+    pub fn request(&self, state: VcpuState) {
+        {
+            let mut st = self.control.lock();
+            if st.requested == VcpuState::Exiting {
+                return;
+            }
+            st.requested = state;
+            self.control.changed.notify_all();
+        }
+        self.kick();
+    }
+
+    /// Interrupts KVM_RUN on the vCPU thread.
+    pub fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // SAFETY: the pthread handle is valid until the thread is joined, which only
+            // happens in `join` (consuming `self.thread`); the signal has a handler.
+            let rc =
+                unsafe { libc::pthread_kill(t.as_pthread_t(), SIGRTMIN() + KICK_SIGNAL_OFFSET) };
+            if rc != 0 && rc != libc::ESRCH {
+                log::warn!("vcpu{}: kick failed: errno {rc}", self.index);
+            }
+        }
+    }
+
+    /// Waits until the vCPU reports `state` (or has exited).
+    pub fn wait_for(&self, state: VcpuState) {
+        let mut st = self.control.lock();
+        while st.current != state && st.current != VcpuState::Exiting {
+            st = self
+                .control
+                .changed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The state the vCPU last reported.
+    pub fn current(&self) -> VcpuState {
+        self.control.lock().current
+    }
+
+    /// Asks the thread to exit and joins it.
+    pub fn join(mut self) {
+        self.request(VcpuState::Exiting);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("vcpu{} thread panicked", self.index);
+            }
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.request(VcpuState::Exiting);
+            let _ = t.join();
+        }
+    }
+}
+
+struct VcpuLoop {
+    index: u8,
+    vcpu: VcpuFd,
+    bus: Arc<PioBus>,
+    exits: Arc<ExitNotifier>,
+    control: Arc<VcpuControl>,
+}
+
+enum Step {
+    Continue,
+    /// The last exit left I/O for KVM to complete on the next entry.
+    PendingIo,
+    End(VmExit),
+}
+
+impl VcpuLoop {
+    fn new(
+        index: u8,
+        vcpu: VcpuFd,
+        bus: Arc<PioBus>,
+        exits: Arc<ExitNotifier>,
+        control: Arc<VcpuControl>,
+    ) -> Self {
+        Self {
+            index,
+            vcpu,
+            bus,
+            exits,
+            control,
+        }
+    }
+
+    fn run(mut self) {
+        KVM_RUN.with(|r| r.set(self.vcpu.get_kvm_run() as *mut kvm_run));
+        let mut pending_io = false;
+        loop {
+            match self.control.requested() {
+                VcpuState::Exiting => break,
+                VcpuState::Paused => {
+                    if pending_io {
+                        self.complete_pending_io();
+                        pending_io = false;
+                    }
+                    if self.control.park() == VcpuState::Exiting {
+                        break;
+                    }
+                    continue;
+                }
+                VcpuState::Running => self.control.report(VcpuState::Running),
+            }
+            match self.step() {
+                Step::Continue => pending_io = false,
+                Step::PendingIo => pending_io = true,
+                Step::End(why) => {
+                    self.exits.end(why);
+                    // Stay out of the guest until the VMM tears the VM down.
+                    let mut st = self.control.lock();
+                    if st.requested == VcpuState::Running {
+                        st.requested = VcpuState::Paused;
+                    }
+                }
+            }
+        }
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+        self.control.report(VcpuState::Exiting);
+    }
+
+    /// Re-enters KVM_RUN with immediate_exit set so KVM finishes an in-flight PIO/MMIO
+    /// instruction without running further guest code.
+    fn complete_pending_io(&mut self) {
+        self.vcpu.set_kvm_immediate_exit(1);
+        match self.vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => log::warn!("vcpu{}: completing pending I/O: {e}", self.index),
+            Ok(_) => log::warn!("vcpu{}: unexpected exit while completing I/O", self.index),
+        }
+        self.vcpu.set_kvm_immediate_exit(0);
+    }
+
+    fn step(&mut self) -> Step {
+        let index = self.index;
+        match self.vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.bus.read(port, data);
+                Step::PendingIo
+            }
+            Ok(VcpuExit::IoOut(port, data)) => match self.bus.write(port, data) {
+                Some(end) => Step::End(end),
+                None => Step::PendingIo,
+            },
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                log::debug!("vcpu{index}: unclaimed MMIO read at {addr:#x}");
+                data.fill(0xff);
+                Step::PendingIo
+            }
+            Ok(VcpuExit::MmioWrite(addr, _)) => {
+                log::debug!("vcpu{index}: unclaimed MMIO write at {addr:#x}");
+                Step::PendingIo
+            }
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => Step::Continue,
+            Ok(VcpuExit::Shutdown) => Step::End(VmExit::Reset("triple fault")),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Step::End(VmExit::PowerOff),
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Step::End(VmExit::Reset("system event")),
+                other => Step::End(VmExit::Error(format!(
+                    "vcpu{index}: guest system event {other}"
+                ))),
+            },
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: KVM filled the `internal` member for KVM_EXIT_INTERNAL_ERROR.
+                let sub = unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                let hint = if sub == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+                    " (emulation failure: the guest ran an instruction KVM cannot emulate, \
+                     e.g. SSE/AVX under PVM)"
+                } else {
+                    ""
+                };
+                Step::End(VmExit::Error(format!(
+                    "vcpu{index}: KVM internal error, suberror {sub}{hint}"
+                )))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Step::End(VmExit::Error(format!(
+                "vcpu{index}: VM entry failed, hardware reason {reason:#x} on host cpu {cpu}"
+            ))),
+            Ok(other) => Step::End(VmExit::Error(format!(
+                "vcpu{index}: unexpected exit {other:?}"
+            ))),
+            Err(e) => match e.errno() {
+                // Kicked: immediate_exit was set (any pending I/O is now complete).
+                libc::EINTR => {
+                    self.vcpu.set_kvm_immediate_exit(0);
+                    Step::Continue
+                }
+                // An AP woken by INIT/SIPI; run again.
+                libc::EAGAIN => Step::Continue,
+                _ => Step::End(VmExit::Error(format!("vcpu{index}: KVM_RUN failed: {e}"))),
+            },
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! Creating the KVM VM: memory slots, in-kernel irqchip and PIT, vCPUs with CPUID and boot
+//! state, and the port-I/O devices.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arch::cpuid::{self, CpuTopology};
+use arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use arch::regs::{self, BootEntry};
+use devices::debug_port::DebugPort;
+use devices::i8042::I8042;
+use devices::irq::EventFdTrigger;
+use devices::serial::{Serial, SerialCounters, SerialResources, COM1_IRQ};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::memory::{GuestRam, MemoryError};
+use crate::pio::PioBus;
+use crate::serial_backend::SerialOut;
+
+/// Errors creating the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("{0} failed")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// More vCPUs than KVM supports.
+    #[error("{wanted} vCPUs requested but KVM supports at most {max}")]
+    TooManyVcpus {
+        /// Requested.
+        wanted: u8,
+        /// KVM's limit.
+        max: usize,
+    },
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// CPUID.
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::CpuidError),
+    /// vCPU registers.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// Eventfd creation.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// An open /dev/kvm.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(VmError::OpenKvm)
+}
+
+/// Creates a VM with the in-kernel irqchip and PIT, and guest RAM registered.
+pub fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(|e| VmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+    ram.register(&vm)?;
+    Ok(vm)
+}
+
+/// Creates `count` vCPUs with CPUID set and common state; returns them with the TSC
+/// frequency KVM reports.
+pub fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8) -> Result<(Vec<VcpuFd>, u32), VmError> {
+    let max = kvm.get_max_vcpus();
+    if usize::from(count) > max || count == 0 {
+        return Err(VmError::TooManyVcpus { wanted: count, max });
+    }
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    let mut vcpus = Vec::with_capacity(count.into());
+    let mut tsc_khz = 0;
+    for index in 0..count {
+        let vcpu = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
+        if index == 0 {
+            tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+        }
+        let mut cpuid = supported.clone();
+        cpuid::filter(
+            &mut cpuid,
+            CpuTopology {
+                index,
+                count,
+                tsc_khz: (tsc_khz != 0).then_some(tsc_khz),
+            },
+        )?;
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(|e| VmError::Kvm("KVM_SET_CPUID2", e))?;
+        regs::setup_common(&vcpu)?;
+        vcpus.push(vcpu);
+    }
+    Ok((vcpus, tsc_khz))
+}
+
+/// Puts the boot vCPU at the kernel's entry. Application processors stay in KVM's
+/// wait-for-SIPI state, as on real hardware.
+pub fn setup_boot_vcpu(vcpu: &VcpuFd, ram: &GuestRam, entry: BootEntry) -> Result<(), VmError> {
+    regs::setup_boot_cpu(vcpu, &ram.mem, entry)?;
+    Ok(())
+}
+
+/// Eventfds of the devices that the event loop watches.
+pub struct DeviceEvents {
+    /// Signalled when the guest drained the serial input FIFO.
+    pub serial_input_drained: EventFd,
+}
+
+/// Creates the port-I/O devices; the serial interrupt is wired as an irqfd on IRQ 4.
+pub fn create_devices(
+    vm: &VmFd,
+    out: SerialOut,
+    started: Instant,
+) -> Result<(Arc<PioBus>, DeviceEvents), VmError> {
+    let evt = || EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd);
+    let irq = evt()?;
+    vm.register_irqfd(&irq, COM1_IRQ)
+        .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+    let drained = evt()?;
+    let serial = Serial::new(SerialResources {
+        irq: EventFdTrigger::new(irq),
+        input_drained: EventFdTrigger::new(drained.try_clone().map_err(VmError::EventFd)?),
+        out,
+        counters: Arc::new(SerialCounters::default()),
+    });
+    let reset = evt()?;
+    let i8042 = I8042::new(EventFdTrigger::new(
+        reset.try_clone().map_err(VmError::EventFd)?,
+    ));
+    let bus = PioBus {
+        serial: Mutex::new(serial),
+        i8042: Mutex::new(i8042),
+        debug: Mutex::new(DebugPort),
+        reset_evt: reset,
+        started,
+    };
+    Ok((
+        Arc::new(bus),
+        DeviceEvents {
+            serial_input_drained: drained,
+        },
+    ))
+}
