@@ -8,6 +8,7 @@
 //!
 //! This crate knows no devices.
 
+pub mod blob;
 pub mod cpuid;
 pub mod gdt;
 pub mod layout;
@@ -16,6 +17,8 @@ pub mod mptable;
 pub mod paging;
 pub mod pvh;
 pub mod regs;
+pub mod vcpu_state;
+pub mod vm_state;
 pub mod zeropage;
 
 /// Guest memory type used throughout molt: regions mapped from memfds.

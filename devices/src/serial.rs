@@ -30,8 +30,8 @@ pub enum SerialError {
     FifoFull,
 }
 
-/// Serializable register and FIFO state.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Serializable register and FIFO state. `Default` is the UART's reset state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SerialState {
     /// DLL.
@@ -54,6 +54,12 @@ pub struct SerialState {
     pub scratch: u8,
     /// Bytes received but not yet read by the guest.
     pub in_buffer: Vec<u8>,
+}
+
+impl Default for SerialState {
+    fn default() -> Self {
+        vm_superio::serial::SerialState::default().into()
+    }
 }
 
 impl From<vm_superio::serial::SerialState> for SerialState {
@@ -144,7 +150,7 @@ impl<W: Write> Serial<W> {
     /// A UART in its reset state.
     pub fn new(res: SerialResources<W>) -> Self {
         // The default state has an empty FIFO and no pending interrupt, so this cannot fail.
-        Self::from_state(&SerialState::from(default_state()), res)
+        Self::from_state(&SerialState::default(), res)
             .unwrap_or_else(|_| unreachable!("default serial state is valid"))
     }
 
@@ -212,10 +218,6 @@ impl<W: Write> Serial<W> {
     }
 }
 
-fn default_state() -> vm_superio::serial::SerialState {
-    vm_superio::serial::SerialState::default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,6 +267,16 @@ mod tests {
             1,
             "drain notification after the last byte"
         );
+    }
+
+    #[test]
+    fn default_state_is_the_reset_state() {
+        let (res, _) = resources(Vec::new());
+        let mut s = Serial::from_state(&SerialState::default(), res).unwrap();
+        // LSR: transmitter holding register empty and idle.
+        assert_eq!(s.read(5) & 0x60, 0x60);
+        let partial: SerialState = serde_json::from_str(r#"{"scratch": 7}"#).unwrap();
+        assert_eq!(partial.line_status, SerialState::default().line_status);
     }
 
     #[test]

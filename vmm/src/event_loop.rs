@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
@@ -12,6 +12,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::exit::{ExitNotifier, VmExit};
 use crate::pio::PioBus;
 use crate::serial_backend::SerialIn;
+
+/// The current machine's devices; empty while the machine is being rebuilt.
+pub type BusCell = Arc<Mutex<Option<Arc<PioBus>>>>;
 
 /// Blocks SIGINT and SIGTERM in the calling thread (and threads it spawns later) and returns
 /// a signalfd delivering them.
@@ -78,7 +81,7 @@ impl MutEventSubscriber for Control {
 /// Feeds host input into the serial input FIFO, pausing the source while the FIFO is full.
 pub struct SerialInput {
     source: SerialIn,
-    bus: Arc<PioBus>,
+    bus: BusCell,
     drained: EventFd,
     pending: Vec<u8>,
     /// The fd currently supplying input (stdin or the socket client).
@@ -88,7 +91,7 @@ pub struct SerialInput {
 impl SerialInput {
     /// Input from `source` into the serial device on `bus`; `drained` is the device's
     /// "input FIFO empty" eventfd.
-    pub fn new(source: SerialIn, bus: Arc<PioBus>, drained: EventFd) -> Self {
+    pub fn new(source: SerialIn, bus: BusCell, drained: EventFd) -> Self {
         Self {
             source,
             bus,
@@ -103,7 +106,10 @@ impl SerialInput {
         if self.pending.is_empty() {
             return true;
         }
-        let mut serial = self.bus.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(bus) = self.bus.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return false;
+        };
+        let mut serial = bus.serial.lock().unwrap_or_else(|p| p.into_inner());
         match serial.enqueue_input(&self.pending) {
             Ok(n) => {
                 self.pending.drain(..n);

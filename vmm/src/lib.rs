@@ -10,9 +10,12 @@ pub mod config;
 pub mod event_loop;
 pub mod exit;
 pub mod guest_image;
+pub mod machine;
 pub mod memory;
 pub mod pio;
+pub mod runtime;
 pub mod serial_backend;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 
@@ -20,10 +23,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::VmConfig;
 use crate::exit::{ExitNotifier, VmExit};
-use crate::vcpu::VcpuHandle;
+use crate::machine::Shared;
+use crate::runtime::Vmm;
 
 /// molt's version string, as `molt --version` prints it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -46,6 +51,18 @@ pub enum Error {
     /// vCPU threads.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
+    /// Restoring captured state failed.
+    #[error("restore: {0}")]
+    Restore(String),
+    /// Capturing state failed.
+    #[error("capture: {0}")]
+    Capture(String),
+    /// The machine is being rebuilt or was torn down.
+    #[error("no machine")]
+    NoMachine,
+    /// The serial output cannot be duplicated.
+    #[error("cannot duplicate the serial output")]
+    SerialClone(#[source] std::io::Error),
     /// Event loop.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -58,60 +75,41 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, Error> {
     let signals = event_loop::termination_signalfd()
         .map_err(|e| Error::EventLoop(format!("signalfd: {e}")))?;
-    let kvm = vm::open_kvm()?;
-    let ram = memory::create(&config.memory)?;
-    let vm_fd = vm::create_vm(&kvm, &ram)?;
-    let (vcpus, tsc_khz) = vm::create_vcpus(&kvm, &vm_fd, config.cpus)?;
-    let entry = boot::load(config, &ram)?;
-    vm::setup_boot_vcpu(&vcpus[0], &ram, entry)?;
+    let event_err = |e: std::io::Error| Error::EventLoop(e.to_string());
+    let shared = Shared {
+        exits: Arc::new(ExitNotifier::new().map_err(event_err)?),
+        serial_drained: EventFd::new(EFD_NONBLOCK).map_err(event_err)?,
+        bus: Arc::default(),
+        serial_counters: Arc::default(),
+        started,
+    };
     let (serial_out, serial_in) = serial_backend::open(&config.serial)?;
-    let (bus, dev_events) = vm::create_devices(&vm_fd, serial_out, started)?;
-    log::info!(
-        "VM ready: {} vCPUs, {} MiB RAM in {} memfd region(s), TSC {tsc_khz} kHz, {} us after start",
-        config.cpus,
-        ram.total() >> 20,
-        ram.regions.len(),
-        started.elapsed().as_micros()
-    );
-
-    let exits = Arc::new(ExitNotifier::new().map_err(|e| Error::EventLoop(e.to_string()))?);
     let mut em =
         EventManager::<Subscriber>::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     em.add_subscriber(Arc::new(Mutex::new(event_loop::Control::new(
-        exits.clone(),
+        shared.exits.clone(),
         signals,
     ))));
     em.add_subscriber(Arc::new(Mutex::new(event_loop::SerialInput::new(
         serial_in,
-        bus.clone(),
-        dev_events.serial_input_drained,
+        shared.bus.clone(),
+        shared.serial_drained.try_clone().map_err(event_err)?,
     ))));
-
-    let handles = vcpus
-        .into_iter()
-        .enumerate()
-        .map(|(i, fd)| VcpuHandle::spawn(i as u8, fd, bus.clone(), exits.clone()))
-        .collect::<Result<Vec<_>, _>>();
-    let handles = match handles {
-        Ok(h) => h,
-        Err(e) => {
-            exits.end(VmExit::Error(e.to_string()));
-            return Err(e.into());
-        }
-    };
-
+    let vmm = Vmm::boot(config.clone(), serial_out, shared)?;
+    log::info!(
+        "VM running: {} vCPUs, {} MiB RAM, {} us after start",
+        config.cpus,
+        config.memory.size >> 20,
+        started.elapsed().as_micros()
+    );
     let end = loop {
-        if let Some(end) = exits.reason() {
+        if let Some(end) = vmm.ended() {
             break end;
         }
         if let Err(e) = em.run() {
             break VmExit::Error(format!("event loop: {e:?}"));
         }
     };
-    for h in handles {
-        h.join();
-    }
-    drop(vm_fd);
-    drop(ram);
+    vmm.shutdown();
     Ok(end)
 }

@@ -35,6 +35,18 @@ pub enum SerialOut {
     Null,
 }
 
+impl SerialOut {
+    /// A second handle on the same sink (for rebuilding the serial device).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            SerialOut::Stdout => SerialOut::Stdout,
+            SerialOut::File(f) => SerialOut::File(f.try_clone()?),
+            SerialOut::Socket(c) => SerialOut::Socket(c.clone()),
+            SerialOut::Null => SerialOut::Null,
+        })
+    }
+}
+
 impl Write for SerialOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {

@@ -2,7 +2,9 @@
 //! from the VMM and kicked out of KVM_RUN with `immediate_exit` plus a signal.
 
 use std::cell::Cell;
+use std::collections::VecDeque;
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 
@@ -52,25 +54,28 @@ fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     result
 }
 
-#[derive(Debug)]
+/// Work run on a parked vCPU thread, which owns the vCPU fd.
+type Job = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
 struct Shared {
     requested: VcpuState,
     current: VcpuState,
+    jobs: VecDeque<Job>,
 }
 
 /// The control block shared between a vCPU thread and the VMM.
-#[derive(Debug)]
 pub struct VcpuControl {
     state: Mutex<Shared>,
     changed: Condvar,
 }
 
 impl VcpuControl {
-    fn new() -> Self {
+    fn new(initial: VcpuState) -> Self {
         Self {
             state: Mutex::new(Shared {
-                requested: VcpuState::Running,
+                requested: initial,
                 current: VcpuState::Paused,
+                jobs: VecDeque::new(),
             }),
             changed: Condvar::new(),
         }
@@ -92,15 +97,23 @@ impl VcpuControl {
         }
     }
 
-    /// Parks the thread while the request is Paused; returns the new request.
-    fn park(&self) -> VcpuState {
+    /// Parks the thread while the request is Paused, running queued jobs on `vcpu`; returns
+    /// the new request.
+    fn park(&self, vcpu: &mut VcpuFd) -> VcpuState {
         let mut st = self.lock();
         st.current = VcpuState::Paused;
         self.changed.notify_all();
-        while st.requested == VcpuState::Paused {
+        loop {
+            while let Some(job) = st.jobs.pop_front() {
+                drop(st);
+                job(vcpu);
+                st = self.lock();
+            }
+            if st.requested != VcpuState::Paused {
+                return st.requested;
+            }
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        st.requested
     }
 }
 
@@ -124,15 +137,16 @@ pub enum VcpuError {
 }
 
 impl VcpuHandle {
-    /// Starts a thread running `vcpu` (in state Running).
+    /// Starts a thread for `vcpu`, in state `initial` (Running or Paused).
     pub fn spawn(
         index: u8,
         vcpu: VcpuFd,
         bus: Arc<PioBus>,
         exits: Arc<ExitNotifier>,
+        initial: VcpuState,
     ) -> Result<Self, VcpuError> {
         install_kick_handler().map_err(VcpuError::Signal)?;
-        let control = Arc::new(VcpuControl::new());
+        let control = Arc::new(VcpuControl::new(initial));
         let ctl = control.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
@@ -186,6 +200,26 @@ impl VcpuHandle {
     /// The state the vCPU last reported.
     pub fn current(&self) -> VcpuState {
         self.control.lock().current
+    }
+
+    /// Runs `f` with the vCPU fd on the vCPU's own thread once it is parked (request Paused
+    /// first) and returns its result; `None` if the thread ended before running it.
+    pub fn with_vcpu<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        {
+            let mut st = self.control.lock();
+            if st.current == VcpuState::Exiting {
+                return None;
+            }
+            st.jobs.push_back(Box::new(move |fd: &mut VcpuFd| {
+                let _ = tx.send(f(fd));
+            }));
+            self.control.changed.notify_all();
+        }
+        rx.recv().ok()
     }
 
     /// Asks the thread to exit and joins it.
@@ -251,7 +285,7 @@ impl VcpuLoop {
                         self.complete_pending_io();
                         pending_io = false;
                     }
-                    if self.control.park() == VcpuState::Exiting {
+                    if self.control.park(&mut self.vcpu) == VcpuState::Exiting {
                         break;
                     }
                     continue;
@@ -272,7 +306,11 @@ impl VcpuLoop {
             }
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
-        self.control.report(VcpuState::Exiting);
+        let mut st = self.control.lock();
+        st.current = VcpuState::Exiting;
+        // Jobs queued after the last park are dropped, which wakes their waiters.
+        st.jobs.clear();
+        self.control.changed.notify_all();
     }
 
     /// Re-enters KVM_RUN with immediate_exit set so KVM finishes an in-flight PIO/MMIO

@@ -1,23 +1,13 @@
 //! Creating the KVM VM: memory slots, in-kernel irqchip and PIT, vCPUs with CPUID and boot
 //! state, and the port-I/O devices.
 
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
-
 use arch::cpuid::{self, CpuTopology};
 use arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use arch::regs::{self, BootEntry};
-use devices::debug_port::DebugPort;
-use devices::i8042::I8042;
-use devices::irq::EventFdTrigger;
-use devices::serial::{Serial, SerialCounters, SerialResources, COM1_IRQ};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::memory::{GuestRam, MemoryError};
-use crate::pio::PioBus;
-use crate::serial_backend::SerialOut;
 
 /// Errors creating the VM.
 #[derive(Debug, thiserror::Error)]
@@ -117,46 +107,4 @@ pub fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8) -> Result<(Vec<VcpuFd>, u32
 pub fn setup_boot_vcpu(vcpu: &VcpuFd, ram: &GuestRam, entry: BootEntry) -> Result<(), VmError> {
     regs::setup_boot_cpu(vcpu, &ram.mem, entry)?;
     Ok(())
-}
-
-/// Eventfds of the devices that the event loop watches.
-pub struct DeviceEvents {
-    /// Signalled when the guest drained the serial input FIFO.
-    pub serial_input_drained: EventFd,
-}
-
-/// Creates the port-I/O devices; the serial interrupt is wired as an irqfd on IRQ 4.
-pub fn create_devices(
-    vm: &VmFd,
-    out: SerialOut,
-    started: Instant,
-) -> Result<(Arc<PioBus>, DeviceEvents), VmError> {
-    let evt = || EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd);
-    let irq = evt()?;
-    vm.register_irqfd(&irq, COM1_IRQ)
-        .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
-    let drained = evt()?;
-    let serial = Serial::new(SerialResources {
-        irq: EventFdTrigger::new(irq),
-        input_drained: EventFdTrigger::new(drained.try_clone().map_err(VmError::EventFd)?),
-        out,
-        counters: Arc::new(SerialCounters::default()),
-    });
-    let reset = evt()?;
-    let i8042 = I8042::new(EventFdTrigger::new(
-        reset.try_clone().map_err(VmError::EventFd)?,
-    ));
-    let bus = PioBus {
-        serial: Mutex::new(serial),
-        i8042: Mutex::new(i8042),
-        debug: Mutex::new(DebugPort),
-        reset_evt: reset,
-        started,
-    };
-    Ok((
-        Arc::new(bus),
-        DeviceEvents {
-            serial_input_drained: drained,
-        },
-    ))
 }

@@ -1,0 +1,360 @@
+//! Capture and restore of one vCPU's complete KVM state.
+//!
+//! Restore order matters to KVM: CPUID first (it decides which MSRs and XSAVE features are
+//! valid), then MP state, registers, segments, XSAVE/XCRs, debug registers, the local APIC
+//! (after SREGS, which carry APIC_BASE), MSRs, and vCPU events last (pending exceptions and
+//! interrupts refer to everything before).
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+};
+use kvm_ioctls::VcpuFd;
+use serde::{Deserialize, Serialize};
+
+use crate::blob::Blob;
+use crate::regs::msr;
+
+/// One MSR value, by index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsrValue {
+    /// MSR number.
+    pub index: u32,
+    /// Value.
+    pub data: u64,
+}
+
+/// The FPU/SSE/AVX state: XSAVE area when KVM has XSAVE, else the legacy FPU block.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FpuState {
+    /// KVM_GET_XSAVE (4 KiB area) plus XCR0 and friends.
+    Xsave {
+        /// XSAVE area.
+        xsave: Box<Blob<kvm_xsave>>,
+        /// Extended control registers.
+        xcrs: Blob<kvm_xcrs>,
+    },
+    /// KVM_GET_FPU.
+    Fpu(Box<Blob<kvm_fpu>>),
+}
+
+/// Everything KVM holds for one vCPU.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// vCPU index (= APIC ID).
+    pub index: u8,
+    /// General registers.
+    pub regs: Blob<kvm_regs>,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: Blob<kvm_sregs>,
+    /// FPU/vector state.
+    pub fpu: FpuState,
+    /// Local APIC registers.
+    pub lapic: Box<Blob<kvm_lapic_state>>,
+    /// MSRs, see [`MsrSet`].
+    pub msrs: Vec<MsrValue>,
+    /// Pending exceptions, interrupts, NMIs, SMM state.
+    pub events: Blob<kvm_vcpu_events>,
+    /// Runnable, halted, waiting for SIPI, …
+    pub mp_state: Blob<kvm_mp_state>,
+    /// DR0–DR3, DR6, DR7.
+    pub debugregs: Blob<kvm_debugregs>,
+    /// The CPUID that was set on the vCPU.
+    pub cpuid: Vec<Blob<kvm_cpuid_entry2>>,
+    /// TSC frequency in kHz (0 when KVM cannot say).
+    #[serde(default)]
+    pub tsc_khz: u32,
+}
+
+/// Errors capturing or restoring vCPU state.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuStateError {
+    /// A KVM ioctl failed.
+    #[error("vcpu{0}: {1} failed")]
+    Kvm(u8, &'static str, #[source] kvm_ioctls::Error),
+    /// KVM read or wrote fewer MSRs than asked.
+    #[error("vcpu{index}: KVM handled {done} of {wanted} MSRs (stopped at {stopped:#x})")]
+    Msrs {
+        /// vCPU.
+        index: u8,
+        /// Processed.
+        done: usize,
+        /// Asked.
+        wanted: usize,
+        /// First MSR not processed.
+        stopped: u32,
+    },
+    /// Too many MSRs or CPUID entries for KVM's arrays.
+    #[error("vcpu{0}: too many {1} entries")]
+    TooMany(u8, &'static str),
+    /// The state holds an XSAVE area but this host's KVM has no XSAVE.
+    #[error("vcpu{0}: saved state has XSAVE but this host's KVM does not")]
+    NoXsave(u8),
+}
+
+/// MSRs beyond KVM_GET_MSR_INDEX_LIST that a vCPU needs to resume exactly.
+const EXTRA_MSRS: &[u32] = &[
+    msr::IA32_TSC,
+    0x3b,  // IA32_TSC_ADJUST
+    0x6e0, // IA32_TSC_DEADLINE
+    msr::IA32_MISC_ENABLE,
+    0x277, // IA32_PAT
+    msr::IA32_MTRR_DEF_TYPE,
+    0xfe, // IA32_MTRRCAP (read-only, harmless)
+    0x250,
+    0x258,
+    0x259, // fixed-range MTRRs
+    0x268,
+    0x269,
+    0x26a,
+    0x26b,
+    0x26c,
+    0x26d,
+    0x26e,
+    0x26f,
+    0x200,
+    0x201,
+    0x202,
+    0x203,
+    0x204,
+    0x205,
+    0x206,
+    0x207, // variable MTRRs 0-3
+    0x208,
+    0x209,
+    0x20a,
+    0x20b,
+    0x20c,
+    0x20d,
+    0x20e,
+    0x20f, // variable MTRRs 4-7
+    msr::IA32_SYSENTER_CS,
+    msr::IA32_SYSENTER_ESP,
+    msr::IA32_SYSENTER_EIP,
+    msr::STAR,
+    msr::LSTAR,
+    msr::CSTAR,
+    msr::SYSCALL_MASK,
+    msr::KERNEL_GS_BASE,
+    0xc000_0103, // TSC_AUX
+    0x4b56_4d00,
+    0x4b56_4d01,
+    0x4b56_4d02,
+    0x4b56_4d03, // kvmclock, async PF, steal time, EOI
+    0x4b56_4d04,
+    0x4b56_4d05,
+    0x4b56_4d06,
+    0x4b56_4d07, // poll control etc.
+    0x11,
+    0x12, // old kvmclock wall clock / system time
+];
+
+/// MSRs that must not be written back on restore (read-only or host-owned).
+const READ_ONLY_MSRS: &[u32] = &[0xfe];
+
+/// The MSRs saved for every vCPU: KVM's index list plus [`EXTRA_MSRS`], keeping only those
+/// this KVM can actually read (probed once, one by one).
+#[derive(Clone, Debug, Default)]
+pub struct MsrSet(Vec<u32>);
+
+impl MsrSet {
+    /// Probes which candidate MSRs `vcpu` can read.
+    pub fn probe(kvm: &kvm_ioctls::Kvm, vcpu: &VcpuFd) -> Self {
+        let mut candidates: Vec<u32> = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
+        candidates.extend_from_slice(EXTRA_MSRS);
+        candidates.sort_unstable();
+        candidates.dedup();
+        let readable = candidates
+            .into_iter()
+            .filter(|&index| {
+                Msrs::from_entries(&[kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                }])
+                .ok()
+                .and_then(|mut m| vcpu.get_msrs(&mut m).ok())
+                    == Some(1)
+            })
+            .collect();
+        Self(readable)
+    }
+
+    /// The MSR numbers.
+    pub fn indices(&self) -> &[u32] {
+        &self.0
+    }
+}
+
+fn kvm(index: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError {
+    move |e| VcpuStateError::Kvm(index, what, e)
+}
+
+/// Reads the complete state of a vCPU that is out of KVM_RUN (paused, pending I/O
+/// completed).
+pub fn capture(
+    vcpu: &VcpuFd,
+    index: u8,
+    msrs: &MsrSet,
+    has_xsave: bool,
+) -> Result<VcpuState, VcpuStateError> {
+    let regs = vcpu.get_regs().map_err(kvm(index, "KVM_GET_REGS"))?;
+    let sregs = vcpu.get_sregs().map_err(kvm(index, "KVM_GET_SREGS"))?;
+    let fpu = if has_xsave {
+        FpuState::Xsave {
+            xsave: Box::new(Blob(vcpu.get_xsave().map_err(kvm(index, "KVM_GET_XSAVE"))?)),
+            xcrs: Blob(vcpu.get_xcrs().map_err(kvm(index, "KVM_GET_XCRS"))?),
+        }
+    } else {
+        FpuState::Fpu(Box::new(Blob(
+            vcpu.get_fpu().map_err(kvm(index, "KVM_GET_FPU"))?,
+        )))
+    };
+    let lapic = Box::new(Blob(vcpu.get_lapic().map_err(kvm(index, "KVM_GET_LAPIC"))?));
+    let entries: Vec<kvm_msr_entry> = msrs
+        .indices()
+        .iter()
+        .map(|&i| kvm_msr_entry {
+            index: i,
+            ..Default::default()
+        })
+        .collect();
+    let mut kvm_msrs =
+        Msrs::from_entries(&entries).map_err(|_| VcpuStateError::TooMany(index, "MSR"))?;
+    let done = vcpu
+        .get_msrs(&mut kvm_msrs)
+        .map_err(kvm(index, "KVM_GET_MSRS"))?;
+    if done != entries.len() {
+        return Err(VcpuStateError::Msrs {
+            index,
+            done,
+            wanted: entries.len(),
+            stopped: entries[done].index,
+        });
+    }
+    let msrs = kvm_msrs
+        .as_slice()
+        .iter()
+        .map(|e| MsrValue {
+            index: e.index,
+            data: e.data,
+        })
+        .collect();
+    let events = vcpu
+        .get_vcpu_events()
+        .map_err(kvm(index, "KVM_GET_VCPU_EVENTS"))?;
+    let mp_state = vcpu
+        .get_mp_state()
+        .map_err(kvm(index, "KVM_GET_MP_STATE"))?;
+    let debugregs = vcpu
+        .get_debug_regs()
+        .map_err(kvm(index, "KVM_GET_DEBUGREGS"))?;
+    let cpuid = vcpu
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm(index, "KVM_GET_CPUID2"))?
+        .as_slice()
+        .iter()
+        .map(|e| Blob(*e))
+        .collect();
+    let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+    Ok(VcpuState {
+        index,
+        regs: Blob(regs),
+        sregs: Blob(sregs),
+        fpu,
+        lapic,
+        msrs,
+        events: Blob(events),
+        mp_state: Blob(mp_state),
+        debugregs: Blob(debugregs),
+        cpuid,
+        tsc_khz,
+    })
+}
+
+/// Writes `state` into a freshly created vCPU. `tsc_advance` is added to IA32_TSC so the
+/// guest's TSC accounts for the time the VM spent between capture and restore.
+pub fn restore(
+    vcpu: &VcpuFd,
+    state: &VcpuState,
+    tsc_advance: u64,
+    has_xsave: bool,
+) -> Result<(), VcpuStateError> {
+    let index = state.index;
+    if state.tsc_khz != 0 && vcpu.get_tsc_khz().ok() != Some(state.tsc_khz) {
+        // Keep the guest's TSC rate when the host's differs (needs TSC scaling).
+        if let Err(e) = vcpu.set_tsc_khz(state.tsc_khz) {
+            log::warn!("vcpu{index}: cannot keep TSC at {} kHz: {e}", state.tsc_khz);
+        }
+    }
+    let entries: Vec<kvm_cpuid_entry2> = state.cpuid.iter().map(|e| e.0).collect();
+    let cpuid =
+        CpuId::from_entries(&entries).map_err(|_| VcpuStateError::TooMany(index, "CPUID"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(kvm(index, "KVM_SET_CPUID2"))?;
+    vcpu.set_mp_state(state.mp_state.0)
+        .map_err(kvm(index, "KVM_SET_MP_STATE"))?;
+    vcpu.set_regs(&state.regs)
+        .map_err(kvm(index, "KVM_SET_REGS"))?;
+    vcpu.set_sregs(&state.sregs)
+        .map_err(kvm(index, "KVM_SET_SREGS"))?;
+    match &state.fpu {
+        FpuState::Xsave { xsave, xcrs } => {
+            if !has_xsave {
+                return Err(VcpuStateError::NoXsave(index));
+            }
+            // SAFETY: `has_xsave` was derived from KVM_CAP_XSAVE2 reporting an XSAVE size of
+            // at most the 4 KiB of `kvm_xsave`, so KVM reads only within the struct.
+            unsafe { vcpu.set_xsave(&xsave.0) }.map_err(kvm(index, "KVM_SET_XSAVE"))?;
+            vcpu.set_xcrs(&xcrs.0).map_err(kvm(index, "KVM_SET_XCRS"))?;
+        }
+        FpuState::Fpu(fpu) => vcpu.set_fpu(&fpu.0).map_err(kvm(index, "KVM_SET_FPU"))?,
+    }
+    vcpu.set_debug_regs(&state.debugregs)
+        .map_err(kvm(index, "KVM_SET_DEBUGREGS"))?;
+    vcpu.set_lapic(&state.lapic.0)
+        .map_err(kvm(index, "KVM_SET_LAPIC"))?;
+    let entries: Vec<kvm_msr_entry> = state
+        .msrs
+        .iter()
+        .filter(|m| !READ_ONLY_MSRS.contains(&m.index))
+        .map(|m| kvm_msr_entry {
+            index: m.index,
+            data: if m.index == msr::IA32_TSC {
+                m.data.wrapping_add(tsc_advance)
+            } else {
+                m.data
+            },
+            ..Default::default()
+        })
+        .collect();
+    let kvm_msrs =
+        Msrs::from_entries(&entries).map_err(|_| VcpuStateError::TooMany(index, "MSR"))?;
+    let done = vcpu
+        .set_msrs(&kvm_msrs)
+        .map_err(kvm(index, "KVM_SET_MSRS"))?;
+    if done != entries.len() {
+        return Err(VcpuStateError::Msrs {
+            index,
+            done,
+            wanted: entries.len(),
+            stopped: entries[done].index,
+        });
+    }
+    vcpu.set_vcpu_events(&state.events)
+        .map_err(kvm(index, "KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}
+
+/// Whether this KVM supports XSAVE with an area that fits `kvm_xsave` (4 KiB).
+pub fn xsave_usable(vm: &kvm_ioctls::VmFd) -> bool {
+    use kvm_ioctls::Cap;
+    if !vm.check_extension(Cap::Xsave) {
+        return false;
+    }
+    let size = vm.check_extension_int(Cap::Xsave2);
+    size <= 0 || size as usize <= std::mem::size_of::<kvm_xsave>()
+}

@@ -1,0 +1,282 @@
+//! A running machine: the KVM VM over guest RAM, its vCPU threads and devices. Built either
+//! by booting a kernel or by restoring a [`VmState`] over existing RAM memfds; torn down
+//! back into those memfds.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arch::vcpu_state::{self, MsrSet};
+use arch::vm_state;
+use devices::debug_port::DebugPort;
+use devices::i8042::I8042;
+use devices::irq::EventFdTrigger;
+use devices::serial::{Serial, SerialCounters, SerialResources, COM1_IRQ};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::VmConfig;
+use crate::exit::ExitNotifier;
+use crate::memory::{self, GuestRam, RamRegion};
+use crate::pio::PioBus;
+use crate::serial_backend::SerialOut;
+use crate::state::{DevicesState, MemoryRegionState, VmState};
+use crate::vcpu::{VcpuHandle, VcpuState};
+use crate::{boot, vm, Error};
+
+/// What outlives a machine across rebuilds: shared with the event loop.
+pub struct Shared {
+    /// VM-end notification.
+    pub exits: Arc<ExitNotifier>,
+    /// Signalled when the guest drains the serial input FIFO.
+    pub serial_drained: EventFd,
+    /// The current machine's devices (swapped on rebuild).
+    pub bus: crate::event_loop::BusCell,
+    /// Serial output counters, kept across rebuilds.
+    pub serial_counters: Arc<SerialCounters>,
+    /// Process start, for boot markers.
+    pub started: Instant,
+}
+
+/// The KVM VM and everything running in it.
+pub struct Machine {
+    vm_fd: VmFd,
+    ram: GuestRam,
+    bus: Arc<PioBus>,
+    vcpus: Vec<VcpuHandle>,
+    msrs: Arc<MsrSet>,
+    has_xsave: bool,
+    tsc_khz: u32,
+}
+
+fn build_bus(
+    vm_fd: &VmFd,
+    shared: &Shared,
+    out: SerialOut,
+    state: &DevicesState,
+) -> Result<Arc<PioBus>, Error> {
+    let evt = || EventFd::new(EFD_NONBLOCK).map_err(vm::VmError::EventFd);
+    let irq = evt()?;
+    vm_fd
+        .register_irqfd(&irq, COM1_IRQ)
+        .map_err(|e| vm::VmError::Kvm("KVM_IRQFD", e))?;
+    let drained = shared
+        .serial_drained
+        .try_clone()
+        .map_err(vm::VmError::EventFd)?;
+    let serial = Serial::from_state(
+        &state.serial,
+        SerialResources {
+            irq: EventFdTrigger::new(irq),
+            input_drained: EventFdTrigger::new(drained),
+            out,
+            counters: shared.serial_counters.clone(),
+        },
+    )
+    .map_err(|e| Error::Restore(format!("serial: {e}")))?;
+    let reset = evt()?;
+    let i8042 = I8042::from_state(
+        &state.i8042,
+        EventFdTrigger::new(reset.try_clone().map_err(vm::VmError::EventFd)?),
+    );
+    let bus = Arc::new(PioBus {
+        serial: Mutex::new(serial),
+        i8042: Mutex::new(i8042),
+        debug: Mutex::new(DebugPort::from_state(&state.debug_port)),
+        reset_evt: reset,
+        started: shared.started,
+    });
+    *shared.bus.lock().unwrap_or_else(|p| p.into_inner()) = Some(bus.clone());
+    Ok(bus)
+}
+
+fn spawn_all(
+    fds: Vec<VcpuFd>,
+    bus: &Arc<PioBus>,
+    shared: &Shared,
+    initial: VcpuState,
+) -> Result<Vec<VcpuHandle>, Error> {
+    fds.into_iter()
+        .enumerate()
+        .map(|(i, fd)| {
+            VcpuHandle::spawn(i as u8, fd, bus.clone(), shared.exits.clone(), initial)
+                .map_err(Error::from)
+        })
+        .collect()
+}
+
+impl Machine {
+    /// Creates RAM and a VM, loads the kernel and starts the vCPUs running.
+    pub fn boot(
+        kvm: &Kvm,
+        config: &VmConfig,
+        out: SerialOut,
+        shared: &Shared,
+    ) -> Result<Self, Error> {
+        let ram = memory::create(&config.memory)?;
+        let vm_fd = vm::create_vm(kvm, &ram)?;
+        let (fds, tsc_khz) = vm::create_vcpus(kvm, &vm_fd, config.cpus)?;
+        let entry = boot::load(config, &ram)?;
+        vm::setup_boot_vcpu(&fds[0], &ram, entry)?;
+        let msrs = Arc::new(MsrSet::probe(kvm, &fds[0]));
+        let has_xsave = vcpu_state::xsave_usable(&vm_fd);
+        let bus = build_bus(&vm_fd, shared, out, &DevicesState::default())?;
+        let vcpus = spawn_all(fds, &bus, shared, VcpuState::Running)?;
+        Ok(Self {
+            vm_fd,
+            ram,
+            bus,
+            vcpus,
+            msrs,
+            has_xsave,
+            tsc_khz,
+        })
+    }
+
+    /// Builds a new VM over `regions` (the memfds named in `state.memory`, in order) and
+    /// restores `state` into it. The vCPUs start paused; call [`Machine::resume`].
+    pub fn restore(
+        kvm: &Kvm,
+        state: &VmState,
+        regions: Vec<RamRegion>,
+        out: SerialOut,
+        shared: &Shared,
+    ) -> Result<Self, Error> {
+        let ram = memory::map_regions(regions)?;
+        let vm_fd = vm::create_vm(kvm, &ram)?;
+        let has_xsave = vcpu_state::xsave_usable(&vm_fd);
+        let elapsed = state.elapsed_ns();
+        let tsc_advance = state.tsc_ticks(elapsed);
+        let mut fds = Vec::with_capacity(state.vcpus.len());
+        for v in &state.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(v.index))
+                .map_err(|e| vm::VmError::Kvm("KVM_CREATE_VCPU", e))?;
+            vcpu_state::restore(&fd, v, tsc_advance, has_xsave)
+                .map_err(|e| Error::Restore(e.to_string()))?;
+            fds.push(fd);
+        }
+        vm_state::restore(&vm_fd, &state.kvm, elapsed)
+            .map_err(|e| Error::Restore(e.to_string()))?;
+        let msrs = Arc::new(
+            fds.first()
+                .map(|fd| MsrSet::probe(kvm, fd))
+                .unwrap_or_default(),
+        );
+        let tsc_khz = state.vcpus.first().map(|v| v.tsc_khz).unwrap_or(0);
+        let bus = build_bus(&vm_fd, shared, out, &state.devices)?;
+        let vcpus = spawn_all(fds, &bus, shared, VcpuState::Paused)?;
+        Ok(Self {
+            vm_fd,
+            ram,
+            bus,
+            vcpus,
+            msrs,
+            has_xsave,
+            tsc_khz,
+        })
+    }
+
+    /// Stops every vCPU at a consistent point (pending I/O completed) and waits for it.
+    pub fn pause(&self) {
+        for v in &self.vcpus {
+            v.request(VcpuState::Paused);
+        }
+        for v in &self.vcpus {
+            v.wait_for(VcpuState::Paused);
+        }
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&self) {
+        for v in &self.vcpus {
+            v.request(VcpuState::Running);
+        }
+    }
+
+    /// Whether every vCPU is parked.
+    pub fn is_paused(&self) -> bool {
+        self.vcpus.iter().all(|v| v.current() != VcpuState::Running)
+    }
+
+    /// Captures the whole VM. The machine must be paused.
+    pub fn capture(&self) -> Result<VmState, Error> {
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            let msrs = self.msrs.clone();
+            let has_xsave = self.has_xsave;
+            let index = v.index;
+            let state = v
+                .with_vcpu(move |fd| vcpu_state::capture(fd, index, &msrs, has_xsave))
+                .ok_or_else(|| Error::Capture(format!("vcpu{index} thread has ended")))?
+                .map_err(|e| Error::Capture(e.to_string()))?;
+            vcpus.push(state);
+        }
+        let kvm = vm_state::capture(&self.vm_fd).map_err(|e| Error::Capture(e.to_string()))?;
+        let devices = DevicesState {
+            serial: self
+                .bus
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state(),
+            i8042: self
+                .bus
+                .i8042
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state(),
+            debug_port: self
+                .bus
+                .debug
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state(),
+        };
+        let memory = self
+            .ram
+            .regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| MemoryRegionState {
+                guest_addr: r.guest_addr,
+                size: r.size,
+                hugepages: r.hugepages,
+                memfd: format!("ram{i}"),
+            })
+            .collect();
+        Ok(VmState {
+            vcpus,
+            kvm,
+            memory,
+            devices,
+            captured_at_ns: crate::state::now_ns(),
+        })
+    }
+
+    /// Ends the vCPU threads, destroys the KVM VM and unmaps RAM; returns the RAM memfds.
+    pub fn teardown(self) -> Vec<RamRegion> {
+        for v in self.vcpus {
+            v.join();
+        }
+        drop(self.bus);
+        drop(self.vm_fd);
+        let GuestRam { regions, mem } = self.ram;
+        drop(mem);
+        regions
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// TSC frequency in kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+}

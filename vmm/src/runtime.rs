@@ -1,0 +1,228 @@
+//! The VMM's control plane: owns the machine and carries out pause, resume, capture,
+//! in-process rebuild and shutdown, keeping the counters `vm.info` reports.
+
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::Kvm;
+use serde::Serialize;
+
+use crate::config::VmConfig;
+use crate::exit::VmExit;
+use crate::machine::{Machine, Shared};
+use crate::serial_backend::SerialOut;
+use crate::state::VmState;
+use crate::Error;
+
+/// Run state as `vm.info` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// vCPUs executing.
+    Running,
+    /// vCPUs parked.
+    Paused,
+}
+
+/// Counters reported by `vm.info`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Counters {
+    /// Successful pauses.
+    pub pauses: u64,
+    /// Successful resumes.
+    pub resumes: u64,
+    /// State captures.
+    pub captures: u64,
+    /// Rebuilds of the KVM VM from captured state.
+    pub rebuilds: u64,
+    /// Bytes the guest wrote to the serial port.
+    pub serial_out_bytes: u64,
+}
+
+/// Phase timings of one rebuild.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RebuildReport {
+    /// Pausing all vCPUs.
+    pub pause_ms: f64,
+    /// Capturing state.
+    pub capture_ms: f64,
+    /// Tearing down the old VM.
+    pub teardown_ms: f64,
+    /// Creating the new VM and restoring state.
+    pub restore_ms: f64,
+    /// Resuming vCPUs.
+    pub resume_ms: f64,
+    /// Pause to resume, as the guest sees it.
+    pub total_ms: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The VMM: configuration, KVM handle, the machine, and bookkeeping.
+pub struct Vmm {
+    kvm: Kvm,
+    config: VmConfig,
+    machine: Option<Machine>,
+    serial_out: SerialOut,
+    /// State shared with the event loop.
+    pub shared: Shared,
+    paused: bool,
+    counters: Counters,
+    booted: Instant,
+}
+
+impl Vmm {
+    /// Boots a machine for `config`.
+    pub fn boot(config: VmConfig, serial_out: SerialOut, shared: Shared) -> Result<Self, Error> {
+        let kvm = crate::vm::open_kvm()?;
+        let out = serial_out.try_clone().map_err(Error::SerialClone)?;
+        let machine = Machine::boot(&kvm, &config, out, &shared)?;
+        Ok(Self {
+            kvm,
+            config,
+            machine: Some(machine),
+            serial_out,
+            shared,
+            paused: false,
+            counters: Counters::default(),
+            booted: Instant::now(),
+        })
+    }
+
+    fn machine(&self) -> Result<&Machine, Error> {
+        self.machine.as_ref().ok_or(Error::NoMachine)
+    }
+
+    /// Pauses every vCPU (no-op when already paused).
+    pub fn pause(&mut self) -> Result<(), Error> {
+        if !self.paused {
+            self.machine()?.pause();
+            self.paused = true;
+            self.counters.pauses += 1;
+        }
+        Ok(())
+    }
+
+    /// Resumes every vCPU (no-op when running).
+    pub fn resume(&mut self) -> Result<(), Error> {
+        if self.paused {
+            self.machine()?.resume();
+            self.paused = false;
+            self.counters.resumes += 1;
+        }
+        Ok(())
+    }
+
+    /// Current run state.
+    pub fn run_state(&self) -> RunState {
+        if self.paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+
+    /// Captures the VM; pauses it first if needed and leaves it as it was.
+    pub fn capture(&mut self) -> Result<VmState, Error> {
+        let was_paused = self.paused;
+        self.pause()?;
+        let state = self.machine()?.capture();
+        if !was_paused {
+            self.resume()?;
+        }
+        self.counters.captures += 1;
+        state
+    }
+
+    /// Rehearsal of a live update inside this process: pause, capture, destroy the KVM VM,
+    /// build a new one over the same memfds (mapped at new addresses), restore, resume.
+    pub fn rebuild(&mut self) -> Result<RebuildReport, Error> {
+        let t0 = Instant::now();
+        let was_paused = self.paused;
+        self.pause()?;
+        let t1 = Instant::now();
+        let state = self.machine()?.capture()?;
+        let t2 = Instant::now();
+        let machine = self.machine.take().ok_or(Error::NoMachine)?;
+        let regions = machine.teardown();
+        let t3 = Instant::now();
+        let out = self.serial_out.try_clone().map_err(Error::SerialClone)?;
+        let machine = Machine::restore(&self.kvm, &state, regions, out, &self.shared)?;
+        let t4 = Instant::now();
+        self.machine = Some(machine);
+        self.counters.rebuilds += 1;
+        self.counters.captures += 1;
+        if was_paused {
+            self.paused = true;
+        } else {
+            self.machine()?.resume();
+            self.paused = false;
+        }
+        // Input that waited while the devices were rebuilt can flow again.
+        let _ = self.shared.serial_drained.write(1);
+        let t5 = Instant::now();
+        Ok(RebuildReport {
+            pause_ms: ms(t1 - t0),
+            capture_ms: ms(t2 - t1),
+            teardown_ms: ms(t3 - t2),
+            restore_ms: ms(t4 - t3),
+            resume_ms: ms(t5 - t4),
+            total_ms: ms(t5 - t0),
+        })
+    }
+
+    /// `vm.info` document.
+    pub fn info(&self) -> serde_json::Value {
+        let mut counters = self.counters.clone();
+        counters.serial_out_bytes = self
+            .shared
+            .serial_counters
+            .out_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (regions, vcpus, tsc_khz) = match &self.machine {
+            Some(m) => (
+                m.ram()
+                    .regions
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "guest_addr": r.guest_addr,
+                            "size": r.size,
+                            "hugepages": r.hugepages,
+                        })
+                    })
+                    .collect::<Vec<_>>(),
+                m.vcpu_count(),
+                m.tsc_khz(),
+            ),
+            None => (Vec::new(), 0, 0),
+        };
+        serde_json::json!({
+            "state": self.run_state(),
+            "pid": std::process::id(),
+            "version": crate::VERSION,
+            "vcpus": vcpus,
+            "memory": {
+                "size": self.config.memory.size,
+                "hugepages": self.config.memory.hugepages,
+                "regions": regions,
+            },
+            "tsc_khz": tsc_khz,
+            "uptime_ms": self.booted.elapsed().as_millis() as u64,
+            "counters": counters,
+        })
+    }
+
+    /// Stops the machine: every vCPU thread joined, the VM destroyed.
+    pub fn shutdown(mut self) {
+        if let Some(m) = self.machine.take() {
+            drop(m.teardown());
+        }
+    }
+
+    /// How the VM ended, if it did.
+    pub fn ended(&self) -> Option<VmExit> {
+        self.shared.exits.reason()
+    }
+}
