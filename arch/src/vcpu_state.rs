@@ -183,6 +183,11 @@ impl MsrSet {
         Self(readable)
     }
 
+    /// A set known to be readable (e.g. the MSRs of a captured state).
+    pub fn from_indices(indices: Vec<u32>) -> Self {
+        Self(indices)
+    }
+
     /// The MSR numbers.
     pub fn indices(&self) -> &[u32] {
         &self.0

@@ -141,8 +141,11 @@ impl Machine {
         out: SerialOut,
         shared: &Shared,
     ) -> Result<Self, Error> {
+        let t0 = Instant::now();
         let ram = memory::map_regions(regions)?;
+        let t1 = Instant::now();
         let vm_fd = vm::create_vm(kvm, &ram)?;
+        let t2 = Instant::now();
         let has_xsave = vcpu_state::xsave_usable(&vm_fd);
         let elapsed = state.elapsed_ns();
         let tsc_advance = state.tsc_ticks(elapsed);
@@ -155,16 +158,27 @@ impl Machine {
                 .map_err(|e| Error::Restore(e.to_string()))?;
             fds.push(fd);
         }
+        let t3 = Instant::now();
         vm_state::restore(&vm_fd, &state.kvm, elapsed)
             .map_err(|e| Error::Restore(e.to_string()))?;
-        let msrs = Arc::new(
-            fds.first()
-                .map(|fd| MsrSet::probe(kvm, fd))
+        // The MSRs worth saving are the ones the captured state has.
+        let msrs = Arc::new(MsrSet::from_indices(
+            state
+                .vcpus
+                .first()
+                .map(|v| v.msrs.iter().map(|m| m.index).collect())
                 .unwrap_or_default(),
-        );
+        ));
         let tsc_khz = state.vcpus.first().map(|v| v.tsc_khz).unwrap_or(0);
         let bus = build_bus(&vm_fd, shared, out, &state.devices)?;
         let vcpus = spawn_all(fds, &bus, shared, VcpuState::Paused)?;
+        log::debug!(
+            "restore: map RAM {:?}, create VM {:?}, vCPUs {:?}, VM state + devices {:?}",
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+            t3.elapsed()
+        );
         Ok(Self {
             vm_fd,
             ram,
@@ -255,14 +269,43 @@ impl Machine {
 
     /// Ends the vCPU threads, destroys the KVM VM and unmaps RAM; returns the RAM memfds.
     pub fn teardown(self) -> Vec<RamRegion> {
+        let (regions, remains) = self.stop();
+        remains.destroy();
+        regions
+    }
+
+    /// Ends the vCPU threads and returns the RAM memfds at once; the KVM VM (whose
+    /// destruction takes milliseconds) and the old RAM mapping are destroyed by a background
+    /// thread, off the guest's pause.
+    pub fn teardown_in_background(self) -> (Vec<RamRegion>, std::thread::JoinHandle<()>) {
+        let (regions, remains) = self.stop();
+        let handle = std::thread::Builder::new()
+            .name("vm-reaper".into())
+            .spawn(move || remains.destroy());
+        match handle {
+            Ok(h) => (regions, h),
+            Err(e) => {
+                log::warn!("cannot start the VM reaper thread ({e}); destroying inline");
+                (regions, std::thread::spawn(|| ()))
+            }
+        }
+    }
+
+    fn stop(self) -> (Vec<RamRegion>, Remains) {
+        let t0 = Instant::now();
         for v in self.vcpus {
             v.join();
         }
-        drop(self.bus);
-        drop(self.vm_fd);
+        log::debug!("teardown: vCPU threads joined in {:?}", t0.elapsed());
         let GuestRam { regions, mem } = self.ram;
-        drop(mem);
-        regions
+        (
+            regions,
+            Remains {
+                vm_fd: self.vm_fd,
+                bus: self.bus,
+                mem,
+            },
+        )
     }
 
     /// Guest RAM.
@@ -278,5 +321,28 @@ impl Machine {
     /// TSC frequency in kHz.
     pub fn tsc_khz(&self) -> u32 {
         self.tsc_khz
+    }
+}
+
+/// What is left of a stopped machine: destroyed in this order (the KVM VM still refers to
+/// the RAM mapping until it is gone).
+struct Remains {
+    vm_fd: VmFd,
+    bus: Arc<PioBus>,
+    mem: arch::GuestMemory,
+}
+
+impl Remains {
+    fn destroy(self) {
+        let t0 = Instant::now();
+        drop(self.vm_fd);
+        let t1 = Instant::now();
+        drop(self.bus);
+        drop(self.mem);
+        log::debug!(
+            "teardown: KVM VM destroyed in {:?}, RAM unmapped in {:?}",
+            t1 - t0,
+            t1.elapsed()
+        );
     }
 }

@@ -70,6 +70,8 @@ pub struct Vmm {
     paused: bool,
     counters: Counters,
     booted: Instant,
+    /// Destroys the previous KVM VM after a rebuild.
+    reaper: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Vmm {
@@ -87,6 +89,7 @@ impl Vmm {
             paused: false,
             counters: Counters::default(),
             booted: Instant::now(),
+            reaper: None,
         })
     }
 
@@ -138,6 +141,7 @@ impl Vmm {
     /// Rehearsal of a live update inside this process: pause, capture, destroy the KVM VM,
     /// build a new one over the same memfds (mapped at new addresses), restore, resume.
     pub fn rebuild(&mut self) -> Result<RebuildReport, Error> {
+        self.reap();
         let t0 = Instant::now();
         let was_paused = self.paused;
         self.pause()?;
@@ -145,7 +149,8 @@ impl Vmm {
         let state = self.machine()?.capture()?;
         let t2 = Instant::now();
         let machine = self.machine.take().ok_or(Error::NoMachine)?;
-        let regions = machine.teardown();
+        let (regions, reaper) = machine.teardown_in_background();
+        self.reaper = Some(reaper);
         let t3 = Instant::now();
         let out = self.serial_out.try_clone().map_err(Error::SerialClone)?;
         let machine = Machine::restore(&self.kvm, &state, regions, out, &self.shared)?;
@@ -214,11 +219,21 @@ impl Vmm {
         })
     }
 
+    /// Waits for the previous KVM VM's destruction to finish.
+    fn reap(&mut self) {
+        if let Some(r) = self.reaper.take() {
+            if r.join().is_err() {
+                log::error!("the VM reaper thread panicked");
+            }
+        }
+    }
+
     /// Stops the machine: every vCPU thread joined, the VM destroyed.
     pub fn shutdown(mut self) {
         if let Some(m) = self.machine.take() {
             drop(m.teardown());
         }
+        self.reap();
     }
 
     /// How the VM ended, if it did.

@@ -47,6 +47,7 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 
 /// Creates a VM with the in-kernel irqchip and PIT, and guest RAM registered.
 pub fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
+    let t0 = std::time::Instant::now();
     let vm = kvm
         .create_vm()
         .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
@@ -54,15 +55,25 @@ pub fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
         .map_err(|e| VmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+    let t1 = std::time::Instant::now();
     vm.create_irq_chip()
         .map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    let t2 = std::time::Instant::now();
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
     vm.create_pit2(pit)
         .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+    let t3 = std::time::Instant::now();
     ram.register(&vm)?;
+    log::debug!(
+        "create VM: KVM_CREATE_VM {:?}, irqchip {:?}, PIT {:?}, memslots {:?}",
+        t1 - t0,
+        t2 - t1,
+        t3 - t2,
+        t3.elapsed()
+    );
     Ok(vm)
 }
 

@@ -20,6 +20,7 @@ fn temp_path(name: &str) -> PathBuf {
 }
 
 fn boot(cpus: u8, serial: &Path) -> Vmm {
+    let _ = env_logger::builder().is_test(true).try_init();
     let _ = std::fs::remove_file(serial);
     let config = VmConfig {
         kernel: KernelSource::Embedded,
