@@ -25,8 +25,8 @@ pub static AP_INDEX: AtomicU32 = AtomicU32::new(0);
 // BSP entry. The VMM jumps here in long mode with RSI = zero page and a tiny
 // stack at 0x8ff0. The first instructions write boot marker 1 to port 0x500
 // (the VMM times "first guest instruction" with it); only then do we touch
-// anything else: zero .bss, switch to CPU 0's stack, load our GDT and call
-// `bsp_main(zero_page)`.
+// anything else: zero .bss (8-byte aligned and sized, see linker.ld), switch
+// to CPU 0's stack, load our GDT and call `bsp_main(zero_page)`.
 global_asm!(
     ".pushsection .text.boot, \"ax\"",
     ".code64",
@@ -41,8 +41,9 @@ global_asm!(
     "    leaq __bss_start(%rip), %rdi",
     "    leaq __bss_end(%rip), %rcx",
     "    subq %rdi, %rcx",
+    "    shrq $3, %rcx",
     "    xorl %eax, %eax",
-    "    rep stosb",
+    "    rep stosq",
     "    leaq molt_stacks + {stack_size}(%rip), %rsp",
     "    xorl %ebp, %ebp",
     "    call load_gdt",

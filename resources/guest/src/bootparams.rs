@@ -86,6 +86,19 @@ pub enum ExitAction {
     Reset,
 }
 
+/// A deliberate failure right after the boot line (`molt.crash=`), so the
+/// VMM's tests can check how exceptions and panics are reported.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Crash {
+    None,
+    /// `ud`: an invalid opcode (vector 6).
+    InvalidOpcode,
+    /// `pf`: a read above the 4 GiB identity map (vector 14).
+    PageFault,
+    /// `panic`: a Rust panic.
+    Panic,
+}
+
 /// Settings from the command line (`molt.*` words; everything else ignored).
 pub struct Config {
     pub memtest_mib: u64,
@@ -95,6 +108,7 @@ pub struct Config {
     pub exit: ExitAction,
     /// `molt.tsc_khz=` (0 = not given).
     pub tsc_khz: u64,
+    pub crash: Crash,
 }
 
 /// Parses a decimal or `0x` hexadecimal number.
@@ -139,6 +153,7 @@ impl Config {
             ticks: 0,
             exit: ExitAction::Code(0),
             tsc_khz: 0,
+            crash: Crash::None,
         };
         let words = cmdline
             .split(|&c| c == b' ' || c == b'\t' || c == b'\n')
@@ -154,6 +169,13 @@ impl Config {
                 config.ticks = v;
             } else if let Some(v) = value_of(word, b"molt.tsc_khz=").and_then(parse_num) {
                 config.tsc_khz = v;
+            } else if let Some(v) = value_of(word, b"molt.crash=") {
+                config.crash = match v {
+                    b"ud" => Crash::InvalidOpcode,
+                    b"pf" => Crash::PageFault,
+                    b"panic" => Crash::Panic,
+                    _ => config.crash,
+                };
             } else if let Some(v) = value_of(word, b"molt.exit=") {
                 if v == b"reset" {
                     config.exit = ExitAction::Reset;

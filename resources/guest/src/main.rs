@@ -9,8 +9,15 @@
 //! molt-guest: memtest pass=<n> ok | memtest pass=<n> FAIL addr=<hex>
 //! molt-guest: cpu id=<i> up | cpu id=<i> n=<n>
 //! molt-guest: exit code=<c> | reset
+//! molt-guest: cpu id=<i> timeout                      (an AP did not start)
 //! molt-guest: exception vector=<v> error=<hex> rip=<hex> | panic at <file>:<line>
 //! ```
+//!
+//! Command line words (others are ignored): `molt.memtest=<MiB>` (0 = off),
+//! `molt.tick_ms=<ms>` (default 100), `molt.ticks=<n>` (end the VM after tick
+//! n), `molt.exit=<0..255>|reset` (how to end it), `molt.tsc_khz=<kHz>` (used
+//! when the hypervisor does not report the TSC frequency), and the test hook
+//! `molt.crash=ud|pf|panic` (fail right after boot).
 //!
 //! KVM on the development hosts (PVM) runs this code in its instruction
 //! emulator, which cannot execute SSE/AVX/x87: the build disables them and
@@ -28,7 +35,7 @@ mod memtest;
 mod serial;
 mod smp;
 
-use bootparams::{Config, ExitAction, ZeroPage};
+use bootparams::{Config, Crash, ExitAction, ZeroPage};
 use core::sync::atomic::{AtomicU64, Ordering};
 use serial::Line;
 
@@ -45,7 +52,7 @@ const CPU_LINE_MS: u64 = 500;
 /// Where the TSC frequency came from.
 #[derive(PartialEq, Eq)]
 enum TscSource {
-    Measured,
+    Reported,
     Assumed,
 }
 
@@ -55,18 +62,18 @@ fn tsc_khz(config: &Config) -> (u64, TscSource) {
     if boot::cpuid(0x4000_0000).0 >= 0x4000_0010 {
         let khz = u64::from(boot::cpuid(0x4000_0010).0);
         if khz != 0 {
-            return (khz, TscSource::Measured);
+            return (khz, TscSource::Reported);
         }
     }
     if config.tsc_khz != 0 {
-        return (config.tsc_khz, TscSource::Measured);
+        return (config.tsc_khz, TscSource::Reported);
     }
     if boot::cpuid(0).0 >= 0x15 {
         let (denominator, numerator, crystal_hz, _) = boot::cpuid(0x15);
         if denominator != 0 && numerator != 0 && crystal_hz != 0 {
             let khz = u64::from(crystal_hz) * u64::from(numerator) / u64::from(denominator) / 1000;
             if khz != 0 {
-                return (khz, TscSource::Measured);
+                return (khz, TscSource::Reported);
             }
         }
     }
@@ -171,6 +178,7 @@ pub extern "C" fn bsp_main(zero_page: u64) -> ! {
     if cpus.count > 1 {
         smp::start_aps(&cpus, khz);
     }
+    crash(config.crash);
 
     let mut tick = Deadline::new(boot::rdtsc(), khz * config.tick_ms);
     let mut cpu_ticker = CpuTicker::new(0);
@@ -199,6 +207,21 @@ pub extern "C" fn bsp_main(zero_page: u64) -> ! {
         if CPU_COUNT.load(Ordering::Relaxed) > 1 {
             cpu_ticker.poll(now);
         }
+    }
+}
+
+/// Fails on purpose as `molt.crash=` asked (a test hook).
+fn crash(kind: Crash) {
+    match kind {
+        Crash::None => {}
+        // SAFETY: ud2 raises #UD, whose handler ends the VM.
+        Crash::InvalidOpcode => unsafe { core::arch::asm!("ud2", options(nomem, nostack)) },
+        Crash::PageFault => {
+            // SAFETY: nothing is mapped at 1 TiB, so the read raises #PF,
+            // whose handler ends the VM; the value is never used.
+            unsafe { core::ptr::read_volatile((1u64 << 40) as *const u64) };
+        }
+        Crash::Panic => panic!("molt.crash=panic"),
     }
 }
 

@@ -17,26 +17,55 @@ pub struct Cpus {
 
 const DEFAULT_LAPIC: u64 = 0xfee0_0000;
 const MP_ENTRY_PROCESSOR: u8 = 0;
+const PROCESSOR_ENTRY_SIZE: u64 = 20;
 const CPU_ENABLED: u8 = 1;
 const CPU_BSP: u8 = 2;
 
+/// Reads a `T` at `addr` in the low 1 MiB (BIOS areas) or in the MP
+/// configuration table the VMM wrote.
+fn read<T: Copy>(addr: u64) -> T {
+    // SAFETY: all of those are identity-mapped guest RAM (or ROM-like
+    // memory) that reads without side effects; the read may be unaligned.
+    unsafe { core::ptr::read_unaligned(addr as *const T) }
+}
+
 fn read_u8(addr: u64) -> u8 {
-    // SAFETY: `addr` is in the low 1 MiB (BIOS areas) or in an MP
-    // configuration table the VMM wrote; all of it is identity-mapped RAM or
-    // ROM-like memory that reads without side effects.
-    unsafe { core::ptr::read_volatile(addr as *const u8) }
+    read(addr)
 }
 
 fn read_u16(addr: u64) -> u16 {
-    u16::from(read_u8(addr)) | u16::from(read_u8(addr + 1)) << 8
+    read(addr)
 }
 
 fn read_u32(addr: u64) -> u32 {
-    u32::from(read_u16(addr)) | u32::from(read_u16(addr + 2)) << 16
+    read(addr)
 }
 
+/// Whether the bytes at `addr..addr + len` add up to 0 (mod 256).
+///
+/// Every instruction is emulated, so this reads 8 bytes at a time: the even
+/// and the odd bytes of each word are added into four 16-bit lanes (at most
+/// 510 per word, so 128 words cannot overflow a lane), which are folded at
+/// the end; only the low 8 bits of the lane sum matter.
 fn checksum_ok(addr: u64, len: u64) -> bool {
-    (0..len).fold(0u8, |sum, i| sum.wrapping_add(read_u8(addr + i))) == 0
+    const EVEN_BYTES: u64 = 0x00ff_00ff_00ff_00ff;
+    let fold = |lanes: u64| (lanes + (lanes >> 16) + (lanes >> 32) + (lanes >> 48)) as u8;
+    let words = len / 8;
+    let mut sum = 0u8;
+    let mut lanes = 0u64;
+    for i in 0..words {
+        let w: u64 = read(addr + i * 8);
+        lanes += (w & EVEN_BYTES) + ((w >> 8) & EVEN_BYTES);
+        if i % 128 == 127 {
+            sum = sum.wrapping_add(fold(lanes));
+            lanes = 0;
+        }
+    }
+    sum = sum.wrapping_add(fold(lanes));
+    for i in words * 8..len {
+        sum = sum.wrapping_add(read_u8(addr + i));
+    }
+    sum == 0
 }
 
 /// Looks for the "_MP_" floating pointer structure in `start..start+len`.
@@ -88,23 +117,20 @@ impl Cpus {
             cpus.lapic = lapic;
         }
         // Collect enabled processors: the BSP goes to index 0, the others
-        // follow in table order.
+        // follow in table order. Entries are sorted by type (MP spec 1.4,
+        // 4.3), so the processors are all at the start.
         let mut count = 1;
         let mut have_bsp = false;
         let entries = read_u16(table + 34);
         let mut entry = table + 44;
         for _ in 0..entries {
-            if entry >= table + len {
+            if entry + PROCESSOR_ENTRY_SIZE > table + len || read_u8(entry) != MP_ENTRY_PROCESSOR {
                 break;
             }
-            let size = match read_u8(entry) {
-                MP_ENTRY_PROCESSOR => 20,
-                1..=4 => 8,
-                _ => break, // unknown entry type: its size is unknown too
-            };
-            if read_u8(entry) == MP_ENTRY_PROCESSOR && read_u8(entry + 3) & CPU_ENABLED != 0 {
+            let flags = read_u8(entry + 3);
+            if flags & CPU_ENABLED != 0 {
                 let apic_id = read_u8(entry + 1);
-                if read_u8(entry + 3) & CPU_BSP != 0 && !have_bsp {
+                if flags & CPU_BSP != 0 && !have_bsp {
                     cpus.apic_ids[0] = apic_id;
                     have_bsp = true;
                 } else if count < MAX_CPUS {
@@ -112,7 +138,7 @@ impl Cpus {
                     count += 1;
                 }
             }
-            entry += size;
+            entry += PROCESSOR_ENTRY_SIZE;
         }
         if !have_bsp {
             // No CPU flagged as BSP: trust our own APIC ID for index 0.
