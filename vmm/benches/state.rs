@@ -27,6 +27,7 @@ fn boot(cpus: u8) -> Vmm {
             hugepages: false,
         },
         serial: SerialConfig::Null,
+        api_socket: None,
     };
     let (out, _) = serial_backend::open(&config.serial).expect("serial backend");
     let shared = Shared {

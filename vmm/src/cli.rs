@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
+use crate::api::ctl::CtlArgs;
 use crate::config::{
     KernelSource, MemoryConfig, SerialConfig, VmConfig, DEFAULT_LINUX_CMDLINE,
     EMBEDDED_GUEST_CMDLINE,
@@ -14,10 +15,31 @@ use crate::config::{
 /// Without --kernel, molt boots its embedded test guest, whose serial console reports boot,
 /// ticks and memory-test results. The process exit code is the guest's exit code (written to
 /// the debug port 0x501), 0 when the guest resets or powers off or molt is stopped by
-/// SIGINT/SIGTERM, and 1 on an error.
+/// SIGINT/SIGTERM or vm.shutdown, and 1 on an error.
+///
+/// `molt ctl --api-socket PATH <request>` talks to a running molt.
 #[derive(Debug, Parser)]
-#[command(name = "molt", version = crate::VERSION, about, long_about)]
+#[command(name = "molt", version = crate::VERSION, about, long_about, args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    /// A client command instead of running a VM.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// VM options.
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Send a request to a running molt's API socket and print the JSON result.
+    Ctl(CtlArgs),
+}
+
+/// Options of a VM.
+#[derive(Debug, clap::Args)]
+pub struct VmArgs {
     /// Kernel to boot: a bzImage or an ELF vmlinux (PVH entry used when present).
     /// Default: the embedded test guest.
     #[arg(long, value_name = "PATH")]
@@ -52,13 +74,18 @@ pub struct Cli {
     #[arg(long, value_name = "BACKEND", default_value = "stdio")]
     pub serial: SerialConfig,
 
+    /// Serve the HTTP/JSON API on this unix socket (mode 0600; a stale socket file is
+    /// replaced; removed on exit). See docs/openapi.json and `molt ctl`.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
     /// Log level for molt's own messages on stderr: error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,
 }
 
-impl Cli {
-    /// The VM configuration this command line describes.
+impl VmArgs {
+    /// The VM configuration these options describe.
     pub fn vm_config(&self) -> VmConfig {
         let (kernel, default_cmdline) = match &self.kernel {
             Some(p) => (KernelSource::File(p.clone()), DEFAULT_LINUX_CMDLINE),
@@ -74,6 +101,7 @@ impl Cli {
             cpus: self.cpus,
             memory: self.memory,
             serial: self.serial.clone(),
+            api_socket: self.api_socket.clone(),
         }
     }
 }
@@ -85,12 +113,14 @@ mod tests {
     #[test]
     fn defaults_boot_the_embedded_guest() {
         let cli = Cli::try_parse_from(["molt"]).unwrap();
-        let cfg = cli.vm_config();
+        assert!(cli.command.is_none());
+        let cfg = cli.vm.vm_config();
         assert_eq!(cfg.kernel, KernelSource::Embedded);
         assert_eq!(cfg.cmdline, EMBEDDED_GUEST_CMDLINE);
         assert_eq!(cfg.cpus, 1);
         assert_eq!(cfg.memory, MemoryConfig::default());
         assert_eq!(cfg.serial, SerialConfig::Stdio);
+        assert_eq!(cfg.api_socket, None);
     }
 
     #[test]
@@ -105,13 +135,22 @@ mod tests {
             "size=1G,hugepages=on",
             "--serial",
             "null",
+            "--api-socket",
+            "/tmp/a.sock",
         ])
         .unwrap();
-        let cfg = cli.vm_config();
+        let cfg = cli.vm.vm_config();
         assert_eq!(cfg.kernel, KernelSource::File("/k".into()));
         assert_eq!(cfg.cmdline, DEFAULT_LINUX_CMDLINE);
         assert_eq!(cfg.cpus, 2);
         assert!(cfg.memory.hugepages);
+        assert_eq!(cfg.api_socket, Some("/tmp/a.sock".into()));
+    }
+
+    #[test]
+    fn ctl_subcommand_parses() {
+        let cli = Cli::try_parse_from(["molt", "ctl", "--api-socket", "/s", "info"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Ctl(_))));
     }
 
     #[test]

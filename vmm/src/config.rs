@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use serde::{Deserialize, Serialize};
+
 /// Default RAM size.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
 /// Smallest RAM size accepted.
@@ -79,7 +81,7 @@ fn on_off(option: &'static str, key: &str, v: &str) -> Result<bool, ConfigError>
 }
 
 /// `--memory size=SIZE[,hugepages=on]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryConfig {
     /// Bytes of guest RAM.
     pub size: u64,
@@ -129,7 +131,8 @@ impl FromStr for MemoryConfig {
 }
 
 /// `--serial stdio|file=PATH|socket=PATH|null`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SerialConfig {
     /// Output to stdout, input from stdin.
     #[default]
@@ -163,7 +166,8 @@ impl FromStr for SerialConfig {
 }
 
 /// The kernel to boot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum KernelSource {
     /// The test guest built into the molt binary.
     Embedded,
@@ -172,7 +176,7 @@ pub enum KernelSource {
 }
 
 /// Everything needed to build the VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
     /// Kernel.
     pub kernel: KernelSource,
@@ -186,6 +190,9 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     /// Serial console backend.
     pub serial: SerialConfig,
+    /// API socket path.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
 }
 
 #[cfg(test)]

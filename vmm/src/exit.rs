@@ -54,7 +54,7 @@ impl ExitNotifier {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
-            evt: EventFd::new(EFD_NONBLOCK)?,
+            evt: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
         })
     }
 

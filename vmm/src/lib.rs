@@ -4,9 +4,11 @@
 //! [`vm`] (KVM VM, vCPUs, devices) → [`boot`] (kernel and boot structures) → [`vcpu`]
 //! (vCPU threads) → [`event_loop`] (the main thread) → [`run`] (all of it).
 
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod event_loop;
 pub mod exit;
 pub mod guest_image;
@@ -16,13 +18,13 @@ pub mod pio;
 pub mod runtime;
 pub mod serial_backend;
 pub mod state;
+pub mod update;
 pub mod vcpu;
 pub mod vm;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::VmConfig;
@@ -63,53 +65,57 @@ pub enum Error {
     /// The serial output cannot be duplicated.
     #[error("cannot duplicate the serial output")]
     SerialClone(#[source] std::io::Error),
+    /// API server.
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
     /// Event loop.
     #[error("event loop: {0}")]
     EventLoop(String),
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// `e` and its sources joined by ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
 
 /// Builds the VM described by `config`, runs it until it ends, and tears it down.
 /// `started` is when the process started (for boot-time markers).
 pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, Error> {
-    let signals = event_loop::termination_signalfd()
-        .map_err(|e| Error::EventLoop(format!("signalfd: {e}")))?;
     let event_err = |e: std::io::Error| Error::EventLoop(e.to_string());
     let shared = Shared {
         exits: Arc::new(ExitNotifier::new().map_err(event_err)?),
-        serial_drained: EventFd::new(EFD_NONBLOCK).map_err(event_err)?,
+        serial_drained: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(event_err)?,
         bus: Arc::default(),
         serial_counters: Arc::default(),
         started,
     };
+    let api = config
+        .api_socket
+        .as_deref()
+        .map(api::ApiServer::bind)
+        .transpose()?;
     let (serial_out, serial_in) = serial_backend::open(&config.serial)?;
-    let mut em =
-        EventManager::<Subscriber>::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
-    em.add_subscriber(Arc::new(Mutex::new(event_loop::Control::new(
+    let serial_listener = serial_in.listener_fd();
+    let em = control::event_loop(
         shared.exits.clone(),
-        signals,
-    ))));
-    em.add_subscriber(Arc::new(Mutex::new(event_loop::SerialInput::new(
         serial_in,
         shared.bus.clone(),
         shared.serial_drained.try_clone().map_err(event_err)?,
-    ))));
-    let vmm = Vmm::boot(config.clone(), serial_out, shared)?;
+    )?;
+    let mut vmm = Vmm::boot(config.clone(), serial_out, shared)?;
+    vmm.serial_listener = serial_listener;
     log::info!(
         "VM running: {} vCPUs, {} MiB RAM, {} us after start",
         config.cpus,
         config.memory.size >> 20,
         started.elapsed().as_micros()
     );
-    let end = loop {
-        if let Some(end) = vmm.ended() {
-            break end;
-        }
-        if let Err(e) = em.run() {
-            break VmExit::Error(format!("event loop: {e:?}"));
-        }
-    };
-    vmm.shutdown();
-    Ok(end)
+    Ok(control::Control::new(vmm, em, api).run())
 }

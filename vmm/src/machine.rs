@@ -54,7 +54,7 @@ fn build_bus(
     out: SerialOut,
     state: &DevicesState,
 ) -> Result<Arc<PioBus>, Error> {
-    let evt = || EventFd::new(EFD_NONBLOCK).map_err(vm::VmError::EventFd);
+    let evt = || EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(vm::VmError::EventFd);
     let irq = evt()?;
     vm_fd
         .register_irqfd(&irq, COM1_IRQ)

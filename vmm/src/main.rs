@@ -3,28 +3,38 @@
 use std::time::Instant;
 
 use clap::Parser;
-use vmm::cli::Cli;
+use vmm::cli::{Cli, Command};
 use vmm::exit::VmExit;
+use vmm::update;
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
+fn init_logging(level: log::LevelFilter) {
+    env_logger::Builder::new()
+        .filter_level(level)
+        .format_target(false)
+        .init();
 }
 
 fn main() {
     let started = Instant::now();
+    // The update guardian inherits the record's environment too: check for it first.
+    if std::env::args().nth(1).as_deref() == Some(update::GUARDIAN_ARG) {
+        std::process::exit(update::guardian::main());
+    }
+    // A live update: this image continues a running VM (its command line's resources are
+    // not used; the handoff record describes the VM).
+    if let Some(incoming) = update::incoming::detect() {
+        let level = Cli::try_parse()
+            .map(|c| c.vm.log_level)
+            .unwrap_or(log::LevelFilter::Warn);
+        init_logging(level);
+        std::process::exit(update::incoming::run(incoming, started));
+    }
     let cli = Cli::parse();
-    env_logger::Builder::new()
-        .filter_level(cli.log_level)
-        .format_target(false)
-        .init();
-    let code = match vmm::run(&cli.vm_config(), started) {
+    if let Some(Command::Ctl(args)) = cli.command {
+        std::process::exit(vmm::api::ctl::ctl_main(args));
+    }
+    init_logging(cli.vm.log_level);
+    let code = match vmm::run(&cli.vm.vm_config(), started) {
         Ok(VmExit::Error(e)) => {
             eprintln!("molt: error: {e}");
             1
@@ -34,7 +44,7 @@ fn main() {
             end.exit_code()
         }
         Err(e) => {
-            eprintln!("molt: error: {}", error_chain(&e));
+            eprintln!("molt: error: {}", vmm::error_chain(&e));
             1
         }
     };

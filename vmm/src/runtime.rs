@@ -4,13 +4,18 @@
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use std::fs::File;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
 
 use crate::config::VmConfig;
 use crate::exit::VmExit;
 use crate::machine::{Machine, Shared};
 use crate::serial_backend::SerialOut;
-use crate::state::VmState;
+use crate::state::{now_ns, VmState};
+use crate::update::UpdateHistory;
 use crate::Error;
 
 /// Run state as `vm.info` reports it.
@@ -24,7 +29,8 @@ pub enum RunState {
 }
 
 /// Counters reported by `vm.info`.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Counters {
     /// Successful pauses.
     pub pauses: u64,
@@ -59,19 +65,74 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Who this VMM process is, for live updates: its binary and how it was started.
+#[derive(Debug)]
+pub struct Identity {
+    /// The argv the VM was started with (the default for an update).
+    pub argv: Vec<String>,
+    /// Path of the running binary.
+    pub exe: PathBuf,
+    /// The running binary, open: an update can roll back to it even if the file at `exe`
+    /// was replaced meanwhile.
+    pub exe_file: Option<File>,
+    /// Wall-clock ns when the VM booted.
+    pub booted_at_ns: u64,
+}
+
+impl Identity {
+    /// This process: argv from the command line, the binary from /proc/self/exe.
+    pub fn current() -> Self {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+        Self {
+            argv: std::env::args().collect(),
+            exe_file: File::open("/proc/self/exe")
+                .map_err(|e| log::warn!("cannot open /proc/self/exe: {e}"))
+                .ok(),
+            exe,
+            booted_at_ns: now_ns(),
+        }
+    }
+}
+
 /// The VMM: configuration, KVM handle, the machine, and bookkeeping.
 pub struct Vmm {
     kvm: Kvm,
     config: VmConfig,
     machine: Option<Machine>,
     serial_out: SerialOut,
+    /// Listening socket of `--serial socket=`, to preserve across an update.
+    pub serial_listener: Option<RawFd>,
     /// State shared with the event loop.
     pub shared: Shared,
     paused: bool,
-    counters: Counters,
-    booted: Instant,
+    /// Counters for `vm.info`.
+    pub counters: Counters,
+    /// Process identity for updates.
+    pub identity: Identity,
+    /// Updates so far.
+    pub history: UpdateHistory,
     /// Destroys the previous KVM VM after a rebuild.
     reaper: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What a VMM is assembled from after a live update.
+pub struct Restored {
+    /// The machine, paused.
+    pub machine: Machine,
+    /// Its configuration.
+    pub config: VmConfig,
+    /// Serial output.
+    pub serial_out: SerialOut,
+    /// Serial socket listener fd, if any.
+    pub serial_listener: Option<RawFd>,
+    /// Shared with the event loop.
+    pub shared: Shared,
+    /// Counters carried over.
+    pub counters: Counters,
+    /// Identity (argv carried over; binary is the new one).
+    pub identity: Identity,
+    /// History carried over.
+    pub history: UpdateHistory,
 }
 
 impl Vmm {
@@ -85,12 +146,46 @@ impl Vmm {
             config,
             machine: Some(machine),
             serial_out,
+            serial_listener: None,
             shared,
             paused: false,
             counters: Counters::default(),
-            booted: Instant::now(),
+            identity: Identity::current(),
+            history: UpdateHistory::default(),
             reaper: None,
         })
+    }
+
+    /// A VMM around a machine restored after a live update (still paused).
+    pub fn from_restored(kvm: Kvm, r: Restored) -> Self {
+        Self {
+            kvm,
+            config: r.config,
+            machine: Some(r.machine),
+            serial_out: r.serial_out,
+            serial_listener: r.serial_listener,
+            shared: r.shared,
+            paused: true,
+            counters: r.counters,
+            identity: r.identity,
+            history: r.history,
+            reaper: None,
+        }
+    }
+
+    /// The configuration the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The serial output sink.
+    pub fn serial_out(&self) -> &SerialOut {
+        &self.serial_out
+    }
+
+    /// The machine, if one runs.
+    pub fn machine_ref(&self) -> Option<&Machine> {
+        self.machine.as_ref()
     }
 
     fn machine(&self) -> Result<&Machine, Error> {
@@ -214,8 +309,14 @@ impl Vmm {
                 "regions": regions,
             },
             "tsc_khz": tsc_khz,
-            "uptime_ms": self.booted.elapsed().as_millis() as u64,
+            "uptime_ms": now_ns().saturating_sub(self.identity.booted_at_ns) / 1_000_000,
+            "binary": self.identity.exe,
             "counters": counters,
+            "updates": {
+                "count": self.history.updates,
+                "rollbacks": self.history.rollbacks,
+                "last": self.history.last,
+            },
         })
     }
 

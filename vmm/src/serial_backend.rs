@@ -98,6 +98,17 @@ pub enum SerialIn {
     None,
 }
 
+impl SerialIn {
+    /// The listening socket's fd (`socket=` backend).
+    pub fn listener_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match self {
+            SerialIn::Socket { listener, .. } => Some(listener.as_raw_fd()),
+            _ => None,
+        }
+    }
+}
+
 impl Drop for SerialIn {
     fn drop(&mut self) {
         if let SerialIn::Socket { path, .. } = self {

@@ -32,6 +32,7 @@ fn boot(cpus: u8, serial: &Path) -> Vmm {
             hugepages: false,
         },
         serial: SerialConfig::File(serial.into()),
+        api_socket: None,
     };
     let (out, _input) = serial_backend::open(&config.serial).unwrap();
     let shared = Shared {

@@ -226,10 +226,7 @@ fn parse_header(line: &[u8]) -> Result<(&str, &str), HttpError> {
     if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
         return Err(HttpError::BadHeader);
     }
-    if value
-        .iter()
-        .any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
-    {
+    if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
         return Err(HttpError::BadHeader);
     }
     // Names are ASCII tokens; values the API looks at are ASCII, others are ignored.

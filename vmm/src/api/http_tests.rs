@@ -75,7 +75,13 @@ fn oversize_headers_are_refused() {
 fn oversize_body_is_refused_from_the_header() {
     let req = format!("PUT /x HTTP/1.1\r\nContent-Length: {}\r\n\r\n", B + 1);
     let err = parse(req.as_bytes()).unwrap_err();
-    assert_eq!(err, HttpError::BodyTooLarge { len: B as u64 + 1, max: B });
+    assert_eq!(
+        err,
+        HttpError::BodyTooLarge {
+            len: B as u64 + 1,
+            max: B
+        }
+    );
     assert_eq!(err.status(), 413);
     let req = format!("PUT /x HTTP/1.1\r\nContent-Length: {B}\r\n\r\n");
     assert_eq!(complete(req.as_bytes()).0.content_length, B);
@@ -86,9 +92,15 @@ fn oversize_body_is_refused_from_the_header() {
 #[test]
 fn garbage_is_refused_early() {
     assert_eq!(parse(b"\x00\x01\x02\xff"), Err(HttpError::BadRequestLine));
-    assert_eq!(parse(b"\x16\x03\x01\x02\x00"), Err(HttpError::BadRequestLine));
+    assert_eq!(
+        parse(b"\x16\x03\x01\x02\x00"),
+        Err(HttpError::BadRequestLine)
+    );
     assert_eq!(parse(b"hello\r\n"), Err(HttpError::BadRequestLine));
-    assert_eq!(parse(b"GET /\xc3\xa9 HTTP/1.1\r\n"), Err(HttpError::BadRequestLine));
+    assert_eq!(
+        parse(b"GET /\xc3\xa9 HTTP/1.1\r\n"),
+        Err(HttpError::BadRequestLine)
+    );
 }
 
 #[test]
@@ -126,7 +138,12 @@ fn bad_headers() {
         b"GET /x HTTP/1.1\r\nA: b\r\n folded\r\n\r\n",
         b"GET /x HTTP/1.1\r\nA: b\x00c\r\n\r\n",
     ] {
-        assert_eq!(parse(req), Err(HttpError::BadHeader), "{}", String::from_utf8_lossy(req));
+        assert_eq!(
+            parse(req),
+            Err(HttpError::BadHeader),
+            "{}",
+            String::from_utf8_lossy(req)
+        );
     }
     for req in [
         &b"PUT /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n"[..],
@@ -221,5 +238,36 @@ fn responses_are_formatted() {
     assert!(err.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
     assert!(err.contains("\r\nAllow: GET\r\n"));
     let empty = format_response(200, &serde_json::Value::Null, true, None);
-    assert!(String::from_utf8(empty).unwrap().contains("Content-Length: 0\r\n"));
+    assert!(String::from_utf8(empty)
+        .unwrap()
+        .contains("Content-Length: 0\r\n"));
+}
+
+#[test]
+fn arbitrary_input_never_panics() {
+    let valid =
+        b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..20_000 {
+        let mut buf = valid.to_vec();
+        for _ in 0..(next() % 6) {
+            let i = (next() as usize) % buf.len();
+            match next() % 3 {
+                0 => buf[i] = next() as u8,
+                1 => {
+                    buf.remove(i);
+                }
+                _ => buf.insert(i, b"\r\n: /0123456789 "[(next() % 16) as usize]),
+            }
+        }
+        let cut = (next() as usize) % (buf.len() + 1);
+        let _ = parse_head(&buf[..cut], 64, 8);
+        let _ = parse_head(&buf, H, B);
+    }
 }

@@ -2,8 +2,8 @@
 //! `molt ctl` client.
 //!
 //! Reading order: [`http`] (message framing) → `routes` (path and method → [`ApiRequest`])
-//! → `conn` (one connection's state machine) → [`ApiServer`] (listener, connections,
-//! event-manager subscriber) → [`ctl`] (the client).
+//! → `conn` (one connection's state machine) → `socket` (unix socket plumbing) →
+//! [`ApiServer`] (listener, connections, event-manager subscriber) → [`ctl`] (the client).
 //!
 //! The server never blocks: every socket is non-blocking, requests and bodies are size-capped,
 //! slow clients time out, and the number of connections is capped. Requests are parsed inside
@@ -19,11 +19,10 @@ pub mod ctl;
 pub mod http;
 mod routes;
 mod server;
+mod socket;
 
 use std::io;
-use std::os::unix::net::UnixStream;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -164,77 +163,4 @@ pub enum ApiError {
     /// Creating the server's eventfd or timerfd, or setting fd flags, failed.
     #[error("API server setup")]
     Setup(#[source] io::Error),
-}
-
-/// `path` as a `sockaddr_un`, or `None` when it is too long or contains a NUL byte.
-pub(crate) fn unix_sockaddr(path: &Path) -> Option<(libc::sockaddr_un, libc::socklen_t)> {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return None;
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    Some((addr, len as libc::socklen_t))
-}
-
-/// A new unix stream socket (close-on-exec, blocking).
-pub(crate) fn stream_socket(flags: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the result is checked before it is wrapped.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | flags, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Connects to the unix socket at `path`, waiting up to `timeout` while the listener's backlog
-/// is full (as it can be while molt is mid live-update and not accepting). The stream is
-/// blocking.
-pub(crate) fn connect(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
-    use std::os::fd::AsRawFd;
-    let Some((addr, len)) = unix_sockaddr(path) else {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long"));
-    };
-    let fd = stream_socket(0)?;
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: `tv` is a valid timeval of the size passed; the kernel only reads it.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    loop {
-        // SAFETY: `addr` is an initialised sockaddr_un and `len` its used length.
-        let rc = unsafe {
-            libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len)
-        };
-        if rc == 0 {
-            break;
-        }
-        let err = io::Error::last_os_error();
-        match err.kind() {
-            io::ErrorKind::Interrupted => continue,
-            // A blocking connect that timed out on a full backlog reports EAGAIN.
-            io::ErrorKind::WouldBlock => return Err(io::ErrorKind::TimedOut.into()),
-            _ => return Err(err),
-        }
-    }
-    Ok(UnixStream::from(fd))
 }
