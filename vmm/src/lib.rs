@@ -33,7 +33,11 @@ use crate::machine::Shared;
 use crate::runtime::Vmm;
 
 /// molt's version string, as `molt --version` prints it.
+#[cfg(not(feature = "test-next"))]
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// molt's version string (the live-update tests' "next version" build).
+#[cfg(feature = "test-next")]
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+next");
 
 /// Errors that stop molt before or while running a VM.
 #[derive(Debug, thiserror::Error)]

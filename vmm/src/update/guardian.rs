@@ -101,7 +101,12 @@ fn take_over(reason: &str) -> i32 {
         .collect();
     env.push((ENV_ROLLBACK_REASON.into(), reason.into()));
     env.push((ENV_TAKEOVER.into(), "1".into()));
-    let err = exec_fd(exe_fd, &["molt".to_string()], &env);
+    let argv = std::env::var(ENV_RECORD_FD)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .and_then(super::incoming::record_argv)
+        .unwrap_or_else(|| vec!["molt".to_string()]);
+    let err = exec_fd(exe_fd, &argv, &env);
     eprintln!("molt: guardian: cannot execute the previous binary: {err}");
     1
 }

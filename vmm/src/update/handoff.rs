@@ -101,6 +101,19 @@ pub struct Handoff {
     /// Wall-clock ns when the VM booted (for uptime).
     #[serde(default)]
     pub booted_at_ns: u64,
+    /// A field only the tests' "next version" build knows: older images ignore it, and it
+    /// takes its default when that build reads an older image's record.
+    #[cfg(feature = "test-next")]
+    #[serde(default)]
+    pub next_only: NextOnly,
+}
+
+/// The "next version" build's extra state.
+#[cfg(feature = "test-next")]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextOnly {
+    /// Who wrote the record, as that build sees it.
+    pub writer: String,
 }
 
 impl Handoff {

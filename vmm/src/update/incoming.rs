@@ -56,6 +56,34 @@ pub enum IncomingError {
     /// Rebuilding the VM failed.
     #[error(transparent)]
     Vmm(#[from] crate::Error),
+    /// A fault injected by the tests' "next version" build.
+    #[cfg(feature = "test-next")]
+    #[error("injected fault: {0}")]
+    Injected(String),
+}
+
+/// Fault injection of the tests' "next version" build: `MOLT_TEST_FAULT` = `panic` (panic
+/// while restoring), `error` (a startup error), `major` (the record's major version is one
+/// this image does not read), `exit` (die before restoring).
+#[cfg(feature = "test-next")]
+mod test_fault {
+    use super::IncomingError;
+
+    pub fn inject(bytes: &mut [u8]) -> Result<(), IncomingError> {
+        match std::env::var("MOLT_TEST_FAULT").as_deref() {
+            Ok("panic") => panic!("injected panic while restoring"),
+            Ok("error") => Err(IncomingError::Injected("startup error".into())),
+            Ok("exit") => std::process::exit(3),
+            Ok("major") => {
+                // What an image that reads only another major version sees.
+                if let Some(b) = bytes.get_mut(8) {
+                    *b = 99;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 fn env_parse<T: std::str::FromStr>(name: &str) -> Option<T> {
@@ -113,6 +141,18 @@ pub fn run(inc: Incoming, started: Instant) -> i32 {
     roll_back(&inc, &reason)
 }
 
+/// The argv the VM was started with, from the record in `fd` (to start the previous binary
+/// with the same command line on a rollback).
+pub fn record_argv(fd: RawFd) -> Option<Vec<String>> {
+    // SAFETY: `fd` is the inherited record memfd, only borrowed for reading.
+    let bytes = cpr::read_record(unsafe { BorrowedFd::borrow_raw(fd) }).ok()?;
+    let argv = cpr::decode_kind::<Handoff>(&bytes, HANDOFF_KIND)
+        .ok()?
+        .state
+        .argv;
+    (!argv.is_empty()).then_some(argv)
+}
+
 /// Executes the previous binary with the same record; returns only if that is impossible.
 fn roll_back(inc: &Incoming, reason: &str) -> i32 {
     if let Some(first) = &inc.rollback {
@@ -139,7 +179,10 @@ fn roll_back(inc: &Incoming, reason: &str) -> i32 {
     if let Some(ns) = inc.exec_ns {
         env.push((ENV_EXEC_NS.into(), ns.to_string()));
     }
-    let err = exec_fd(exe, &["molt".to_string()], &env);
+    // The previous binary's argv is the one the VM was started with; if this image cannot
+    // read the record, the previous binary still reads it and does not need argv.
+    let argv = record_argv(inc.record_fd).unwrap_or_else(|| vec!["molt".to_string()]);
+    let err = exec_fd(exe, &argv, &env);
     eprintln!("molt: error: update failed ({reason}) and the rollback failed: {err}");
     1
 }
@@ -164,10 +207,15 @@ fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, In
     // SAFETY: the record fd number comes from the previous image, which kept it open across
     // exec; it is only borrowed for reading here.
     let record_fd = unsafe { BorrowedFd::borrow_raw(inc.record_fd) };
-    let bytes = cpr::read_record(record_fd).map_err(IncomingError::Read)?;
+    #[allow(unused_mut)]
+    let mut bytes = cpr::read_record(record_fd).map_err(IncomingError::Read)?;
+    #[cfg(feature = "test-next")]
+    test_fault::inject(&mut bytes)?;
     let record =
         cpr::decode_kind::<Handoff>(&bytes, HANDOFF_KIND).map_err(IncomingError::Decode)?;
     let h = record.state;
+    #[cfg(feature = "test-next")]
+    log::info!("record extra field from the next build: {:?}", h.next_only);
     let mut fds: HashMap<String, OwnedFd> = HashMap::new();
     for p in &h.fds {
         fds.insert(p.name.clone(), dup(p.fd, &p.name)?);

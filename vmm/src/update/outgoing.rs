@@ -121,6 +121,10 @@ fn hand_off(
         history: vmm.history.clone(),
         counters: vmm.counters.clone(),
         booted_at_ns: vmm.identity.booted_at_ns,
+        #[cfg(feature = "test-next")]
+        next_only: super::handoff::NextOnly {
+            writer: crate::VERSION.to_string(),
+        },
     };
     let mut handoff = handoff;
     handoff.update.save_ms = ms(t1.elapsed());
