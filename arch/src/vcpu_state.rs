@@ -33,7 +33,7 @@ pub enum FpuState {
         /// XSAVE area.
         xsave: Box<Blob<kvm_xsave>>,
         /// Extended control registers.
-        xcrs: Blob<kvm_xcrs>,
+        xcrs: Box<Blob<kvm_xcrs>>,
     },
     /// KVM_GET_FPU.
     Fpu(Box<Blob<kvm_fpu>>),
@@ -211,7 +211,7 @@ pub fn capture(
     let fpu = if has_xsave {
         FpuState::Xsave {
             xsave: Box::new(Blob(vcpu.get_xsave().map_err(kvm(index, "KVM_GET_XSAVE"))?)),
-            xcrs: Blob(vcpu.get_xcrs().map_err(kvm(index, "KVM_GET_XCRS"))?),
+            xcrs: Box::new(Blob(vcpu.get_xcrs().map_err(kvm(index, "KVM_GET_XCRS"))?)),
         }
     } else {
         FpuState::Fpu(Box::new(Blob(

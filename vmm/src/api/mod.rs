@@ -50,7 +50,8 @@ pub enum ApiRequest {
     Resume,
     /// `PUT /api/v1/vm.shutdown` → 204.
     Shutdown,
-    /// `PUT /api/v1/vm.cpr-exec` → 204, sent by the new process once it runs the VM.
+    /// `PUT /api/v1/vm.cpr-exec` → 200 with the update report, sent by the new process once it
+    /// runs the VM.
     CprExec(CprExecRequest),
 }
 

@@ -54,7 +54,7 @@ pub const ROUTES: &[Route] = &[
     Route {
         path: "/api/v1/vm.cpr-exec",
         method: "PUT",
-        success: 204,
+        success: 200,
         parse: cpr_exec,
     },
 ];

@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Instant;
 
@@ -76,7 +76,7 @@ fn hand_off(
     vmm: &mut Vmm,
     api: &mut ApiServer,
     conn: ConnId,
-    target: &PathBuf,
+    target: &Path,
     argv: Vec<String>,
     paused_at_ns: u64,
     pause_ms: f64,
@@ -111,7 +111,7 @@ fn hand_off(
         }),
         update: InFlight {
             from_version: crate::VERSION.to_string(),
-            target: target.clone(),
+            target: target.to_path_buf(),
             previous: vmm.identity.exe.clone(),
             paused_at_ns,
             pause_ms,
@@ -222,7 +222,7 @@ fn spawn_guardian(record: RawFd, exe: Option<RawFd>) -> std::io::Result<Child> {
 }
 
 fn exec(
-    target: &PathBuf,
+    target: &Path,
     argv: &[String],
     record: RawFd,
     exe: Option<RawFd>,
@@ -267,5 +267,5 @@ fn exec(
     // SAFETY: path, argv and envp are valid NUL-terminated C strings / NULL-terminated arrays
     // that outlive the call; execve only returns on failure.
     unsafe { libc::execve(path.as_ptr(), argv_p.as_ptr(), env_p.as_ptr()) };
-    UpdateError::Exec(target.clone(), std::io::Error::last_os_error())
+    UpdateError::Exec(target.to_path_buf(), std::io::Error::last_os_error())
 }
