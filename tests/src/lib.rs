@@ -9,7 +9,9 @@
 //! [`cpio`] writes the newc archives the Linux boot test uses as initramfs and [`linux_init`]
 //! builds its `/init`.
 
+pub mod api;
 pub mod cpio;
+pub mod hugepages;
 pub mod linux_init;
 
 use std::collections::BTreeMap;
@@ -162,8 +164,14 @@ impl Molt {
 
     /// Starts the binary `bin` with `args`, stdin from /dev/null.
     pub fn spawn_bin<S: AsRef<str>>(bin: &Path, args: &[S]) -> Molt {
+        Molt::spawn_env(bin, args, &[])
+    }
+
+    /// Starts the binary `bin` with `args` and extra environment variables `env`.
+    pub fn spawn_env<S: AsRef<str>>(bin: &Path, args: &[S], env: &[(&str, &str)]) -> Molt {
         let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
         let mut cmd = Command::new(bin);
+        cmd.envs(env.iter().copied());
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

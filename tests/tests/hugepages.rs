@@ -4,63 +4,12 @@
 //! it is one test, in its own test binary (cargo runs test binaries one after another). The
 //! test raises the pool when it is too small (as root) and puts it back afterwards.
 
+use molt_tests::hugepages::{nr_hugepages, Reservation};
 use molt_tests::{assert_mem_mib, assert_memtest, assert_ticks, boot_line, meminfo, run};
 
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
 /// Guest RAM of the boot with huge pages.
 const GUEST_MIB: u64 = 128;
 const PAGE_MIB: u64 = 2;
-
-fn read_nr_hugepages() -> Result<u64, String> {
-    let text = std::fs::read_to_string(NR_HUGEPAGES)
-        .map_err(|e| format!("cannot read {NR_HUGEPAGES}: {e}"))?;
-    text.trim()
-        .parse()
-        .map_err(|_| format!("{NR_HUGEPAGES} holds {text:?}"))
-}
-
-fn write_nr_hugepages(n: u64) -> Result<(), String> {
-    std::fs::write(NR_HUGEPAGES, format!("{n}\n"))
-        .map_err(|e| format!("cannot write {n} to {NR_HUGEPAGES}: {e}"))
-}
-
-/// The host's free huge pages, raised to at least `needed` for as long as this lives.
-struct Reservation {
-    /// The pool size to restore on drop, when we changed it.
-    restore: Option<u64>,
-}
-
-impl Reservation {
-    fn ensure(needed: u64) -> Result<Reservation, String> {
-        let free = meminfo("HugePages_Free").ok_or("no HugePages_Free in /proc/meminfo")?;
-        if free >= needed {
-            return Ok(Reservation { restore: None });
-        }
-        let before = read_nr_hugepages()?;
-        write_nr_hugepages(before + (needed - free))?;
-        let guard = Reservation {
-            restore: Some(before),
-        };
-        let now = meminfo("HugePages_Free").unwrap_or(0);
-        if now < needed {
-            return Err(format!(
-                "raised {NR_HUGEPAGES} from {before} but only {now} huge pages are free, \
-                 {needed} needed (host memory too fragmented or limited)"
-            ));
-        }
-        Ok(guard)
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if let Some(n) = self.restore {
-            if let Err(e) = write_nr_hugepages(n) {
-                eprintln!("could not restore {NR_HUGEPAGES}: {e}");
-            }
-        }
-    }
-}
 
 #[derive(Debug, PartialEq, Eq)]
 struct Pool {
@@ -135,12 +84,8 @@ fn hugepages() {
         eprintln!("SKIPPED: the host kernel has no hugetlb support");
         return;
     }
-    let pool_size = read_nr_hugepages().ok();
+    let pool_size = nr_hugepages().ok();
     too_many_huge_pages_fail_cleanly();
     boots_with_huge_pages();
-    assert_eq!(
-        read_nr_hugepages().ok(),
-        pool_size,
-        "{NR_HUGEPAGES} restored"
-    );
+    assert_eq!(nr_hugepages().ok(), pool_size, "nr_hugepages restored");
 }

@@ -14,6 +14,13 @@ fn init_logging(level: log::LevelFilter) {
         .init();
 }
 
+/// Children (the update guardian) are reaped by the kernel: an ignored SIGCHLD is kept across
+/// execve, so no image ever leaves a zombie behind, whichever image started the child.
+fn reap_children_automatically() {
+    // SAFETY: setting a signal disposition to SIG_IGN involves no handler code.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+}
+
 fn main() {
     let started = Instant::now();
     // The update guardian inherits the record's environment too: check for it first.
@@ -23,6 +30,7 @@ fn main() {
     // A live update: this image continues a running VM (its command line's resources are
     // not used; the handoff record describes the VM).
     if let Some(incoming) = update::incoming::detect() {
+        reap_children_automatically();
         let level = Cli::try_parse()
             .map(|c| c.vm.log_level)
             .unwrap_or(log::LevelFilter::Warn);
@@ -34,6 +42,7 @@ fn main() {
         std::process::exit(vmm::api::ctl::ctl_main(args));
     }
     init_logging(cli.vm.log_level);
+    reap_children_automatically();
     let code = match vmm::run(&cli.vm.vm_config(), started) {
         Ok(VmExit::Error(e)) => {
             eprintln!("molt: error: {e}");

@@ -17,6 +17,9 @@ use super::{routes, ApiRequest, ApiResponse, Limits};
 /// the client reads the response rather than a reset.
 const LINGER: Duration = Duration::from_secs(1);
 
+/// Route of the live-update request.
+const CPR_EXEC_PATH: &str = "/api/v1/vm.cpr-exec";
+
 /// Bytes read per read() call.
 const READ_CHUNK: usize = 16 << 10;
 
@@ -86,6 +89,57 @@ impl Conn {
             keep_alive: false,
             ..Self::new(stream, now)
         }
+    }
+
+    /// A connection carried over a live update with the input it had not processed yet.
+    pub(super) fn preloaded(stream: UnixStream, input: Vec<u8>, now: Instant) -> Self {
+        Self {
+            input,
+            ..Self::new(stream, now)
+        }
+    }
+
+    /// The unprocessed input of a connection between requests (it can be carried over a live
+    /// update); `None` for one in the middle of an exchange.
+    pub(super) fn carry(&self) -> Option<Vec<u8>> {
+        (self.phase == Phase::Reading && self.output.is_empty()).then(|| self.input.clone())
+    }
+
+    /// During a live update: reads what the client sent and, if its next request is a
+    /// complete `vm.cpr-exec`, answers 409 at once. Anything else stays buffered.
+    pub(super) fn refuse_update(&mut self, limits: &Limits, now: Instant) -> bool {
+        if self.phase != Phase::Reading {
+            return false;
+        }
+        self.read_input(limits, now);
+        let stray = self
+            .input
+            .iter()
+            .take_while(|&&b| b == b'\r' || b == b'\n')
+            .count();
+        let Ok(Some((head, head_len))) = http::parse_head(
+            &self.input[stray..],
+            limits.max_header_bytes,
+            limits.max_body_bytes,
+        ) else {
+            return false;
+        };
+        let total = stray + head_len + head.content_length;
+        let path = head.target.split('?').next().unwrap_or_default();
+        if head.method != "PUT" || path != CPR_EXEC_PATH || self.input.len() < total {
+            return false;
+        }
+        self.input.drain(..total);
+        self.head = None;
+        self.request_started = None;
+        self.queue(
+            &ApiResponse::error(409, "an update is already in progress"),
+            head.keep_alive,
+            None,
+            now,
+        );
+        self.flush(now);
+        true
     }
 
     pub(super) fn fd(&self) -> RawFd {

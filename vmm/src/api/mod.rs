@@ -28,7 +28,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use routes::{Route, API_PREFIX, ROUTES};
-pub use server::ApiServer;
+pub use server::{ApiServer, CarriedConn};
 
 /// Identifies one client connection of an [`ApiServer`]. Ids are never reused within a
 /// server (nor across a live update: [`ApiServer::from_inherited`] continues the sequence).

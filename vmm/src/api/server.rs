@@ -23,6 +23,11 @@ use super::conn::Conn;
 use super::socket::{self, check_socket, file_id, set_cloexec};
 use super::{http, ApiError, ApiRequest, ApiResponse, ConnId, Limits};
 
+#[path = "handover.rs"]
+mod handover;
+
+pub use handover::CarriedConn;
+
 /// Connections accepted per listener event.
 const ACCEPT_BATCH: usize = 16;
 /// How long accepting pauses after an accept error such as EMFILE.

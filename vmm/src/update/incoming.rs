@@ -17,7 +17,7 @@ use super::{
     Phases, UpdateReport, ENV_EXEC_NS, ENV_GUARDIAN_PID, ENV_PREVIOUS_EXE_FD, ENV_RECORD_FD,
     ENV_ROLLBACK_REASON, ENV_TAKEOVER, HANDOFF_KIND, PROTOCOL_ENV,
 };
-use crate::api::{ApiResponse, ApiServer};
+use crate::api::{ApiResponse, ApiServer, CarriedConn};
 use crate::config::SerialConfig;
 use crate::control::{self, Control};
 use crate::exit::{ExitNotifier, VmExit};
@@ -292,10 +292,21 @@ fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, In
                 Some(w) => Some((take(&w.fd)?, w.id)),
                 None => None,
             };
-            Some(
-                ApiServer::from_inherited(listener, a.path.clone(), waiting)
-                    .map_err(crate::Error::from)?,
-            )
+            let mut server = ApiServer::from_inherited(listener, a.path.clone(), waiting)
+                .map_err(crate::Error::from)?;
+            let mut carried = Vec::with_capacity(a.others.len());
+            for c in &a.others {
+                carried.push(CarriedConn {
+                    id: c.id,
+                    fd: take(&c.fd)?,
+                    unread: c.unread.clone(),
+                });
+            }
+            server.adopt(carried).map_err(crate::Error::from)?;
+            // The update is not over until its response is sent: clients asking for another
+            // one meanwhile get 409.
+            server.refuse_updates();
+            Some(server)
         }
         None => None,
     };
@@ -382,15 +393,8 @@ fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, In
     Ok(control)
 }
 
-/// Ends the guardian and reaps it in the background.
+/// Ends the guardian (the kernel reaps it: molt ignores SIGCHLD).
 fn dismiss_guardian(pid: i32) {
     // SAFETY: kill(2) of our own child, whose pid the previous image passed.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    let _ = std::thread::Builder::new()
-        .name("guardian-reaper".into())
-        .spawn(move || {
-            let mut status = 0;
-            // SAFETY: waiting for our own child; `status` is a valid out-parameter.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
-        });
 }

@@ -90,9 +90,25 @@ fn hand_off(
         Ok(s) => s,
         Err(e) => return UpdateError::Capture(e.to_string()),
     };
+    // One update at a time: clients that ask for another meanwhile get 409 now; everything
+    // else they sent is carried over and answered by the new image.
+    api.refuse_updates();
+    let carried = api.carried(conn);
     let mut reg = FdRegistry::new();
     if let Err(e) = register_fds(&mut reg, vmm, api, conn) {
         return UpdateError::Fds(e);
+    }
+    let mut others = Vec::with_capacity(carried.len());
+    for c in carried {
+        let name = format!("{}{}", fd_names::API_CONN_PREFIX, c.id);
+        if let Err(e) = reg.register(&name, borrow(c.fd)) {
+            return UpdateError::Fds(e);
+        }
+        others.push(ApiConnHandoff {
+            id: c.id,
+            fd: name,
+            unread: c.unread,
+        });
     }
     let handoff = Handoff {
         vm: state,
@@ -106,8 +122,8 @@ fn hand_off(
                 fd: format!("{}{conn}", fd_names::API_CONN_PREFIX),
                 unread: Vec::new(),
             }),
-            others: Vec::new(),
-            next_id: conn + 1,
+            others,
+            next_id: api.next_id(),
         }),
         update: InFlight {
             from_version: crate::VERSION.to_string(),

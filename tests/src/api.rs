@@ -1,0 +1,103 @@
+//! A minimal client of molt's API socket for the tests: one request per connection.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// A response: status and JSON body (`Null` when there is none).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Parsed body.
+    pub body: serde_json::Value,
+}
+
+/// Sends `method path` with an optional JSON body and waits up to `timeout` for the reply.
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> std::io::Result<Reply> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: molt\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse(&raw).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad HTTP response: {:?}", String::from_utf8_lossy(&raw)),
+        )
+    })
+}
+
+fn parse(raw: &[u8]) -> Option<Reply> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let body = if body.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(body).ok()?
+    };
+    Some(Reply { status, body })
+}
+
+/// `GET /api/v1/<endpoint>`.
+pub fn get(socket: &Path, endpoint: &str) -> Reply {
+    request(
+        socket,
+        "GET",
+        &format!("/api/v1/{endpoint}"),
+        None,
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("GET {endpoint}: {e}"))
+}
+
+/// `PUT /api/v1/<endpoint>` with `body`.
+pub fn put(socket: &Path, endpoint: &str, body: &str) -> Reply {
+    request(
+        socket,
+        "PUT",
+        &format!("/api/v1/{endpoint}"),
+        Some(body),
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("PUT {endpoint}: {e}"))
+}
+
+/// Waits until molt answers on `socket`.
+pub fn wait_ready(socket: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(r) = request(
+            socket,
+            "GET",
+            "/api/v1/vmm.ping",
+            None,
+            Duration::from_secs(5),
+        ) {
+            if r.status == 200 {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "molt did not answer on {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,431 @@
+//! Live update by `vm.cpr-exec`: same PID, guest RAM in place, the guest keeps ticking, and
+//! no failure loses the guest.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use molt_tests::api::{self, Reply};
+use molt_tests::{guest_lines, molt_bin, GuestLine, Molt, Stream, TempDir};
+use serde_json::Value;
+
+const NEXT_BIN: &str = env!("MOLT_NEXT_BIN");
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A molt with an API socket, its serial console on stdout.
+struct Vm {
+    molt: Molt,
+    socket: PathBuf,
+    _dir: TempDir,
+}
+
+impl Vm {
+    fn start(tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Vm {
+        Vm::start_bin(&molt_bin(), tag, extra, env)
+    }
+
+    fn start_bin(bin: &Path, tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Vm {
+        let dir = TempDir::new(tag);
+        let socket = dir.join("api.sock");
+        let mut args = vec![
+            "--api-socket".to_string(),
+            socket.display().to_string(),
+            "--cmdline".into(),
+            "molt.memtest=4".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let molt = Molt::spawn_env(bin, &args, env);
+        api::wait_ready(&socket, WAIT);
+        Vm {
+            molt,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.molt.pid()
+    }
+
+    fn update(&self, body: &str) -> Reply {
+        api::put(&self.socket, "vm.cpr-exec", body)
+    }
+
+    fn info(&self) -> Value {
+        let r = api::get(&self.socket, "vm.info");
+        assert_eq!(r.status, 200, "{r:?}");
+        r.body
+    }
+
+    fn last_tick(&mut self) -> u64 {
+        guest_lines(self.molt.lines().iter().map(|l| l.text.as_str()))
+            .iter()
+            .filter(|l| l.kind == "tick")
+            .map(|l| l.num("n"))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits for `more` ticks after the latest one seen.
+    fn wait_ticks(&mut self, more: u64) -> u64 {
+        let target = self.last_tick() + more;
+        self.molt.wait_line(Stream::Stdout, WAIT, |l| {
+            GuestLine::parse(l).is_some_and(|g| g.kind == "tick" && g.num("n") >= target)
+        });
+        target
+    }
+
+    /// Every stdout line is an intact guest line; one boot; ticks and memtest passes go up by
+    /// exactly one, none lost or doubled; no memtest failure.
+    fn assert_guest_continuous(&self) {
+        let lines = self.molt.lines();
+        let stdout: Vec<&str> = lines
+            .iter()
+            .filter(|l| l.stream == Stream::Stdout)
+            .map(|l| l.text.as_str())
+            .collect();
+        for l in &stdout {
+            assert!(GuestLine::parse(l).is_some(), "garbled serial line {l:?}");
+        }
+        let parsed = guest_lines(stdout.iter().copied());
+        assert_eq!(parsed.iter().filter(|l| l.kind == "boot").count(), 1);
+        for kind in ["tick", "memtest"] {
+            let key = if kind == "tick" { "n" } else { "pass" };
+            let ns: Vec<u64> = parsed
+                .iter()
+                .filter(|l| l.kind == kind)
+                .map(|l| l.num(key))
+                .collect();
+            assert!(!ns.is_empty(), "no {kind} lines");
+            for (i, n) in ns.iter().enumerate() {
+                assert_eq!(*n, i as u64 + 1, "{kind} sequence broken: {ns:?}");
+            }
+        }
+        assert!(
+            !stdout
+                .iter()
+                .any(|l| l.contains("FAIL") || l.contains("exception")),
+            "guest failure:\n{}",
+            stdout.join("\n")
+        );
+    }
+}
+
+fn exe_of(pid: u32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).expect("read /proc/PID/exe")
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list fds")
+        .count()
+}
+
+/// The fd count once API connections of finished requests have closed (they linger until the
+/// client has read the response).
+fn settled_fd_count(pid: u32) -> usize {
+    let mut last = fd_count(pid);
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = fd_count(pid);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Guardians are dismissed once the guest runs; allow a dismissed one a moment to go.
+fn assert_no_children(pid: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !children(pid).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "children left behind: {:?}",
+            children(pid)
+                .iter()
+                .map(|c| {
+                    let read = |f: &str| {
+                        std::fs::read(format!("/proc/{c}/{f}"))
+                            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                            .unwrap_or_default()
+                    };
+                    format!("{c}: {} | {}", read("cmdline"), read("stat"))
+                })
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_report(r: &Reply, pid: u32, to_version: &str) {
+    assert_eq!(r.status, 200, "{r:?}");
+    let b = &r.body;
+    assert_eq!(b["pid"], pid, "{b}");
+    assert_eq!(b["to_version"], to_version, "{b}");
+    assert!(b["pause_ms"].as_f64().unwrap() > 0.0, "{b}");
+    for phase in ["pause", "save", "exec", "restore", "resume"] {
+        assert!(b["phases_ms"][phase].is_number(), "{phase} missing: {b}");
+    }
+    assert!(b["rolled_back"].is_null(), "{b}");
+}
+
+#[test]
+fn update_keeps_pid_ram_and_guest() {
+    let mut vm = Vm::start("update-basic", &[], &[]);
+    let pid = vm.pid();
+    vm.wait_ticks(3);
+    let r = vm.update("{}");
+    assert_report(&r, pid, "0.1.0");
+    assert_eq!(r.body["from_version"], "0.1.0");
+    assert_eq!(exe_of(pid), std::fs::canonicalize(molt_bin()).unwrap());
+    vm.wait_ticks(3);
+    let info = vm.info();
+    assert_eq!(info["pid"], pid);
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["updates"]["count"], 1, "{info}");
+    assert_eq!(info["updates"]["last"]["pid"], pid, "{info}");
+    vm.assert_guest_continuous();
+}
+
+#[test]
+fn update_to_the_next_version_and_back() {
+    let mut vm = Vm::start("update-next", &["--cpus", "2"], &[]);
+    let pid = vm.pid();
+    vm.wait_ticks(2);
+    let next = std::fs::canonicalize(NEXT_BIN).unwrap();
+    let r = vm.update(&format!(r#"{{"binary": "{}"}}"#, next.display()));
+    assert_report(&r, pid, "0.1.0+next");
+    assert_eq!(exe_of(pid), next);
+    assert_eq!(vm.info()["version"], "0.1.0+next");
+    vm.wait_ticks(2);
+    let back = std::fs::canonicalize(molt_bin()).unwrap();
+    let r = vm.update(&format!(r#"{{"binary": "{}"}}"#, back.display()));
+    assert_report(&r, pid, "0.1.0");
+    assert_eq!(r.body["from_version"], "0.1.0+next");
+    assert_eq!(exe_of(pid), back);
+    vm.wait_ticks(4);
+    let text: Vec<&str> = vm.molt.lines().iter().map(|l| l.text.as_str()).collect();
+    assert!(
+        text.iter().any(|l| l.contains("cpu id=1 n=")),
+        "the second vCPU made no progress"
+    );
+    assert_eq!(vm.info()["updates"]["count"], 2);
+    vm.assert_guest_continuous();
+}
+
+#[test]
+fn update_with_huge_pages() {
+    let reservation = match molt_tests::hugepages::Reservation::ensure(64) {
+        Ok(r) => r,
+        Err(why) => {
+            println!("SKIPPED: hugepages=on live update: {why}");
+            return;
+        }
+    };
+    let mut vm = Vm::start("update-huge", &["--memory", "size=128M,hugepages=on"], &[]);
+    let pid = vm.pid();
+    vm.wait_ticks(2);
+    assert_report(&vm.update("{}"), pid, "0.1.0");
+    vm.wait_ticks(3);
+    assert_eq!(vm.info()["memory"]["hugepages"], true);
+    vm.assert_guest_continuous();
+    drop(vm);
+    drop(reservation);
+}
+
+#[test]
+fn twenty_updates_leave_fds_and_memory_flat() {
+    let mut vm = Vm::start("update-twenty", &[], &[]);
+    let pid = vm.pid();
+    vm.wait_ticks(2);
+    assert_report(&vm.update("{}"), pid, "0.1.0");
+    let fds = settled_fd_count(pid);
+    let anon = status_kib(pid, "RssAnon:");
+    for _ in 1..20 {
+        assert_report(&vm.update("{}"), pid, "0.1.0");
+    }
+    vm.wait_ticks(2);
+    assert_eq!(
+        settled_fd_count(pid),
+        fds,
+        "fd count changed over 19 updates"
+    );
+    let anon_after = status_kib(pid, "RssAnon:");
+    assert!(
+        anon_after <= anon + anon / 4 + 4096,
+        "anonymous RSS grew from {anon} KiB to {anon_after} KiB"
+    );
+    assert_no_children(pid);
+    assert_eq!(vm.info()["updates"]["count"], 20);
+    vm.assert_guest_continuous();
+}
+
+#[test]
+fn refused_and_failed_updates_keep_the_guest_here() {
+    let mut vm = Vm::start("update-refused", &[], &[]);
+    let pid = vm.pid();
+    vm.wait_ticks(2);
+    let dir = TempDir::new("update-refused-files");
+    let plain = dir.join("not-executable");
+    std::fs::write(&plain, "x").unwrap();
+    let garbage = dir.join("garbage");
+    std::fs::write(&garbage, "not an executable format").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&garbage, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fds = settled_fd_count(pid);
+    let cases = [
+        (r#"{"binary": "relative/molt"}"#.to_string(), 400),
+        (r#"{"binary": "/nonexistent/molt"}"#.to_string(), 400),
+        (format!(r#"{{"binary": "{}"}}"#, dir.path().display()), 400),
+        (format!(r#"{{"binary": "{}"}}"#, plain.display()), 400),
+        (r#"{"binary": "/bin/sh", "colour": "red"}"#.to_string(), 400),
+        (format!(r#"{{"binary": "{}"}}"#, garbage.display()), 500),
+    ];
+    for (body, status) in cases {
+        let r = vm.update(&body);
+        assert_eq!(r.status, status, "{body}: {r:?}");
+        assert!(
+            r.body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{r:?}"
+        );
+        assert_eq!(vm.info()["state"], "running");
+    }
+    vm.wait_ticks(2);
+    assert_eq!(settled_fd_count(pid), fds, "a failed update leaked fds");
+    assert_no_children(pid);
+    assert_eq!(vm.info()["updates"]["count"], 0);
+    assert_eq!(exe_of(pid), std::fs::canonicalize(molt_bin()).unwrap());
+    vm.assert_guest_continuous();
+}
+
+#[test]
+fn a_new_image_that_cannot_restore_rolls_back() {
+    for fault in ["panic", "error", "major"] {
+        let mut vm = Vm::start(
+            &format!("update-fault-{fault}"),
+            &[],
+            &[("MOLT_TEST_FAULT", fault)],
+        );
+        let pid = vm.pid();
+        vm.wait_ticks(2);
+        let r = vm.update(&format!(r#"{{"binary": "{NEXT_BIN}"}}"#));
+        assert_eq!(r.status, 500, "{fault}: {r:?}");
+        let reason = r.body["report"]["rolled_back"].as_str().unwrap_or_default();
+        assert!(!reason.is_empty(), "{fault}: {r:?}");
+        assert_eq!(r.body["report"]["pid"], pid);
+        assert_eq!(exe_of(pid), std::fs::canonicalize(molt_bin()).unwrap());
+        vm.wait_ticks(2);
+        let info = vm.info();
+        assert_eq!(info["version"], "0.1.0");
+        assert_eq!(info["updates"]["rollbacks"], 1, "{info}");
+        assert!(info["updates"]["last"]["rolled_back"].is_string(), "{info}");
+        vm.assert_guest_continuous();
+    }
+}
+
+/// Kills a process on drop (the one that took over from a dead molt).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) takes no pointers.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
+}
+
+#[test]
+fn a_new_binary_that_dies_at_once_loses_nothing() {
+    let dir = TempDir::new("update-false");
+    let serial = dir.join("console.log");
+    let vm = Vm::start(
+        "update-false-vm",
+        &["--serial", &format!("file={}", serial.display())],
+        &[],
+    );
+    let pid = vm.pid();
+    std::thread::sleep(Duration::from_millis(500));
+    let r = vm.update(r#"{"binary": "/bin/false"}"#);
+    assert_eq!(r.status, 500, "{r:?}");
+    let reason = r.body["report"]["rolled_back"].as_str().unwrap_or_default();
+    assert!(reason.contains("exited"), "{r:?}");
+    // The process that became /bin/false is gone; the guardian runs the guest now.
+    let info = vm.info();
+    let new_pid = info["pid"].as_u64().unwrap() as u32;
+    let _cleanup = KillOnDrop(new_pid);
+    assert_ne!(new_pid, pid);
+    assert_eq!(info["updates"]["rollbacks"], 1, "{info}");
+    let before = std::fs::read_to_string(&serial).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let after = std::fs::read_to_string(&serial).unwrap();
+    assert!(after.len() > before.len(), "the guest stopped printing");
+    let ticks: Vec<u64> = guest_lines(after.lines())
+        .iter()
+        .filter(|l| l.kind == "tick")
+        .map(|l| l.num("n"))
+        .collect();
+    for (i, n) in ticks.iter().enumerate() {
+        assert_eq!(*n, i as u64 + 1, "tick sequence broken: {ticks:?}");
+    }
+    assert!(!after.contains("FAIL"), "{after}");
+    let r = api::put(&vm.socket, "vm.shutdown", "{}");
+    assert_eq!(r.status, 204, "{r:?}");
+    drop(vm);
+}
+
+#[test]
+fn concurrent_updates_get_409_and_other_clients_are_served() {
+    let mut vm = Vm::start("update-concurrent", &[], &[]);
+    let pid = vm.pid();
+    vm.wait_ticks(2);
+    let socket = vm.socket.clone();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let updaters: Vec<_> = (0..2)
+        .map(|_| {
+            let (socket, barrier) = (socket.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                api::put(&socket, "vm.cpr-exec", "{}").status
+            })
+        })
+        .collect();
+    let reader = {
+        let (socket, barrier) = (socket.clone(), barrier.clone());
+        std::thread::spawn(move || {
+            barrier.wait();
+            (0..40)
+                .map(|_| {
+                    let r = api::get(&socket, "vm.info");
+                    std::thread::sleep(Duration::from_millis(2));
+                    r.status
+                })
+                .collect::<Vec<u16>>()
+        })
+    };
+    let mut statuses: Vec<u16> = updaters.into_iter().map(|t| t.join().unwrap()).collect();
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 409]);
+    let reads = reader.join().unwrap();
+    assert!(reads.iter().all(|s| *s == 200), "{reads:?}");
+    assert_eq!(vm.info()["pid"], pid);
+    assert_eq!(vm.info()["updates"]["count"], 1);
+    vm.wait_ticks(2);
+    vm.assert_guest_continuous();
+}
