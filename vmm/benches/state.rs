@@ -28,6 +28,9 @@ fn boot(cpus: u8) -> Vmm {
         },
         serial: SerialConfig::Null,
         api_socket: None,
+        disks: Vec::new(),
+        nets: Vec::new(),
+        rng: false,
     };
     let (out, _) = serial_backend::open(&config.serial).expect("serial backend");
     let shared = Shared {
@@ -36,6 +39,7 @@ fn boot(cpus: u8) -> Vmm {
         bus: Arc::default(),
         serial_counters: Arc::default(),
         started: Instant::now(),
+        virtio: Arc::new(vmm::virtio::Virtio::open(&config, None).unwrap()),
     };
     Vmm::boot(config, out, shared).expect("boot")
 }

@@ -25,17 +25,24 @@ pub enum BootError {
     Load(String, #[source] LoaderError),
 }
 
-/// Loads the configured kernel (or the embedded test guest) and writes every boot structure;
-/// returns the boot vCPU's entry.
-pub fn load(config: &VmConfig, ram: &GuestRam) -> Result<BootEntry, BootError> {
+/// Loads the configured kernel (or the embedded test guest) and writes every boot structure,
+/// with `devices` (the virtio-mmio announcements) appended to the command line; returns the
+/// boot vCPU's entry.
+pub fn load(config: &VmConfig, devices: &str, ram: &GuestRam) -> Result<BootEntry, BootError> {
     let initrd = config
         .initrd
         .as_ref()
         .map(|p| std::fs::read(p).map_err(|e| BootError::Initrd(p.clone(), e)))
         .transpose()?;
     let ranges = ram.ranges();
+    // Devices are announced the way Linux finds virtio-mmio devices without a device tree.
+    let cmdline = match (config.cmdline.trim(), devices) {
+        (c, "") => c.to_string(),
+        ("", d) => d.to_string(),
+        (c, d) => format!("{c} {d}"),
+    };
     let boot = BootConfig {
-        cmdline: &config.cmdline,
+        cmdline: &cmdline,
         initrd: initrd.as_deref(),
         cpus: config.cpus,
         ram: &ranges,

@@ -6,8 +6,8 @@ use clap::{Parser, Subcommand};
 
 use crate::api::ctl::CtlArgs;
 use crate::config::{
-    KernelSource, MemoryConfig, SerialConfig, VmConfig, DEFAULT_LINUX_CMDLINE,
-    EMBEDDED_GUEST_CMDLINE,
+    DiskConfig, KernelSource, MemoryConfig, NetConfig, SerialConfig, VmConfig,
+    DEFAULT_LINUX_CMDLINE, EMBEDDED_GUEST_CMDLINE,
 };
 
 /// molt: a minimal KVM virtual machine monitor built for live update.
@@ -74,6 +74,21 @@ pub struct VmArgs {
     #[arg(long, value_name = "BACKEND", default_value = "stdio")]
     pub serial: SerialConfig,
 
+    /// A virtio-blk disk backed by FILE (repeatable): path=FILE[,readonly=on][,id=ID].
+    /// Requests are served with ordinary file I/O; flush is fdatasync.
+    #[arg(long = "disk", value_name = "path=FILE[,readonly=on]")]
+    pub disks: Vec<DiskConfig>,
+
+    /// A virtio-net interface (repeatable): tap=NAME (an existing tap interface) or fd=N (an
+    /// open tap fd inherited from the parent, opened without IFF_VNET_HDR), with an optional
+    /// mac=aa:bb:cc:dd:ee:ff.
+    #[arg(long = "net", value_name = "tap=NAME|fd=N[,mac=MAC]")]
+    pub nets: Vec<NetConfig>,
+
+    /// A virtio-rng device fed from the host's getrandom().
+    #[arg(long)]
+    pub rng: bool,
+
     /// Serve the HTTP/JSON API on this unix socket (mode 0600; a stale socket file is
     /// replaced; removed on exit). See docs/openapi.json and `molt ctl`.
     #[arg(long, value_name = "PATH")]
@@ -102,6 +117,9 @@ impl VmArgs {
             memory: self.memory,
             serial: self.serial.clone(),
             api_socket: self.api_socket.clone(),
+            disks: self.disks.clone(),
+            nets: self.nets.clone(),
+            rng: self.rng,
         }
     }
 }

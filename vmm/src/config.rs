@@ -165,6 +165,122 @@ impl FromStr for SerialConfig {
     }
 }
 
+/// `--disk path=FILE[,readonly=on][,id=ID]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// Backing file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Serial number the guest reads with GET_ID (default: the file name).
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::BadOption {
+            option: "--disk",
+            value: s.to_string(),
+            why,
+        };
+        let (mut path, mut readonly, mut id) = (None, false, None);
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
+                Some(("readonly", v)) => readonly = on_off("--disk", "readonly", v)?,
+                Some(("id", v)) if !v.is_empty() && v.len() <= 20 => id = Some(v.to_string()),
+                Some(("id", _)) => return Err(bad("id must be 1 to 20 characters".into())),
+                Some((k, _)) => {
+                    return Err(bad(format!(
+                        "unknown or empty key '{k}' (expected path, readonly, id)"
+                    )))
+                }
+                None => return Err(bad(format!("'{part}' is not key=value"))),
+            }
+        }
+        let path = path.ok_or_else(|| bad("path=FILE is required".into()))?;
+        Ok(Self { path, readonly, id })
+    }
+}
+
+/// Where a virtio-net device sends and receives frames.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetBackend {
+    /// A tap interface opened by name.
+    Tap(String),
+    /// An already opened tap fd inherited from the parent.
+    Fd(i32),
+}
+
+/// `--net tap=NAME[,mac=MAC]` or `--net fd=N[,mac=MAC]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// Backend.
+    pub backend: NetBackend,
+    /// Guest MAC address (default: a locally administered address derived from the index).
+    #[serde(default)]
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::BadOption {
+            option: "--net",
+            value: s.to_string(),
+            why,
+        };
+        let (mut backend, mut mac) = (None, None);
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                Some(("tap", v)) if !v.is_empty() && v.len() < 16 => {
+                    backend = Some(NetBackend::Tap(v.to_string()))
+                }
+                Some(("tap", _)) => return Err(bad("tap names are 1 to 15 characters".into())),
+                Some(("fd", v)) => match v.parse::<i32>() {
+                    Ok(n) if n > 2 => backend = Some(NetBackend::Fd(n)),
+                    _ => return Err(bad(format!("fd '{v}' is not an inherited fd number"))),
+                },
+                Some(("mac", v)) => {
+                    let m = parse_mac(v).ok_or_else(|| bad(format!("bad MAC '{v}'")))?;
+                    if m[0] & 1 != 0 {
+                        return Err(bad(format!("MAC {v} is a multicast address")));
+                    }
+                    mac = Some(m);
+                }
+                Some((k, _)) => {
+                    return Err(bad(format!("unknown key '{k}' (expected tap, fd, mac)")))
+                }
+                None => return Err(bad(format!("'{part}' is not key=value"))),
+            }
+        }
+        let backend = backend.ok_or_else(|| bad("tap=NAME or fd=N is required".into()))?;
+        Ok(Self { backend, mac })
+    }
+}
+
 /// The kernel to boot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -193,6 +309,15 @@ pub struct VmConfig {
     /// API socket path.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
+    /// virtio-blk disks.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
+    /// A virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
 }
 
 #[cfg(test)]
@@ -226,6 +351,31 @@ mod tests {
         ));
         assert!("size=1G,huge=on".parse::<MemoryConfig>().is_err());
         assert!("size=1G,hugepages=maybe".parse::<MemoryConfig>().is_err());
+    }
+
+    #[test]
+    fn disk_and_net_options() {
+        let d: DiskConfig = "path=/tmp/a.img,readonly=on".parse().unwrap();
+        assert_eq!((d.path.to_str(), d.readonly), (Some("/tmp/a.img"), true));
+        assert!("readonly=on".parse::<DiskConfig>().is_err());
+        assert!("path=/x,size=1G".parse::<DiskConfig>().is_err());
+        let n: NetConfig = "tap=tap0,mac=02:00:00:00:00:01".parse().unwrap();
+        assert_eq!(n.backend, NetBackend::Tap("tap0".into()));
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(
+            "fd=7".parse::<NetConfig>().unwrap().backend,
+            NetBackend::Fd(7)
+        );
+        for bad in [
+            "",
+            "tap=",
+            "fd=x",
+            "fd=1",
+            "tap=t,mac=01:00:00:00:00:00",
+            "mac=zz",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
 use crate::api::{ApiRequest, ApiResponse, ApiServer, ConnId, CprExecRequest};
-use crate::event_loop::{self, BusCell};
+use crate::event_loop;
 use crate::exit::VmExit;
 use crate::runtime::Vmm;
 use crate::serial_backend::SerialIn;
@@ -33,22 +33,28 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Creates the event loop with the control subscriber (VM end, SIGINT/SIGTERM) and serial
 /// input. Call before starting vCPU threads: it blocks SIGINT/SIGTERM for the threads to come.
 pub fn event_loop(
-    exits: Arc<crate::exit::ExitNotifier>,
+    shared: &crate::machine::Shared,
     serial_in: SerialIn,
-    bus: BusCell,
-    serial_drained: vmm_sys_util::eventfd::EventFd,
 ) -> Result<EventManager<Subscriber>, Error> {
     let signals = event_loop::termination_signalfd()
         .map_err(|e| Error::EventLoop(format!("signalfd: {e}")))?;
+    let drained = shared
+        .serial_drained
+        .try_clone()
+        .map_err(|e| Error::EventLoop(e.to_string()))?;
     let mut em =
         EventManager::<Subscriber>::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     em.add_subscriber(Arc::new(Mutex::new(event_loop::Control::new(
-        exits, signals,
+        shared.exits.clone(),
+        signals,
     ))));
     em.add_subscriber(Arc::new(Mutex::new(event_loop::SerialInput::new(
         serial_in,
-        bus,
-        serial_drained,
+        shared.bus.clone(),
+        drained,
+    ))));
+    em.add_subscriber(Arc::new(Mutex::new(event_loop::VirtioEvents::new(
+        shared.virtio.clone(),
     ))));
     Ok(em)
 }

@@ -215,3 +215,43 @@ impl MutEventSubscriber for SerialInput {
         }
     }
 }
+
+/// Queue notifications (ioeventfds) and backend input (taps) of the virtio devices.
+pub struct VirtioEvents {
+    virtio: Arc<crate::virtio::Virtio>,
+    by_fd: std::collections::HashMap<RawFd, (usize, Option<usize>)>,
+}
+
+impl VirtioEvents {
+    /// Watches the fds of `virtio`'s devices.
+    pub fn new(virtio: Arc<crate::virtio::Virtio>) -> Self {
+        let by_fd = virtio
+            .watched_fds()
+            .into_iter()
+            .map(|(fd, slot, queue)| (fd, (slot, queue)))
+            .collect();
+        Self { virtio, by_fd }
+    }
+}
+
+impl MutEventSubscriber for VirtioEvents {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if let Some(&(slot, queue)) = self.by_fd.get(&events.fd()) {
+            self.virtio.service(slot, queue);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for (&fd, &(_, queue)) in &self.by_fd {
+            // Backends are edge-triggered: a device without guest buffers holds one frame and
+            // reads again when the guest refills its queue.
+            let set = match queue {
+                Some(_) => EventSet::IN,
+                None => EventSet::IN | EventSet::EDGE_TRIGGERED,
+            };
+            if let Err(e) = ops.add(Events::new_raw(fd, set)) {
+                log::error!("event loop: cannot watch virtio fd {fd}: {e:?}");
+            }
+        }
+    }
+}

@@ -20,6 +20,7 @@ pub mod serial_backend;
 pub mod state;
 pub mod update;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 use std::sync::Arc;
@@ -72,6 +73,9 @@ pub enum Error {
     /// API server.
     #[error(transparent)]
     Api(#[from] api::ApiError),
+    /// virtio devices.
+    #[error(transparent)]
+    Virtio(#[from] virtio::VirtioSetupError),
     /// Event loop.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -99,6 +103,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, Error> {
         bus: Arc::default(),
         serial_counters: Arc::default(),
         started,
+        virtio: Arc::new(virtio::Virtio::open(config, None)?),
     };
     let api = config
         .api_socket
@@ -107,12 +112,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, Error> {
         .transpose()?;
     let (serial_out, serial_in) = serial_backend::open(&config.serial)?;
     let serial_listener = serial_in.listener_fd();
-    let em = control::event_loop(
-        shared.exits.clone(),
-        serial_in,
-        shared.bus.clone(),
-        shared.serial_drained.try_clone().map_err(event_err)?,
-    )?;
+    let em = control::event_loop(&shared, serial_in)?;
     let mut vmm = Vmm::boot(config.clone(), serial_out, shared)?;
     vmm.serial_listener = serial_listener;
     log::info!(

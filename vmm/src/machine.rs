@@ -21,6 +21,7 @@ use crate::pio::PioBus;
 use crate::serial_backend::SerialOut;
 use crate::state::{DevicesState, MemoryRegionState, VmState};
 use crate::vcpu::{VcpuHandle, VcpuState};
+use crate::virtio::Virtio;
 use crate::{boot, vm, Error};
 
 /// What outlives a machine across rebuilds: shared with the event loop.
@@ -35,6 +36,8 @@ pub struct Shared {
     pub serial_counters: Arc<SerialCounters>,
     /// Process start, for boot markers.
     pub started: Instant,
+    /// virtio devices (eventfds and backends outlive machines).
+    pub virtio: Arc<Virtio>,
 }
 
 /// The KVM VM and everything running in it.
@@ -46,6 +49,7 @@ pub struct Machine {
     msrs: Arc<MsrSet>,
     has_xsave: bool,
     tsc_khz: u32,
+    virtio: Arc<Virtio>,
 }
 
 fn build_bus(
@@ -84,6 +88,7 @@ fn build_bus(
         debug: Mutex::new(DebugPort::from_state(&state.debug_port)),
         reset_evt: reset,
         started: shared.started,
+        virtio: shared.virtio.clone(),
     });
     *shared.bus.lock().unwrap_or_else(|p| p.into_inner()) = Some(bus.clone());
     Ok(bus)
@@ -115,8 +120,9 @@ impl Machine {
         let ram = memory::create(&config.memory)?;
         let vm_fd = vm::create_vm(kvm, &ram)?;
         let (fds, tsc_khz) = vm::create_vcpus(kvm, &vm_fd, config.cpus)?;
-        let entry = boot::load(config, &ram)?;
+        let entry = boot::load(config, &shared.virtio.cmdline(), &ram)?;
         vm::setup_boot_vcpu(&fds[0], &ram, entry)?;
+        shared.virtio.attach(&vm_fd, &ram.mem, None)?;
         let msrs = Arc::new(MsrSet::probe(kvm, &fds[0]));
         let has_xsave = vcpu_state::xsave_usable(&vm_fd);
         let bus = build_bus(&vm_fd, shared, out, &DevicesState::default())?;
@@ -129,6 +135,7 @@ impl Machine {
             msrs,
             has_xsave,
             tsc_khz,
+            virtio: shared.virtio.clone(),
         })
     }
 
@@ -171,6 +178,9 @@ impl Machine {
         ));
         let tsc_khz = state.vcpus.first().map(|v| v.tsc_khz).unwrap_or(0);
         let bus = build_bus(&vm_fd, shared, out, &state.devices)?;
+        shared
+            .virtio
+            .attach(&vm_fd, &ram.mem, Some(&state.virtio))?;
         let vcpus = spawn_all(fds, &bus, shared, VcpuState::Paused)?;
         log::debug!(
             "restore: map RAM {:?}, create VM {:?}, vCPUs {:?}, VM state + devices {:?}",
@@ -187,6 +197,7 @@ impl Machine {
             msrs,
             has_xsave,
             tsc_khz,
+            virtio: shared.virtio.clone(),
         })
     }
 
@@ -263,6 +274,7 @@ impl Machine {
             kvm,
             memory,
             devices,
+            virtio: self.virtio.states(),
             captured_at_ns: crate::state::now_ns(),
         })
     }
@@ -297,6 +309,7 @@ impl Machine {
             v.join();
         }
         log::debug!("teardown: vCPU threads joined in {:?}", t0.elapsed());
+        self.virtio.detach();
         let GuestRam { regions, mem } = self.ram;
         (
             regions,

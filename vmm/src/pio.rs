@@ -24,6 +24,8 @@ pub struct PioBus {
     pub reset_evt: EventFd,
     /// When the VMM started, for boot markers.
     pub started: Instant,
+    /// virtio-mmio devices.
+    pub virtio: std::sync::Arc<crate::virtio::Virtio>,
 }
 
 fn in_range(port: u16, base: u16, len: u16) -> Option<u16> {
@@ -49,6 +51,21 @@ impl PioBus {
         data.fill(0xff);
         if let Some(first) = data.first_mut() {
             *first = value;
+        }
+    }
+
+    /// Guest MMIO read at `addr`; unclaimed addresses read as all ones.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.virtio.mmio_read(addr, data) {
+            log::debug!("unclaimed MMIO read at {addr:#x}");
+            data.fill(0xff);
+        }
+    }
+
+    /// Guest MMIO write at `addr`; unclaimed writes are ignored.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if !self.virtio.mmio_write(addr, data) {
+            log::debug!("unclaimed MMIO write at {addr:#x}");
         }
     }
 

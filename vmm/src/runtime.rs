@@ -196,6 +196,7 @@ impl Vmm {
     pub fn pause(&mut self) -> Result<(), Error> {
         if !self.paused {
             self.machine()?.pause();
+            self.shared.virtio.quiesce(true);
             self.paused = true;
             self.counters.pauses += 1;
         }
@@ -205,6 +206,7 @@ impl Vmm {
     /// Resumes every vCPU (no-op when running).
     pub fn resume(&mut self) -> Result<(), Error> {
         if self.paused {
+            self.shared.virtio.quiesce(false);
             self.machine()?.resume();
             self.paused = false;
             self.counters.resumes += 1;
@@ -253,11 +255,10 @@ impl Vmm {
         self.machine = Some(machine);
         self.counters.rebuilds += 1;
         self.counters.captures += 1;
-        if was_paused {
-            self.paused = true;
-        } else {
-            self.machine()?.resume();
-            self.paused = false;
+        self.paused = true;
+        if !was_paused {
+            self.resume()?;
+            self.counters.resumes -= 1;
         }
         // Input that waited while the devices were rebuilt can flow again.
         let _ = self.shared.serial_drained.write(1);

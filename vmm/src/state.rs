@@ -51,6 +51,9 @@ pub struct VmState {
     /// Devices.
     #[serde(default)]
     pub devices: DevicesState,
+    /// virtio devices, in window order.
+    #[serde(default)]
+    pub virtio: Vec<crate::virtio::VirtioDeviceState>,
     /// Host wall-clock time of the capture (ns since the epoch): the restorer advances guest
     /// time by the time that passed since.
     pub captured_at_ns: u64,

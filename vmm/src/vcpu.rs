@@ -337,12 +337,11 @@ impl VcpuLoop {
                 None => Step::PendingIo,
             },
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                log::debug!("vcpu{index}: unclaimed MMIO read at {addr:#x}");
-                data.fill(0xff);
+                self.bus.mmio_read(addr, data);
                 Step::PendingIo
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                log::debug!("vcpu{index}: unclaimed MMIO write at {addr:#x}");
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.bus.mmio_write(addr, data);
                 Step::PendingIo
             }
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => Step::Continue,

@@ -33,6 +33,9 @@ fn boot(cpus: u8, serial: &Path) -> Vmm {
         },
         serial: SerialConfig::File(serial.into()),
         api_socket: None,
+        disks: Vec::new(),
+        nets: Vec::new(),
+        rng: false,
     };
     let (out, _input) = serial_backend::open(&config.serial).unwrap();
     let shared = Shared {
@@ -41,6 +44,7 @@ fn boot(cpus: u8, serial: &Path) -> Vmm {
         bus: Arc::default(),
         serial_counters: Arc::default(),
         started: Instant::now(),
+        virtio: Arc::new(vmm::virtio::Virtio::open(&config, None).unwrap()),
     };
     Vmm::boot(config, out, shared).unwrap()
 }

@@ -24,6 +24,10 @@ pub mod fd_names {
     pub const API_LISTENER: &str = "api-listener";
     /// Prefix of API client connections (`api-conn-<id>`).
     pub const API_CONN_PREFIX: &str = "api-conn-";
+    /// Backing file (disk image or tap) of virtio device `i`.
+    pub fn virtio(i: usize) -> String {
+        format!("virtio{i}")
+    }
     /// Guest RAM memfd `i` is `ram<i>`.
     pub fn ram(i: usize) -> String {
         format!("ram{i}")

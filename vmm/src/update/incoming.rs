@@ -26,6 +26,7 @@ use crate::memory::RamRegion;
 use crate::runtime::{Identity, Restored, Vmm};
 use crate::serial_backend::{SerialIn, SerialOut, SocketClient};
 use crate::state::now_ns;
+use crate::virtio::Virtio;
 
 /// What the previous image passed in the environment.
 #[derive(Debug, Clone)]
@@ -56,6 +57,9 @@ pub enum IncomingError {
     /// Rebuilding the VM failed.
     #[error(transparent)]
     Vmm(#[from] crate::Error),
+    /// Rebuilding the virtio devices failed.
+    #[error(transparent)]
+    Virtio(#[from] crate::virtio::VirtioSetupError),
     /// A fault injected by the tests' "next version" build.
     #[cfg(feature = "test-next")]
     #[error("injected fault: {0}")]
@@ -236,6 +240,10 @@ fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, In
                 })
             })
             .collect::<Result<Vec<_>, IncomingError>>()?;
+    // Disk images and taps come from the preserved fds, never reopened.
+    let virtio_backing: Vec<Option<File>> = (0..h.vm.virtio.len())
+        .map(|i| take(&fd_names::virtio(i)).ok().map(File::from))
+        .collect();
     let (serial_out, serial_in) = match &h.config.serial {
         SerialConfig::Stdio => (SerialOut::Stdout, SerialIn::Stdin),
         SerialConfig::Null => (SerialOut::Null, SerialIn::None),
@@ -269,14 +277,10 @@ fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, In
         bus: Arc::default(),
         serial_counters: Arc::default(),
         started,
+        virtio: Arc::new(Virtio::open(&h.config, Some(virtio_backing))?),
     };
     let serial_listener = serial_in.listener_fd();
-    let em = control::event_loop(
-        shared.exits.clone(),
-        serial_in,
-        shared.bus.clone(),
-        shared.serial_drained.try_clone().map_err(event_err)?,
-    )?;
+    let em = control::event_loop(&shared, serial_in)?;
     let kvm = crate::vm::open_kvm().map_err(crate::Error::from)?;
     let t_restore = Instant::now();
     let out = serial_out.try_clone().map_err(crate::Error::SerialClone)?;

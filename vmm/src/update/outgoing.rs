@@ -205,6 +205,11 @@ fn register_fds(
     if let Some(f) = &vmm.identity.exe_file {
         reg.register(fd_names::PREVIOUS_EXE, f.as_fd())?;
     }
+    for (i, slot) in vmm.shared.virtio.slots.iter().enumerate() {
+        if let Some(f) = &slot.backing {
+            reg.register(&fd_names::virtio(i), f.as_fd())?;
+        }
+    }
     match vmm.serial_out() {
         SerialOut::File(f) => reg.register(fd_names::SERIAL_FILE, f.as_fd())?,
         SerialOut::Socket(client) => {

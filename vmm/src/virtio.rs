@@ -1,0 +1,418 @@
+//! virtio-mmio devices on the VMM side: where each sits, its interrupt and notification
+//! eventfds, its backing file (disk image or tap), and the transport with the device model.
+//!
+//! The eventfds and backing files live as long as the VMM process; the transports (which hold
+//! a mapping of guest RAM) are attached to each KVM VM in turn and rebuilt from their state
+//! after an in-process rebuild or a live update. Device `i` sits at
+//! `VIRTIO_MMIO_BASE + i * 0x1000` with interrupt `VIRTIO_FIRST_GSI + i`, announced on the
+//! kernel command line as `virtio_mmio.device=4K@<base>:<irq>`.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use devices::virtio::{
+    open_tap, Block, DeviceState, MmioState, MmioTransport, Net, Rng, VirtioDevice,
+    MMIO_WINDOW_SIZE,
+};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{NetBackend, VmConfig};
+
+/// Guest physical address of the first virtio-mmio window (in the 32-bit MMIO hole).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Interrupt of the first device (IRQ 4 is the serial port).
+pub const VIRTIO_FIRST_GSI: u32 = 5;
+/// Devices the IOAPIC's 24 pins leave room for.
+pub const MAX_VIRTIO_DEVICES: usize = 24 - VIRTIO_FIRST_GSI as usize;
+
+/// Errors setting up virtio devices.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioSetupError {
+    /// Too many devices.
+    #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit")]
+    TooMany(usize),
+    /// A disk image cannot be opened.
+    #[error("cannot open disk {0}")]
+    Disk(String, #[source] std::io::Error),
+    /// A tap cannot be opened.
+    #[error("cannot open tap {0}")]
+    Tap(String, #[source] std::io::Error),
+    /// An inherited net fd is not open.
+    #[error("--net fd={0}: not an open file descriptor")]
+    NetFd(RawFd),
+    /// The device model refused its backend or state.
+    #[error("virtio device {0}: {1}")]
+    Device(usize, String),
+    /// eventfd creation.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// KVM refused the irqfd or ioeventfd.
+    #[error("cannot wire virtio device {0} into KVM")]
+    Kvm(usize, #[source] kvm_ioctls::Error),
+    /// Saved state does not match the configured devices.
+    #[error("saved virtio state has {saved} devices, the VM has {configured}")]
+    StateMismatch {
+        /// In the state.
+        saved: usize,
+        /// Configured.
+        configured: usize,
+    },
+}
+
+/// What kind of device a slot holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VirtioKind {
+    /// virtio-blk.
+    Block,
+    /// virtio-net.
+    Net,
+    /// virtio-rng.
+    Rng,
+}
+
+impl VirtioKind {
+    fn queues(self) -> usize {
+        match self {
+            VirtioKind::Net => 2,
+            VirtioKind::Block | VirtioKind::Rng => 1,
+        }
+    }
+}
+
+/// One device: its place, its eventfds, its backend, its transport.
+pub struct VirtioSlot {
+    /// Kind.
+    pub kind: VirtioKind,
+    /// Guest physical base of its window.
+    pub base: u64,
+    /// Its interrupt.
+    pub gsi: u32,
+    irq: EventFd,
+    notify: Vec<EventFd>,
+    /// Disk image or tap (kept across rebuilds and live updates).
+    pub backing: Option<File>,
+    read_only: bool,
+    id: String,
+    mac: [u8; 6],
+    transport: Mutex<Option<MmioTransport>>,
+}
+
+/// State of one device in a `VmState`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VirtioDeviceState {
+    /// Kind (checked on restore).
+    pub kind: VirtioKind,
+    /// Transport, queues and device state.
+    pub mmio: MmioState,
+}
+
+/// All virtio devices of the VMM.
+pub struct Virtio {
+    /// The devices, in window order.
+    pub slots: Vec<VirtioSlot>,
+    quiesced: AtomicBool,
+}
+
+fn eventfd() -> Result<EventFd, VirtioSetupError> {
+    EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VirtioSetupError::EventFd)
+}
+
+/// A locally administered MAC for net device `i` when none is configured.
+fn default_mac(i: usize) -> [u8; 6] {
+    let pid = std::process::id().to_be_bytes();
+    [0x02, 0x6d, pid[2], pid[3], 0x00, i as u8]
+}
+
+/// Adopts `--net fd=N`: checks it is open and makes it close-on-exec.
+fn adopt_net_fd(fd: RawFd) -> Result<File, VirtioSetupError> {
+    // SAFETY: F_GETFD only queries the flags of a descriptor number.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(VirtioSetupError::NetFd(fd));
+    }
+    // SAFETY: as above; setting FD_CLOEXEC touches no memory.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the user handed this fd to molt (--net fd=N); molt owns it from here on.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+impl Virtio {
+    /// Opens the backends `config` names (or, after a live update, takes `inherited` backing
+    /// files in slot order) and creates the eventfds.
+    pub fn open(
+        config: &VmConfig,
+        inherited: Option<Vec<Option<File>>>,
+    ) -> Result<Self, VirtioSetupError> {
+        let total = config.disks.len() + config.nets.len() + usize::from(config.rng);
+        if total > MAX_VIRTIO_DEVICES {
+            return Err(VirtioSetupError::TooMany(total));
+        }
+        let mut inherited = inherited.map(|v| v.into_iter());
+        let mut next_inherited = || inherited.as_mut().and_then(|i| i.next()).flatten();
+        let mut slots = Vec::with_capacity(total);
+        let mut add = |kind: VirtioKind,
+                       backing: Option<File>,
+                       read_only: bool,
+                       id: String,
+                       mac: [u8; 6]|
+         -> Result<(), VirtioSetupError> {
+            let i = slots.len();
+            slots.push(VirtioSlot {
+                kind,
+                base: VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW_SIZE,
+                gsi: VIRTIO_FIRST_GSI + i as u32,
+                irq: eventfd()?,
+                notify: (0..kind.queues())
+                    .map(|_| eventfd())
+                    .collect::<Result<_, _>>()?,
+                backing,
+                read_only,
+                id,
+                mac,
+                transport: Mutex::new(None),
+            });
+            Ok(())
+        };
+        for d in &config.disks {
+            let file = match next_inherited() {
+                Some(f) => f,
+                None => OpenOptions::new()
+                    .read(true)
+                    .write(!d.readonly)
+                    .open(&d.path)
+                    .map_err(|e| VirtioSetupError::Disk(d.path.display().to_string(), e))?,
+            };
+            let id = d.id.clone().unwrap_or_else(|| {
+                let name = d.path.file_name().map(|n| n.to_string_lossy().into_owned());
+                name.unwrap_or_default().chars().take(20).collect()
+            });
+            add(VirtioKind::Block, Some(file), d.readonly, id, [0; 6])?;
+        }
+        for (i, n) in config.nets.iter().enumerate() {
+            let file = match next_inherited() {
+                Some(f) => f,
+                None => match &n.backend {
+                    NetBackend::Tap(name) => {
+                        open_tap(name).map_err(|e| VirtioSetupError::Tap(name.clone(), e))?
+                    }
+                    NetBackend::Fd(fd) => adopt_net_fd(*fd)?,
+                },
+            };
+            add(
+                VirtioKind::Net,
+                Some(file),
+                false,
+                String::new(),
+                n.mac.unwrap_or_else(|| default_mac(i)),
+            )?;
+        }
+        if config.rng {
+            let _ = next_inherited();
+            add(VirtioKind::Rng, None, false, String::new(), [0; 6])?;
+        }
+        Ok(Self {
+            slots,
+            quiesced: AtomicBool::new(false),
+        })
+    }
+
+    /// The kernel command-line words announcing the devices.
+    pub fn cmdline(&self) -> String {
+        self.slots
+            .iter()
+            .map(|s| format!("virtio_mmio.device=4K@{:#x}:{}", s.base, s.gsi))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn device(
+        &self,
+        i: usize,
+        state: Option<&DeviceState>,
+    ) -> Result<Box<dyn VirtioDevice>, VirtioSetupError> {
+        let slot = &self.slots[i];
+        let err = |e: String| VirtioSetupError::Device(i, e);
+        let backing = || {
+            slot.backing
+                .as_ref()
+                .ok_or_else(|| err("no backing file".into()))?
+                .try_clone()
+                .map_err(|e| err(e.to_string()))
+        };
+        Ok(match (slot.kind, state) {
+            (VirtioKind::Block, None) => Box::new(
+                Block::new(backing()?, slot.read_only, slot.id.clone())
+                    .map_err(|e| err(e.to_string()))?,
+            ),
+            (VirtioKind::Block, Some(DeviceState::Block(s))) => {
+                Box::new(Block::from_state(s, backing()?).map_err(|e| err(e.to_string()))?)
+            }
+            (VirtioKind::Net, None) => {
+                Box::new(Net::new(backing()?, slot.mac).map_err(|e| err(e.to_string()))?)
+            }
+            (VirtioKind::Net, Some(DeviceState::Net(s))) => {
+                Box::new(Net::from_state(s, backing()?).map_err(|e| err(e.to_string()))?)
+            }
+            (VirtioKind::Rng, None) => Box::new(Rng::new()),
+            (VirtioKind::Rng, Some(DeviceState::Rng(s))) => Box::new(Rng::from_state(s)),
+            (kind, Some(_)) => return Err(err(format!("saved state is not a {kind:?} device"))),
+        })
+    }
+
+    /// Builds the transports over `mem` (fresh, or from `states`) and wires their interrupts
+    /// and notifications into the KVM VM `vm`.
+    pub fn attach(
+        &self,
+        vm: &VmFd,
+        mem: &arch::GuestMemory,
+        states: Option<&[VirtioDeviceState]>,
+    ) -> Result<(), VirtioSetupError> {
+        if let Some(states) = states {
+            if states.len() != self.slots.len() {
+                return Err(VirtioSetupError::StateMismatch {
+                    saved: states.len(),
+                    configured: self.slots.len(),
+                });
+            }
+        }
+        for (i, slot) in self.slots.iter().enumerate() {
+            let irq = slot.irq.try_clone().map_err(VirtioSetupError::EventFd)?;
+            let raise: Box<dyn Fn() + Send> = Box::new(move || {
+                if let Err(e) = irq.write(1) {
+                    log::warn!("virtio interrupt: {e}");
+                }
+            });
+            let state = states.map(|s| &s[i]);
+            if let Some(s) = state {
+                if s.kind != slot.kind {
+                    return Err(VirtioSetupError::Device(
+                        i,
+                        format!("saved state is a {:?}, not a {:?}", s.kind, slot.kind),
+                    ));
+                }
+            }
+            let device = self.device(i, state.map(|s| &s.mmio.device))?;
+            let transport = match state {
+                None => MmioTransport::new(device, mem.clone(), raise),
+                Some(s) => MmioTransport::from_state(&s.mmio, device, mem.clone(), raise)
+                    .map_err(|e| VirtioSetupError::Device(i, e.to_string()))?,
+            };
+            vm.register_irqfd(&slot.irq, slot.gsi)
+                .map_err(|e| VirtioSetupError::Kvm(i, e))?;
+            for (q, evt) in slot.notify.iter().enumerate() {
+                let addr = IoEventAddress::Mmio(slot.base + MmioTransport::NOTIFY_OFFSET);
+                vm.register_ioevent(evt, &addr, q as u32)
+                    .map_err(|e| VirtioSetupError::Kvm(i, e))?;
+            }
+            *lock(&slot.transport) = Some(transport);
+        }
+        Ok(())
+    }
+
+    /// Drops the transports (before the KVM VM they were wired to goes away).
+    pub fn detach(&self) {
+        for slot in &self.slots {
+            *lock(&slot.transport) = None;
+        }
+    }
+
+    /// The devices' state (call with the vCPUs paused and the devices quiesced).
+    pub fn states(&self) -> Vec<VirtioDeviceState> {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                lock(&s.transport).as_ref().map(|t| VirtioDeviceState {
+                    kind: s.kind,
+                    mmio: t.state(),
+                })
+            })
+            .collect()
+    }
+
+    /// Stops (true) or restarts (false) request processing. Restarting processes whatever
+    /// the guest queued meanwhile, as its notifications were not acted on.
+    pub fn quiesce(&self, stop: bool) {
+        self.quiesced.store(stop, Ordering::SeqCst);
+        if !stop {
+            for slot in &self.slots {
+                if let Some(t) = lock(&slot.transport).as_mut() {
+                    t.resume();
+                }
+            }
+        }
+    }
+
+    fn slot_at(&self, addr: u64) -> Option<(&VirtioSlot, u64)> {
+        let i = addr.checked_sub(VIRTIO_MMIO_BASE)? / MMIO_WINDOW_SIZE;
+        let slot = self.slots.get(i as usize)?;
+        Some((slot, addr - slot.base))
+    }
+
+    /// A vCPU's MMIO read; false if no device claims `addr`.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        let Some((slot, offset)) = self.slot_at(addr) else {
+            return false;
+        };
+        match lock(&slot.transport).as_mut() {
+            Some(t) => t.read(offset, data),
+            None => data.fill(0),
+        }
+        true
+    }
+
+    /// A vCPU's MMIO write; false if no device claims `addr`.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        let Some((slot, offset)) = self.slot_at(addr) else {
+            return false;
+        };
+        if let Some(t) = lock(&slot.transport).as_mut() {
+            t.write(offset, data);
+        }
+        true
+    }
+
+    /// The fds the event loop watches: (fd, slot, Some(queue)) for notifications and
+    /// (fd, slot, None) for backends.
+    pub fn watched_fds(&self) -> Vec<(RawFd, usize, Option<usize>)> {
+        let mut fds = Vec::new();
+        for (i, slot) in self.slots.iter().enumerate() {
+            for (q, evt) in slot.notify.iter().enumerate() {
+                fds.push((evt.as_raw_fd(), i, Some(q)));
+            }
+            if slot.kind == VirtioKind::Net {
+                if let Some(f) = &slot.backing {
+                    fds.push((f.as_raw_fd(), i, None));
+                }
+            }
+        }
+        fds
+    }
+
+    /// Event-loop work for slot `i`: a queue notification (after draining its eventfd) or
+    /// backend input.
+    pub fn service(&self, i: usize, queue: Option<usize>) {
+        let Some(slot) = self.slots.get(i) else {
+            return;
+        };
+        if let Some(q) = queue {
+            let _ = slot.notify[q].read();
+        }
+        if self.quiesced.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(t) = lock(&slot.transport).as_mut() {
+            match queue {
+                Some(q) => t.notify(q),
+                None => t.backend_ready(),
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
