@@ -247,6 +247,11 @@ impl Molt {
         None
     }
 
+    /// Collects whatever the child prints during `d` (expecting nothing in particular).
+    pub fn collect_for(&mut self, d: Duration) {
+        self.pump_until(Instant::now() + d, |_| false);
+    }
+
     /// Waits up to `timeout` for a new line of `stream` that satisfies `pred`, and returns it.
     ///
     /// # Panics
