@@ -25,6 +25,7 @@ fn boot(cpus: u8) -> Vmm {
         memory: MemoryConfig {
             size: 256 << 20,
             hugepages: false,
+            prefault: false,
         },
         serial: SerialConfig::Null,
         api_socket: None,

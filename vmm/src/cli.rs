@@ -59,12 +59,13 @@ pub struct VmArgs {
           value_parser = clap::value_parser!(u8).range(1..=254))]
     pub cpus: u8,
 
-    /// Guest RAM: size=SIZE[,hugepages=on]. SIZE takes K, M, G suffixes (binary). RAM is
-    /// backed by memfds; hugepages=on uses 2 MiB hugetlb pages, which the host must have
+    /// Guest RAM: size=SIZE[,hugepages=on][,prefault=on]. SIZE takes K, M, G suffixes
+    /// (binary). RAM is backed by memfds; prefault=on faults it all in at boot (and in the
+    /// background after a live update); hugepages=on uses 2 MiB hugetlb pages, which the host must have
     /// free (/proc/sys/vm/nr_hugepages).
     #[arg(
         long,
-        value_name = "size=SIZE[,hugepages=on]",
+        value_name = "size=SIZE[,hugepages=on][,prefault=on]",
         default_value = "size=256M"
     )]
     pub memory: MemoryConfig,

@@ -87,6 +87,9 @@ pub struct MemoryConfig {
     pub size: u64,
     /// Back RAM with 2 MiB hugetlb pages.
     pub hugepages: bool,
+    /// Fault all of guest RAM in at boot (and again in the background after a live update).
+    #[serde(default)]
+    pub prefault: bool,
 }
 
 impl Default for MemoryConfig {
@@ -94,6 +97,7 @@ impl Default for MemoryConfig {
         Self {
             size: DEFAULT_MEMORY,
             hugepages: false,
+            prefault: false,
         }
     }
 }
@@ -107,12 +111,13 @@ impl FromStr for MemoryConfig {
             match part.split_once('=') {
                 Some(("size", v)) => cfg.size = parse_size(v)?,
                 Some(("hugepages", v)) => cfg.hugepages = on_off("--memory", "hugepages", v)?,
+                Some(("prefault", v)) => cfg.prefault = on_off("--memory", "prefault", v)?,
                 None => cfg.size = parse_size(part)?,
                 Some((k, _)) => {
                     return Err(ConfigError::BadOption {
                         option: "--memory",
                         value: s.to_string(),
-                        why: format!("unknown key '{k}' (expected size, hugepages)"),
+                        why: format!("unknown key '{k}' (expected size, hugepages, prefault)"),
                     })
                 }
             }

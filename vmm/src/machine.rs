@@ -149,7 +149,7 @@ impl Machine {
         shared: &Shared,
     ) -> Result<Self, Error> {
         let t0 = Instant::now();
-        let ram = memory::map_regions(regions)?;
+        let ram = memory::map_regions(regions, false)?;
         let t1 = Instant::now();
         let vm_fd = vm::create_vm(kvm, &ram)?;
         let t2 = Instant::now();

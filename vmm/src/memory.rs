@@ -93,15 +93,18 @@ pub fn free_huge_pages() -> u64 {
         .unwrap_or(0)
 }
 
-fn map_region(region: &RamRegion) -> Result<GuestRegionMmap, MemoryError> {
+fn map_region(region: &RamRegion, populate: bool) -> Result<GuestRegionMmap, MemoryError> {
     let file = region.memfd.try_clone().map_err(MemoryError::Memfd)?;
     // Hugetlb mappings reserve their pages at mmap time unless MAP_NORESERVE is given; we
     // want that reservation, so a short host fails here rather than with SIGBUS later.
-    let flags = if region.hugepages {
+    let mut flags = if region.hugepages {
         libc::MAP_SHARED
     } else {
         libc::MAP_SHARED | libc::MAP_NORESERVE
     };
+    if populate {
+        flags |= libc::MAP_POPULATE;
+    }
     let mapping = MmapRegionBuilder::new(region.size as usize)
         .with_file_offset(FileOffset::new(file, 0))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -122,11 +125,12 @@ fn map_region(region: &RamRegion) -> Result<GuestRegionMmap, MemoryError> {
     ))
 }
 
-/// Maps existing regions (at whatever host address the kernel picks).
-pub fn map_regions(regions: Vec<RamRegion>) -> Result<GuestRam, MemoryError> {
+/// Maps existing regions (at whatever host address the kernel picks); `populate` faults
+/// every page in now (MAP_POPULATE).
+pub fn map_regions(regions: Vec<RamRegion>, populate: bool) -> Result<GuestRam, MemoryError> {
     let mapped = regions
         .iter()
-        .map(map_region)
+        .map(|r| map_region(r, populate))
         .collect::<Result<Vec<_>, _>>()?;
     let mem = GuestMemory::from_regions(mapped).map_err(MemoryError::Layout)?;
     Ok(GuestRam { regions, mem })
@@ -157,7 +161,7 @@ pub fn create(config: &MemoryConfig) -> Result<GuestRam, MemoryError> {
             })
         })
         .collect::<Result<Vec<_>, MemoryError>>()?;
-    map_regions(regions)
+    map_regions(regions, config.prefault)
 }
 
 impl GuestRam {
@@ -196,9 +200,34 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Host address and length of each mapped region.
+    pub fn host_ranges(&self) -> Vec<(usize, usize)> {
+        self.mem
+            .iter()
+            .filter_map(|r| {
+                let host = self.mem.get_host_address(r.start_addr()).ok()?;
+                Some((host as usize, r.len() as usize))
+            })
+            .collect()
+    }
+
     /// Total RAM in bytes.
     pub fn total(&self) -> u64 {
         self.regions.iter().map(|r| r.size).sum()
+    }
+}
+
+/// Faults the host ranges in (MADV_POPULATE_WRITE) without touching their contents. Safe to
+/// run beside a rebuild: a range that was unmapped meanwhile just fails.
+pub fn populate(ranges: &[(usize, usize)]) {
+    for &(addr, len) in ranges {
+        // SAFETY: madvise only faults pages of whatever mapping is at the range (never reads
+        // or writes their contents from userspace); an unmapped range makes it fail.
+        let rc =
+            unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+        if rc != 0 {
+            log::debug!("populating guest RAM: {}", std::io::Error::last_os_error());
+        }
     }
 }
 
@@ -218,6 +247,7 @@ mod tests {
         let ram = create(&MemoryConfig {
             size: 64 << 20,
             hugepages: false,
+            prefault: false,
         })
         .unwrap();
         assert_eq!(ram.regions.len(), 1);
@@ -226,12 +256,15 @@ mod tests {
             .write_obj(0xdead_beefu32, GuestAddress(0x1000))
             .unwrap();
         // A second mapping of the same memfd sees the write: the mapping is MAP_SHARED.
-        let again = map_regions(vec![RamRegion {
-            guest_addr: 0,
-            size: 64 << 20,
-            memfd: ram.regions[0].memfd.try_clone().unwrap(),
-            hugepages: false,
-        }])
+        let again = map_regions(
+            vec![RamRegion {
+                guest_addr: 0,
+                size: 64 << 20,
+                memfd: ram.regions[0].memfd.try_clone().unwrap(),
+                hugepages: false,
+            }],
+            false,
+        )
         .unwrap();
         assert_eq!(
             again.mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
@@ -250,6 +283,7 @@ mod tests {
         let ram = create(&MemoryConfig {
             size: 4 << 30,
             hugepages: false,
+            prefault: false,
         })
         .unwrap();
         let r = ram.ranges();

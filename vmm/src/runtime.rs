@@ -183,6 +183,19 @@ impl Vmm {
         &self.serial_out
     }
 
+    /// Faults guest RAM into this process on a background thread (after a restore, so the
+    /// guest does not take those faults itself).
+    pub fn populate_in_background(&self) {
+        let Some(m) = &self.machine else { return };
+        let ranges = m.ram().host_ranges();
+        let spawned = std::thread::Builder::new()
+            .name("prefault".into())
+            .spawn(move || crate::memory::populate(&ranges));
+        if let Err(e) = spawned {
+            log::debug!("prefault thread: {e}");
+        }
+    }
+
     /// The machine, if one runs.
     pub fn machine_ref(&self) -> Option<&Machine> {
         self.machine.as_ref()

@@ -45,34 +45,36 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
     Kvm::new().map_err(VmError::OpenKvm)
 }
 
-/// Creates a VM with the in-kernel irqchip and PIT, and guest RAM registered.
+/// Creates a VM with guest RAM registered and the in-kernel irqchip and PIT.
+///
+/// Memory slots go in before the irqchip: on this host a slot registered after
+/// KVM_CREATE_IRQCHIP costs ~5 ms (KVM then waits for an SRCU grace period), before it
+/// ~0.1 ms — and slot registration sits inside a live update's pause.
 pub fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
     let t0 = std::time::Instant::now();
     let vm = kvm
         .create_vm()
         .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+    let t1 = std::time::Instant::now();
+    ram.register(&vm)?;
+    let t2 = std::time::Instant::now();
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
         .map_err(|e| VmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
-    let t1 = std::time::Instant::now();
     vm.create_irq_chip()
         .map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
-    let t2 = std::time::Instant::now();
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
     vm.create_pit2(pit)
         .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
-    let t3 = std::time::Instant::now();
-    ram.register(&vm)?;
     log::debug!(
-        "create VM: KVM_CREATE_VM {:?}, irqchip {:?}, PIT {:?}, memslots {:?}",
+        "create VM: KVM_CREATE_VM {:?}, memslots {:?}, irqchip and PIT {:?}",
         t1 - t0,
         t2 - t1,
-        t3 - t2,
-        t3.elapsed()
+        t2.elapsed()
     );
     Ok(vm)
 }

@@ -30,6 +30,7 @@ fn boot(cpus: u8, serial: &Path) -> Vmm {
         memory: MemoryConfig {
             size: 64 << 20,
             hugepages: false,
+            prefault: false,
         },
         serial: SerialConfig::File(serial.into()),
         api_socket: None,

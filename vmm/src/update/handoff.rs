@@ -77,6 +77,9 @@ pub struct InFlight {
     pub pause_ms: f64,
     /// Save phase, ms.
     pub save_ms: f64,
+    /// Wall-clock ns at the end of the save phase (the exec phase runs from there to the new
+    /// image's `main`).
+    pub saved_at_ns: u64,
     /// The guest was paused by a user before the update (stay paused after it).
     pub was_paused: bool,
 }

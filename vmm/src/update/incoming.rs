@@ -282,10 +282,16 @@ fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, In
     let serial_listener = serial_in.listener_fd();
     let em = control::event_loop(&shared, serial_in)?;
     let kvm = crate::vm::open_kvm().map_err(crate::Error::from)?;
-    let t_restore = Instant::now();
     let out = serial_out.try_clone().map_err(crate::Error::SerialClone)?;
     let machine = Machine::restore(&kvm, &h.vm, regions, out, &shared)?;
-    let restore_ms = t_restore.elapsed().as_secs_f64() * 1e3;
+    // Restore runs from this image's main() to the rebuilt, still paused machine.
+    let restore_ms = now_ns().saturating_sub(main_ns) as f64 / 1e6;
+    if let Some(ns) = inc.exec_ns {
+        log::debug!(
+            "execve to main: {:.3} ms",
+            main_ns.saturating_sub(ns) as f64 / 1e6
+        );
+    }
     let mut identity = Identity::current();
     identity.argv = h.argv.clone();
     identity.booted_at_ns = h.booted_at_ns;
@@ -332,6 +338,9 @@ fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, In
         vmm.resume()?;
     }
     let resume_ms = t_resume.elapsed().as_secs_f64() * 1e3;
+    if h.config.memory.prefault {
+        vmm.populate_in_background();
+    }
     let done_ns = now_ns();
 
     // The guest runs here now: dismiss the guardian and let go of the inherited originals.
@@ -353,10 +362,7 @@ fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, In
         phases_ms: Phases {
             pause: h.update.pause_ms,
             save: h.update.save_ms,
-            exec: inc
-                .exec_ns
-                .map(|ns| main_ns.saturating_sub(ns) as f64 / 1e6)
-                .unwrap_or(0.0),
+            exec: main_ns.saturating_sub(h.update.saved_at_ns) as f64 / 1e6,
             restore: restore_ms,
             resume: resume_ms,
         },

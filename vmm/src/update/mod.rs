@@ -17,6 +17,7 @@
 
 pub mod guardian;
 pub mod handoff;
+pub mod holder;
 pub mod incoming;
 pub mod outgoing;
 

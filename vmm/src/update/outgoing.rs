@@ -132,6 +132,7 @@ fn hand_off(
             paused_at_ns,
             pause_ms,
             save_ms: 0.0,
+            saved_at_ns: 0,
             was_paused,
         },
         history: vmm.history.clone(),
@@ -144,6 +145,8 @@ fn hand_off(
     };
     let mut handoff = handoff;
     handoff.update.save_ms = ms(t1.elapsed());
+    handoff.update.saved_at_ns = now_ns();
+    let t_encode = Instant::now();
     let bytes = match cpr::encode(&format!("molt {}", crate::VERSION), HANDOFF_KIND, &handoff) {
         Ok(b) => b,
         Err(e) => return UpdateError::Record(e),
@@ -165,6 +168,7 @@ fn hand_off(
         return UpdateError::Fds(e);
     }
     let exe_fd = vmm.identity.exe_file.as_ref().map(|f| f.as_raw_fd());
+    let t_guardian = Instant::now();
     let mut guardian = match spawn_guardian(record.as_raw_fd(), exe_fd) {
         Ok(g) => Some(g),
         Err(e) => {
@@ -172,8 +176,27 @@ fn hand_off(
             None
         }
     };
+    // Last step before execve: hold the address space and the KVM VM so their teardown
+    // happens outside the pause.
+    let t_holder = Instant::now();
+    let holder = match super::holder::Holder::start() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            log::warn!("live update without an address-space holder: {e}");
+            None
+        }
+    };
+    log::debug!(
+        "update: record and fds {:?}, guardian {:?}, holder {:?}",
+        t_guardian - t_encode,
+        t_holder - t_guardian,
+        t_holder.elapsed()
+    );
     let err = exec(target, &argv, record.as_raw_fd(), exe_fd, guardian.as_ref());
     // execve failed: undo.
+    if let Some(h) = holder {
+        h.release();
+    }
     if let Err(e) = reg.restore_cloexec() {
         log::error!("cannot restore close-on-exec after a failed update: {e}");
     }

@@ -1,0 +1,130 @@
+//! Keeps the old image's address space and KVM VM alive across `execve`, so their teardown
+//! happens after the new image runs the guest instead of inside the guest's pause.
+//!
+//! execve tears down the calling process's address space (tens of ms per GiB of populated
+//! 4K-page guest RAM) and closes its KVM fds (destroying a KVM VM takes ~15 ms on this host).
+//! Just before execve we start a holder: a process that shares our address space
+//! (`clone(CLONE_VM)`, not a thread) and has a copy of our fd table. execve then only drops
+//! references; the holder waits until the exec has closed our end of a pipe, exits, and the
+//! kernel tears both down in the holder's exit, beside the resumed guest.
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// Stack of the holder: it only calls close, read and _exit.
+const STACK_SIZE: usize = 64 << 10;
+
+/// A running holder.
+pub struct Holder {
+    pid: i32,
+    /// Our end of the pipe; execve closes it (CLOEXEC), which lets the holder go.
+    release: RawFd,
+    stack: *mut libc::c_void,
+}
+
+/// Holder entry point. `arg` packs the pipe's read end (high 32 bits) and write end. It must
+/// touch nothing it shares with the VMM's threads: only raw system calls.
+extern "C" fn hold(arg: *mut libc::c_void) -> libc::c_int {
+    let v = arg as usize as u64;
+    let (read_end, write_end) = ((v >> 32) as i32, (v & 0xffff_ffff) as i32);
+    let mut byte = 0u8;
+    // SAFETY: raw system calls on fds this process owns (its copy of the fd table) and a byte
+    // on its own stack; no memory shared with the VMM's threads is touched.
+    unsafe {
+        libc::syscall(libc::SYS_close, write_end);
+        libc::syscall(libc::SYS_read, read_end, &mut byte as *mut u8, 1usize);
+        libc::syscall(libc::SYS_exit, 0);
+    }
+    0
+}
+
+impl Holder {
+    /// Starts a holder sharing this process's address space and holding copies of its fds.
+    pub fn start() -> io::Result<Self> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let [read_end, write_end] = fds;
+        let close_pipe = || {
+            // SAFETY: closing the pipe we just created.
+            unsafe {
+                libc::close(read_end);
+                libc::close(write_end);
+            }
+        };
+        // SAFETY: a fresh anonymous mapping for the holder's stack.
+        let stack = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                STACK_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if stack == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            close_pipe();
+            return Err(e);
+        }
+        let arg = ((read_end as u32 as u64) << 32 | write_end as u32 as u64) as usize;
+        // SAFETY: the child runs `hold` on its own stack (top of the mapping, 16-byte aligned)
+        // in our address space; `hold` only makes raw system calls. SIGCHLD is ignored by
+        // molt, so the kernel reaps it.
+        let pid = unsafe {
+            libc::clone(
+                hold,
+                stack.cast::<u8>().add(STACK_SIZE).cast(),
+                libc::CLONE_VM | libc::SIGCHLD,
+                arg as *mut libc::c_void,
+            )
+        };
+        // SAFETY: our copy of the read end is not needed: the holder has its own.
+        unsafe { libc::close(read_end) };
+        if pid < 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: unmapping the unused stack and closing our end of the pipe.
+            unsafe {
+                libc::munmap(stack, STACK_SIZE);
+                libc::close(write_end);
+            }
+            return Err(e);
+        }
+        Ok(Self {
+            pid,
+            release: write_end,
+            stack,
+        })
+    }
+
+    /// The update did not happen (execve failed): lets the holder exit and frees its stack.
+    pub fn release(self) {
+        // SAFETY: closing our end makes the holder's read return; then wait (bounded) until it
+        // is gone before unmapping the stack it runs on.
+        unsafe { libc::close(self.release) };
+        // SAFETY: pidfd_open of our child.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) } as RawFd;
+        if pidfd >= 0 {
+            let mut pfd = libc::pollfd {
+                fd: pidfd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let exited = unsafe { libc::poll(&mut pfd, 1, 1000) } > 0;
+            // SAFETY: closing the pidfd we opened.
+            unsafe { libc::close(pidfd) };
+            if !exited {
+                // Never unmap a stack that may still be in use.
+                log::warn!("update holder {} did not exit; leaking its stack", self.pid);
+                return;
+            }
+        }
+        // SAFETY: the holder has exited (or was already gone: pidfd_open failed with ESRCH),
+        // so nothing runs on the stack any more.
+        unsafe { libc::munmap(self.stack, STACK_SIZE) };
+    }
+}
