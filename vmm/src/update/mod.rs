@@ -15,6 +15,7 @@
 //!
 //! [`VmState`]: crate::state::VmState
 
+mod fdpass;
 pub mod guardian;
 pub mod handoff;
 pub mod holder;
@@ -37,6 +38,8 @@ pub const ENV_ROLLBACK_REASON: &str = "MOLT_CPR_ROLLBACK_REASON";
 pub const ENV_TAKEOVER: &str = "MOLT_CPR_TAKEOVER";
 /// PID of the process the guardian watches.
 pub const ENV_GUARDIAN_PARENT: &str = "MOLT_CPR_GUARDIAN_PARENT";
+/// The guardian's end of its socket to the old image.
+pub const ENV_GUARDIAN_SOCK: &str = "MOLT_CPR_GUARDIAN_SOCK";
 /// PID of the guardian (for the new image to dismiss it).
 pub const ENV_GUARDIAN_PID: &str = "MOLT_CPR_GUARDIAN_PID";
 /// First argument that makes molt run as a guardian.
@@ -54,6 +57,7 @@ pub const PROTOCOL_ENV: &[&str] = &[
     ENV_TAKEOVER,
     ENV_GUARDIAN_PARENT,
     ENV_GUARDIAN_PID,
+    ENV_GUARDIAN_SOCK,
 ];
 
 /// Errors refusing or failing an update in the old image (the guest keeps running there).

@@ -5,15 +5,15 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::process::{Child, Command};
 use std::time::Instant;
 
 use cpr::FdRegistry;
 
+use super::guardian::Guardian;
 use super::handoff::{fd_names, ApiConnHandoff, ApiHandoff, Handoff, InFlight};
 use super::{
-    validate_target, UpdateError, ENV_EXEC_NS, ENV_GUARDIAN_PARENT, ENV_GUARDIAN_PID,
-    ENV_PREVIOUS_EXE_FD, ENV_RECORD_FD, GUARDIAN_ARG, HANDOFF_KIND, PROTOCOL_ENV,
+    validate_target, UpdateError, ENV_EXEC_NS, ENV_GUARDIAN_PID, ENV_PREVIOUS_EXE_FD,
+    ENV_RECORD_FD, HANDOFF_KIND, PROTOCOL_ENV,
 };
 use crate::api::{ApiServer, ConnId, CprExecRequest};
 use crate::runtime::{RunState, Vmm};
@@ -46,6 +46,14 @@ pub fn perform(
             .collect(),
         None => vmm.identity.argv.clone(),
     };
+    // The guardian starts while the guest still runs; it gets the fds just before execve.
+    let guardian = match Guardian::spawn() {
+        Ok(g) => Some(g),
+        Err(e) => {
+            log::warn!("live update without a guardian: {e}");
+            None
+        }
+    };
     let was_paused = vmm.run_state() == RunState::Paused;
     let t0 = Instant::now();
     let paused_at_ns = now_ns();
@@ -62,6 +70,7 @@ pub fn perform(
         paused_at_ns,
         pause_ms,
         was_paused,
+        guardian,
     );
     if !was_paused {
         if let Err(e) = vmm.resume() {
@@ -81,6 +90,7 @@ fn hand_off(
     paused_at_ns: u64,
     pause_ms: f64,
     was_paused: bool,
+    guardian: Option<Guardian>,
 ) -> UpdateError {
     let t1 = Instant::now();
     let Some(machine) = vmm.machine_ref() else {
@@ -169,13 +179,18 @@ fn hand_off(
     }
     let exe_fd = vmm.identity.exe_file.as_ref().map(|f| f.as_raw_fd());
     let t_guardian = Instant::now();
-    let mut guardian = match spawn_guardian(record.as_raw_fd(), exe_fd) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            log::warn!("live update without a guardian: {e}");
-            None
+    let guardian = guardian.and_then(|g| {
+        let fds: Vec<(String, RawFd)> =
+            reg.describe().into_iter().map(|p| (p.name, p.fd)).collect();
+        match g.hand_over(&fds) {
+            Ok(()) => Some(g),
+            Err(e) => {
+                log::warn!("live update without a guardian: handover failed: {e}");
+                g.dismiss();
+                None
+            }
         }
-    };
+    });
     // Last step before execve: hold the address space and the KVM VM so their teardown
     // happens outside the pause.
     let t_holder = Instant::now();
@@ -192,7 +207,13 @@ fn hand_off(
         t_holder - t_guardian,
         t_holder.elapsed()
     );
-    let err = exec(target, &argv, record.as_raw_fd(), exe_fd, guardian.as_ref());
+    let err = exec(
+        target,
+        &argv,
+        record.as_raw_fd(),
+        exe_fd,
+        guardian.as_ref().map(Guardian::pid),
+    );
     // execve failed: undo.
     if let Some(h) = holder {
         h.release();
@@ -200,9 +221,8 @@ fn hand_off(
     if let Err(e) = reg.restore_cloexec() {
         log::error!("cannot restore close-on-exec after a failed update: {e}");
     }
-    if let Some(g) = guardian.as_mut() {
-        let _ = g.kill();
-        let _ = g.wait();
+    if let Some(g) = guardian {
+        g.dismiss();
     }
     drop(record);
     err
@@ -253,24 +273,12 @@ fn register_fds(
     Ok(())
 }
 
-/// Starts the guardian (this binary, via /proc/self/exe) with the preserved fds.
-fn spawn_guardian(record: RawFd, exe: Option<RawFd>) -> std::io::Result<Child> {
-    let mut cmd = Command::new("/proc/self/exe");
-    cmd.arg(GUARDIAN_ARG)
-        .env(ENV_GUARDIAN_PARENT, std::process::id().to_string())
-        .env(ENV_RECORD_FD, record.to_string());
-    if let Some(fd) = exe {
-        cmd.env(ENV_PREVIOUS_EXE_FD, fd.to_string());
-    }
-    cmd.spawn()
-}
-
 fn exec(
     target: &Path,
     argv: &[String],
     record: RawFd,
     exe: Option<RawFd>,
-    guardian: Option<&Child>,
+    guardian: Option<u32>,
 ) -> UpdateError {
     let Ok(path) = CString::new(target.as_os_str().as_bytes()) else {
         return UpdateError::Nul;
@@ -300,8 +308,8 @@ fn exec(
     if let Some(fd) = exe {
         push(ENV_PREVIOUS_EXE_FD, fd.to_string());
     }
-    if let Some(g) = guardian {
-        push(ENV_GUARDIAN_PID, g.id().to_string());
+    if let Some(pid) = guardian {
+        push(ENV_GUARDIAN_PID, pid.to_string());
     }
     push(ENV_EXEC_NS, now_ns().to_string());
     let mut argv_p: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
