@@ -1,0 +1,294 @@
+//! virtio-blk, virtio-net and virtio-rng with the test guest's drivers: data reaches the host,
+//! survives reboots and live updates exactly once, and the network answers throughout.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use molt_tests::api;
+use molt_tests::netns::{self, NetNs, GUEST_IP};
+use molt_tests::{guest_lines, molt_bin, GuestLine, Molt, Stream, TempDir};
+
+const WAIT: Duration = Duration::from_secs(90);
+const SECTOR: usize = 512;
+
+/// FNV-1a over 64-bit words with an extra fold, as the guest's driver computes it.
+fn checksum(words: &[u64]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &w in words {
+        h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3);
+        h ^= h >> 32;
+    }
+    h
+}
+
+fn payload(seq: u64, w: usize) -> u64 {
+    seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (w as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9)
+}
+
+/// The valid records on the disk image, as (sector, seq); panics on a corrupt one.
+fn records(image: &Path) -> Vec<(u64, u64)> {
+    let data = std::fs::read(image).unwrap();
+    let mut found = Vec::new();
+    for (sector, chunk) in data.chunks(SECTOR).enumerate().skip(1) {
+        let words: Vec<u64> = chunk
+            .chunks(8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        if words[0] != u64::from_le_bytes(*b"MOLTBLKR") {
+            continue;
+        }
+        let seq = words[1];
+        assert_eq!(
+            checksum(&words[..63]),
+            words[63],
+            "sector {sector}: bad checksum"
+        );
+        assert_eq!(
+            words[2], sector as u64,
+            "sector {sector}: wrong sector field"
+        );
+        for (w, word) in words.iter().enumerate().take(63).skip(3) {
+            assert_eq!(*word, payload(seq, w), "sector {sector}: bad payload");
+        }
+        found.push((sector as u64, seq));
+    }
+    found
+}
+
+fn image(dir: &TempDir, mib: u64) -> PathBuf {
+    let path = dir.join("disk.img");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(mib << 20).unwrap();
+    path
+}
+
+fn blk_ns(molt: &Molt) -> Vec<u64> {
+    let lines = guest_lines(molt.lines().iter().map(|l| l.text.as_str()));
+    for l in &lines {
+        assert!(
+            !(l.kind == "blk" && l.raw.contains("FAIL")),
+            "disk failure: {}",
+            l.raw
+        );
+    }
+    lines
+        .iter()
+        .filter(|l| l.kind == "blk" && l.get("n").is_some())
+        .map(|l| l.num("n"))
+        .collect()
+}
+
+fn wait_blk(molt: &mut Molt, n: u64) {
+    molt.wait_line(Stream::Stdout, WAIT, |l| {
+        GuestLine::parse(l)
+            .is_some_and(|g| g.kind == "blk" && g.get("n").is_some() && g.num("n") >= n)
+    });
+}
+
+fn assert_consecutive(ns: &[u64], what: &str) {
+    assert!(!ns.is_empty(), "no {what} lines");
+    for (i, n) in ns.iter().enumerate() {
+        assert_eq!(*n, i as u64 + 1, "{what} sequence broken: {ns:?}");
+    }
+}
+
+#[test]
+fn disk_records_reach_the_file_and_survive_a_reboot() {
+    let dir = TempDir::new("virtio-blk");
+    let img = image(&dir, 4);
+    let disk = format!("path={}", img.display());
+    let mut molt = Molt::spawn(&["--disk", &disk, "--cmdline", "molt.memtest=0 molt.blk=on"]);
+    molt.wait_line(Stream::Stdout, WAIT, |l| l.contains("blk boot found=0"));
+    wait_blk(&mut molt, 24);
+    molt.signal(libc::SIGTERM);
+    let out = molt.finish(WAIT);
+    out.assert_code(0);
+    let written = guest_lines(out.stdout())
+        .iter()
+        .filter(|l| l.kind == "blk" && l.get("n").is_some())
+        .map(|l| l.num("n"))
+        .collect::<Vec<_>>();
+    assert_consecutive(&written, "blk");
+    let last = *written.last().unwrap();
+    let on_disk = records(&img);
+    // Every record the guest verified is on the disk, each exactly once, at its own sector.
+    for seq in 1..=last {
+        assert_eq!(
+            on_disk.iter().filter(|(_, s)| *s == seq).count(),
+            1,
+            "record {seq} on disk: {on_disk:?}"
+        );
+    }
+    // A second boot on the same disk finds and verifies what the first left.
+    let mut again = Molt::spawn(&["--disk", &disk, "--cmdline", "molt.memtest=0 molt.blk=on"]);
+    let boot = again.wait_line(Stream::Stdout, WAIT, |l| l.contains("blk boot found="));
+    let g = GuestLine::parse(&boot.text).unwrap();
+    assert!(boot.text.ends_with(" ok"), "{}", boot.text);
+    let found = g.num("found");
+    assert!(found >= 8 && found <= last, "{}", boot.text);
+    assert_eq!(g.num("verified"), found, "{}", boot.text);
+    let next = again.wait_line(Stream::Stdout, WAIT, |l| l.contains("blk n="));
+    assert_eq!(GuestLine::parse(&next.text).unwrap().num("n"), found + 1);
+}
+
+#[test]
+fn read_only_disk_is_not_written() {
+    let dir = TempDir::new("virtio-ro");
+    let img = image(&dir, 1);
+    let before = std::fs::read(&img).unwrap();
+    let disk = format!("path={},readonly=on", img.display());
+    let mut molt = Molt::spawn(&["--disk", &disk, "--cmdline", "molt.memtest=0 molt.blk=on"]);
+    molt.wait_line(Stream::Stdout, WAIT, |l| {
+        l.contains("blk capacity=2048 ro=1")
+    });
+    molt.wait_line(Stream::Stdout, WAIT, |l| {
+        l.contains("blk writes skipped ro=1")
+    });
+    molt.signal(libc::SIGTERM);
+    molt.finish(WAIT).assert_code(0);
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a read-only disk changed"
+    );
+}
+
+#[test]
+fn rng_gives_the_guest_entropy() {
+    let mut molt = Molt::spawn(&["--rng", "--cmdline", "molt.memtest=0 molt.rng=on"]);
+    molt.wait_line(Stream::Stdout, WAIT, |l| l.contains("rng n=2 "));
+    let lines = guest_lines(molt.lines().iter().map(|l| l.text.as_str()));
+    let rng: Vec<&GuestLine> = lines.iter().filter(|l| l.kind == "rng").collect();
+    assert!(rng.iter().all(|l| !l.raw.contains("FAIL")), "{rng:?}");
+    let bytes: Vec<&str> = rng.iter().filter_map(|l| l.get("bytes")).collect();
+    assert!(
+        bytes.len() >= 2 && bytes.iter().all(|b| b.len() == 32),
+        "{bytes:?}"
+    );
+    assert_ne!(bytes[0], bytes[1], "the same 16 random bytes twice");
+}
+
+#[test]
+fn disk_io_across_ten_live_updates_loses_and_repeats_nothing() {
+    let dir = TempDir::new("virtio-update");
+    let img = image(&dir, 8);
+    let socket = dir.join("api.sock");
+    let mut molt = Molt::spawn(&[
+        "--api-socket",
+        &socket.display().to_string(),
+        "--disk",
+        &format!("path={}", img.display()),
+        "--cmdline",
+        "molt.memtest=0 molt.blk=on",
+    ]);
+    api::wait_ready(&socket, WAIT);
+    wait_blk(&mut molt, 4);
+    for _ in 0..10 {
+        let r = api::put(&socket, "vm.cpr-exec", "{}");
+        assert_eq!(r.status, 200, "{r:?}");
+        let n = blk_ns(&molt).last().copied().unwrap_or(0);
+        wait_blk(&mut molt, n + 3);
+    }
+    assert_eq!(api::put(&socket, "vm.shutdown", "").status, 204);
+    let out = molt.finish(WAIT);
+    out.assert_code(0);
+    let reported: Vec<u64> = guest_lines(out.stdout())
+        .iter()
+        .filter(|l| l.kind == "blk" && l.get("n").is_some())
+        .map(|l| l.num("n"))
+        .collect();
+    assert_consecutive(&reported, "blk");
+    let last = *reported.last().unwrap();
+    let on_disk = records(&img);
+    for seq in 1..=last {
+        assert_eq!(
+            on_disk.iter().filter(|(_, s)| *s == seq).count(),
+            1,
+            "record {seq} not on disk exactly once"
+        );
+    }
+    // Only the write in flight at shutdown may be on disk without its report.
+    assert!(
+        on_disk.iter().all(|(_, s)| *s <= last + 1),
+        "records beyond what the guest wrote (last reported {last}): {on_disk:?}"
+    );
+}
+
+#[test]
+fn network_answers_before_during_and_after_updates() {
+    let ns = match NetNs::create("net") {
+        Ok(ns) => ns,
+        Err(why) => {
+            println!("SKIPPED: cannot create a network namespace: {why}");
+            return;
+        }
+    };
+    let dir = TempDir::new("virtio-net");
+    let socket = dir.join("api.sock");
+    let molt_path = molt_bin().display().to_string();
+    let socket_arg = socket.display().to_string();
+    let cmdline = format!("molt.memtest=0 molt.net={GUEST_IP}/16");
+    let mut molt = Molt::spawn_bin(
+        Path::new("ip"),
+        &[
+            "netns",
+            "exec",
+            &ns.name,
+            &molt_path,
+            "--api-socket",
+            &socket_arg,
+            "--net",
+            "tap=tap0,mac=02:00:00:00:77:02",
+            "--cmdline",
+            &cmdline,
+        ],
+    );
+    api::wait_ready(&socket, WAIT);
+    molt.wait_line(Stream::Stdout, WAIT, |l| {
+        l.contains("net mac=02:00:00:00:77:02")
+    });
+    let before = ns.run(|| {
+        netns::ping(
+            GUEST_IP,
+            10,
+            Duration::from_millis(20),
+            Duration::from_secs(5),
+        )
+    });
+    assert!(
+        before.iter().all(Option::is_some),
+        "pings lost before any update: {before:?}"
+    );
+    let echo = ns.run(|| netns::udp_echo(GUEST_IP, b"molt udp echo", Duration::from_secs(5)));
+    assert_eq!(echo.as_deref(), Some(&b"molt udp echo"[..]));
+    // Pings at 50/s while three updates run.
+    let pinger = {
+        let name = ns.name.clone();
+        std::thread::spawn(move || {
+            netns::run_in(&name, || {
+                netns::ping(
+                    GUEST_IP,
+                    150,
+                    Duration::from_millis(20),
+                    Duration::from_secs(5),
+                )
+            })
+        })
+    };
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(400));
+        let r = api::put(&socket, "vm.cpr-exec", "{}");
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let during = pinger.join().unwrap();
+    let lost = during.iter().filter(|r| r.is_none()).count();
+    assert_eq!(
+        lost,
+        0,
+        "{lost} of {} pings lost across updates",
+        during.len()
+    );
+    let echo = ns.run(|| netns::udp_echo(GUEST_IP, b"after the updates", Duration::from_secs(5)));
+    assert_eq!(echo.as_deref(), Some(&b"after the updates"[..]));
+    assert_eq!(api::put(&socket, "vm.shutdown", "").status, 204);
+    molt.finish(WAIT).assert_code(0);
+}
