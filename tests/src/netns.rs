@@ -65,17 +65,15 @@ impl NetNs {
 /// Runs `f` on a thread that has entered the namespace `name`.
 pub fn run_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/run/netns/{name}");
-    {
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open the namespace");
-            // SAFETY: setns on this thread only, with an fd of a network namespace.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("namespace thread")
-    }
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("open the namespace");
+        // SAFETY: setns on this thread only, with an fd of a network namespace.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("namespace thread")
 }
 
 impl Drop for NetNs {

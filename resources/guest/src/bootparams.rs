@@ -99,7 +99,21 @@ pub enum Crash {
     Panic,
 }
 
-/// Settings from the command line (`molt.*` words; everything else ignored).
+/// Most `virtio_mmio.device=` entries the guest looks at.
+pub const MAX_VIRTIO: usize = 8;
+
+/// `molt.net=<ip>/<prefix>` (the prefix is checked, but the driver only
+/// answers; it never routes).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NetArg {
+    Off,
+    On([u8; 4]),
+    /// Given, but not an IPv4 address with a prefix length 1..=32.
+    Invalid,
+}
+
+/// Settings from the command line (`molt.*` and `virtio_mmio.device=`
+/// words; everything else ignored).
 pub struct Config {
     pub memtest_mib: u64,
     pub tick_ms: u64,
@@ -109,10 +123,20 @@ pub struct Config {
     /// `molt.tsc_khz=` (0 = not given).
     pub tsc_khz: u64,
     pub crash: Crash,
+    /// `molt.blk=on`: run the block driver on the first virtio-blk device.
+    pub blk: bool,
+    /// `molt.net=`: run the network driver on the first virtio-net device.
+    pub net: NetArg,
+    /// `molt.rng=on`: run the entropy driver on the first virtio-rng device.
+    pub rng: bool,
+    /// `virtio_mmio.device=` windows as (size, base); `None` for an entry
+    /// that does not parse.
+    pub virtio: [Option<(u64, u64)>; MAX_VIRTIO],
+    pub virtio_count: usize,
 }
 
 /// Parses a decimal or `0x` hexadecimal number.
-fn parse_num(s: &[u8]) -> Option<u64> {
+pub fn parse_num(s: &[u8]) -> Option<u64> {
     let (digits, radix) = match s {
         [b'0', b'x' | b'X', rest @ ..] => (rest, 16),
         _ => (s, 10),
@@ -136,6 +160,26 @@ fn parse_num(s: &[u8]) -> Option<u64> {
     Some(value)
 }
 
+/// Parses `a.b.c.d/prefix`.
+fn parse_net(s: &[u8]) -> NetArg {
+    let mut ip = [0u8; 4];
+    let slash = s.iter().position(|&c| c == b'/').unwrap_or(s.len());
+    let mut parts = s[..slash].split(|&c| c == b'.');
+    for octet in ip.iter_mut() {
+        match parts.next().and_then(parse_num) {
+            Some(v) if v <= 255 => *octet = v as u8,
+            _ => return NetArg::Invalid,
+        }
+    }
+    if parts.next().is_some() {
+        return NetArg::Invalid;
+    }
+    match s.get(slash + 1..).and_then(parse_num) {
+        Some(1..=32) => NetArg::On(ip),
+        _ => NetArg::Invalid,
+    }
+}
+
 /// If `word` is `key` followed by a value, returns the value.
 fn value_of<'a>(word: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     if word.len() > key.len() && word[..key.len()] == *key {
@@ -154,6 +198,11 @@ impl Config {
             exit: ExitAction::Code(0),
             tsc_khz: 0,
             crash: Crash::None,
+            blk: false,
+            net: NetArg::Off,
+            rng: false,
+            virtio: [None; MAX_VIRTIO],
+            virtio_count: 0,
         };
         let words = cmdline
             .split(|&c| c == b' ' || c == b'\t' || c == b'\n')
@@ -176,6 +225,17 @@ impl Config {
                     b"panic" => Crash::Panic,
                     _ => config.crash,
                 };
+            } else if let Some(v) = value_of(word, b"molt.blk=") {
+                config.blk = v == b"on";
+            } else if let Some(v) = value_of(word, b"molt.net=") {
+                config.net = parse_net(v);
+            } else if let Some(v) = value_of(word, b"molt.rng=") {
+                config.rng = v == b"on";
+            } else if let Some(v) = value_of(word, b"virtio_mmio.device=") {
+                if config.virtio_count < MAX_VIRTIO {
+                    config.virtio[config.virtio_count] = crate::virtio::parse_device(v);
+                    config.virtio_count += 1;
+                }
             } else if let Some(v) = value_of(word, b"molt.exit=") {
                 if v == b"reset" {
                     config.exit = ExitAction::Reset;

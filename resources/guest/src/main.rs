@@ -11,13 +11,19 @@
 //! molt-guest: exit code=<c> | reset
 //! molt-guest: cpu id=<i> timeout                      (an AP did not start)
 //! molt-guest: exception vector=<v> error=<hex> rip=<hex> | panic at <file>:<line>
+//! molt-guest: virtio devices=<n>
+//! molt-guest: virtio id=<device id> base=<hex> ok | … FAIL <why>
+//! molt-guest: blk … | net … | rng …                 (see blk.rs, net.rs, rng.rs)
 //! ```
 //!
 //! Command line words (others are ignored): `molt.memtest=<MiB>` (0 = off),
 //! `molt.tick_ms=<ms>` (default 100), `molt.ticks=<n>` (end the VM after tick
 //! n), `molt.exit=<0..255>|reset` (how to end it), `molt.tsc_khz=<kHz>` (used
-//! when the hypervisor does not report the TSC frequency), and the test hook
-//! `molt.crash=ud|pf|panic` (fail right after boot).
+//! when the hypervisor does not report the TSC frequency), the test hook
+//! `molt.crash=ud|pf|panic` (fail right after boot), the virtio drivers
+//! `molt.blk=on`, `molt.net=<ip>/<prefix>` and `molt.rng=on` (polled, see
+//! devices.rs), and `virtio_mmio.device=<size>@<base>:<irq>`, which the VMM
+//! adds for each virtio-mmio device as it does for Linux.
 //!
 //! KVM on the development hosts (PVM) runs this code in its instruction
 //! emulator, which cannot execute SSE/AVX/x87: the build disables them and
@@ -28,12 +34,17 @@
 #![no_std]
 #![no_main]
 
+mod blk;
 mod boot;
 mod bootparams;
+mod devices;
 mod mem;
 mod memtest;
+mod net;
+mod rng;
 mod serial;
 mod smp;
+mod virtio;
 
 use bootparams::{Config, Crash, ExitAction, ZeroPage};
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -179,6 +190,7 @@ pub extern "C" fn bsp_main(zero_page: u64) -> ! {
         smp::start_aps(&cpus, khz);
     }
     crash(config.crash);
+    let mut devices = devices::Devices::start(&config, boot::rdtsc(), khz);
 
     let mut tick = Deadline::new(boot::rdtsc(), khz * config.tick_ms);
     let mut cpu_ticker = CpuTicker::new(0);
@@ -190,6 +202,7 @@ pub extern "C" fn bsp_main(zero_page: u64) -> ! {
         prev = now;
 
         memtest.step();
+        devices.poll(now);
 
         if tick.expired(now) {
             let n = TICKS.fetch_add(1, Ordering::Relaxed) + 1;

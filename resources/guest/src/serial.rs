@@ -110,6 +110,30 @@ impl Line {
         self
     }
 
+    /// Appends `bytes` as two lowercase hex digits each, `sep` between them
+    /// (0: none).
+    pub fn hex_bytes(&mut self, bytes: &[u8], sep: u8) -> &mut Line {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for (i, &b) in bytes.iter().enumerate() {
+            if i > 0 && sep != 0 {
+                self.s(&[sep]);
+            }
+            self.s(&[DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0xf)]]);
+        }
+        self
+    }
+
+    /// Appends an IPv4 address in dotted decimal.
+    pub fn ipv4(&mut self, ip: [u8; 4]) -> &mut Line {
+        for (i, &octet) in ip.iter().enumerate() {
+            if i > 0 {
+                self.s(b".");
+            }
+            self.dec(octet.into());
+        }
+        self
+    }
+
     /// Terminates the line and writes it out atomically.
     pub fn print(&mut self) {
         self.buf[self.len] = b'\n';
