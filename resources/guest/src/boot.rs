@@ -222,7 +222,8 @@ extern "C" {
     static ap_tramp_efer: u8;
 }
 
-/// First byte after the loaded image (including .bss and the stacks).
+/// First byte after the loaded image (including .bss, the stacks and the
+/// virtio device memory in .dma).
 pub fn image_end() -> u64 {
     core::ptr::addr_of!(__image_end) as u64
 }
