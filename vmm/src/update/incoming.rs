@@ -191,6 +191,38 @@ fn roll_back(inc: &Incoming, reason: &str) -> i32 {
     1
 }
 
+/// The record describes the VM; options on this image's command line that describe another
+/// VM are ignored, with a warning naming them.
+fn warn_about_ignored_options(running: &crate::config::VmConfig) {
+    use clap::Parser;
+    let Ok(cli) = crate::cli::Cli::try_parse_from(std::env::args()) else {
+        return;
+    };
+    let asked = cli.vm.vm_config();
+    let mut ignored = Vec::new();
+    if asked.memory != running.memory {
+        ignored.push("--memory");
+    }
+    if asked.cpus != running.cpus {
+        ignored.push("--cpus");
+    }
+    if asked.kernel != running.kernel || asked.cmdline != running.cmdline {
+        ignored.push("--kernel/--cmdline");
+    }
+    if asked.disks != running.disks || asked.nets != running.nets || asked.rng != running.rng {
+        ignored.push("--disk/--net/--rng");
+    }
+    if asked.serial != running.serial || asked.api_socket != running.api_socket {
+        ignored.push("--serial/--api-socket");
+    }
+    if !ignored.is_empty() {
+        log::warn!(
+            "live update: ignoring {} on the new command line: the running VM keeps its own",
+            ignored.join(", ")
+        );
+    }
+}
+
 /// A CLOEXEC duplicate of an inherited fd: the original stays untouched (and inheritable)
 /// until the restore has succeeded, so a rollback still has it.
 fn dup(fd: RawFd, name: &str) -> Result<OwnedFd, IncomingError> {
@@ -218,6 +250,7 @@ fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, In
     let record =
         cpr::decode_kind::<Handoff>(&bytes, HANDOFF_KIND).map_err(IncomingError::Decode)?;
     let h = record.state;
+    warn_about_ignored_options(&h.config);
     #[cfg(feature = "test-next")]
     log::info!("record extra field from the next build: {:?}", h.next_only);
     let mut fds: HashMap<String, OwnedFd> = HashMap::new();
