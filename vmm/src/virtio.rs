@@ -369,6 +369,9 @@ impl Virtio {
         let Some((slot, offset)) = self.slot_at(addr) else {
             return false;
         };
+        if offset == MmioTransport::NOTIFY_OFFSET {
+            log::trace!("virtio: queue notify by MMIO exit (no ioeventfd match)");
+        }
         if let Some(t) = lock(&slot.transport).as_mut() {
             t.write(offset, data);
         }
@@ -400,6 +403,7 @@ impl Virtio {
         };
         if let Some(q) = queue {
             let _ = slot.notify[q].read();
+            log::trace!("virtio: queue {q} of device {i} notified by ioeventfd");
         }
         if self.quiesced.load(Ordering::SeqCst) {
             return;
