@@ -417,6 +417,21 @@ impl Virtio {
     }
 }
 
+/// Requests the guest has made available but the devices have not taken yet: what a live
+/// update carries over in the queue state.
+pub fn pending_requests(states: &[VirtioDeviceState], mem: &arch::GuestMemory) -> u64 {
+    use vm_memory::{Bytes, GuestAddress};
+    states
+        .iter()
+        .flat_map(|s| s.mmio.queues.iter())
+        .filter(|q| q.ready)
+        .filter_map(|q| {
+            let avail_idx: u16 = mem.read_obj(GuestAddress(q.avail_ring + 2)).ok()?;
+            Some(u64::from(avail_idx.wrapping_sub(q.next_avail)))
+        })
+        .sum()
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -82,6 +82,8 @@ pub struct InFlight {
     pub saved_at_ns: u64,
     /// The guest was paused by a user before the update (stay paused after it).
     pub was_paused: bool,
+    /// virtio requests queued but not yet taken at the pause.
+    pub carried_requests: u64,
 }
 
 /// Everything the new image needs.

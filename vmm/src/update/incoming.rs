@@ -404,6 +404,7 @@ fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, In
         pid: std::process::id(),
         binary: vmm.identity.exe.clone(),
         rolled_back: inc.rollback.clone(),
+        carried_requests: h.update.carried_requests,
     };
     if inc.rollback.is_some() {
         vmm.history.rollbacks += 1;

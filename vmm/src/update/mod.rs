@@ -153,6 +153,10 @@ pub struct UpdateReport {
     pub binary: PathBuf,
     /// Set when the update failed and the guest was resumed on the previous binary.
     pub rolled_back: Option<String>,
+    /// Descriptor chains the guest had made available that the devices had not taken at the
+    /// pause (posted receive buffers included): carried over in the queue state and used by
+    /// the new image.
+    pub carried_requests: u64,
 }
 
 /// Update bookkeeping kept across updates.

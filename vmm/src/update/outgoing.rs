@@ -144,6 +144,7 @@ fn hand_off(
             save_ms: 0.0,
             saved_at_ns: 0,
             was_paused,
+            carried_requests: 0,
         },
         history: vmm.history.clone(),
         counters: vmm.counters.clone(),
@@ -154,6 +155,10 @@ fn hand_off(
         },
     };
     let mut handoff = handoff;
+    if let Some(m) = vmm.machine_ref() {
+        handoff.update.carried_requests =
+            crate::virtio::pending_requests(&handoff.vm.virtio, &m.ram().mem);
+    }
     handoff.update.save_ms = ms(t1.elapsed());
     handoff.update.saved_at_ns = now_ns();
     let t_encode = Instant::now();
