@@ -198,6 +198,19 @@ fn kvm(index: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuS
     move |e| VcpuStateError::Kvm(index, what, e)
 }
 
+/// KVM processes MSRs in order and stops at the first it refuses: all or an error naming it.
+fn all_msrs(index: u8, done: usize, entries: &[kvm_msr_entry]) -> Result<(), VcpuStateError> {
+    match entries.get(done) {
+        None => Ok(()),
+        Some(stopped) => Err(VcpuStateError::Msrs {
+            index,
+            done,
+            wanted: entries.len(),
+            stopped: stopped.index,
+        }),
+    }
+}
+
 /// Reads the complete state of a vCPU that is out of KVM_RUN (paused, pending I/O
 /// completed).
 pub fn capture(
@@ -232,14 +245,7 @@ pub fn capture(
     let done = vcpu
         .get_msrs(&mut kvm_msrs)
         .map_err(kvm(index, "KVM_GET_MSRS"))?;
-    if done != entries.len() {
-        return Err(VcpuStateError::Msrs {
-            index,
-            done,
-            wanted: entries.len(),
-            stopped: entries[done].index,
-        });
-    }
+    all_msrs(index, done, &entries)?;
     let msrs = kvm_msrs
         .as_slice()
         .iter()
@@ -341,14 +347,7 @@ pub fn restore(
     let done = vcpu
         .set_msrs(&kvm_msrs)
         .map_err(kvm(index, "KVM_SET_MSRS"))?;
-    if done != entries.len() {
-        return Err(VcpuStateError::Msrs {
-            index,
-            done,
-            wanted: entries.len(),
-            stopped: entries[done].index,
-        });
-    }
+    all_msrs(index, done, &entries)?;
     vcpu.set_vcpu_events(&state.events)
         .map_err(kvm(index, "KVM_SET_VCPU_EVENTS"))?;
     Ok(())

@@ -12,7 +12,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::chain::{self, Active, Chain, Cursor, Segment};
+use super::chain::{self, Activation, Chain, Cursor, Segment};
 use super::{
     read_config_bytes, DeviceState, GuestMemory, VirtioDevice, VirtioError, F_VERSION_1, TYPE_BLOCK,
 };
@@ -91,8 +91,7 @@ struct Disk {
 /// A virtio block device backed by a file.
 pub struct Block {
     disk: Disk,
-    active: Option<Active>,
-    broken: bool,
+    queues: Activation,
 }
 
 impl Block {
@@ -134,8 +133,7 @@ impl Block {
                 id,
                 capacity,
             },
-            active: None,
-            broken: false,
+            queues: Activation::default(),
         })
     }
 
@@ -362,29 +360,23 @@ impl VirtioDevice for Block {
         queues: Vec<Queue>,
         acked_features: u64,
     ) -> Result<(), VirtioError> {
-        self.active = Some(Active::new(mem, queues, acked_features, 1)?);
-        self.broken = false;
-        Ok(())
+        self.queues.activate(mem, queues, acked_features, 1)
     }
 
     fn reset(&mut self) {
-        self.active = None;
-        self.broken = false;
+        self.queues.reset();
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
-        let (Some(active), false) = (self.active.as_mut(), self.broken) else {
+        let Some((mem, features, queue)) = self.queues.queue(index) else {
             return false;
         };
-        let Some(queue) = active.queues.get_mut(index) else {
-            return false;
-        };
-        let (mem, features, disk) = (&active.mem, active.features, &self.disk);
+        let disk = &self.disk;
         match chain::drain(queue, mem, |c| disk.execute(c, mem, features)) {
             Ok(notify) => notify,
             Err(e) => {
                 log::warn!("virtio-blk: queue {index}: {e}");
-                self.broken = true;
+                self.queues.set_broken();
                 // Chains completed before the fault are in the used ring.
                 true
             }
@@ -392,11 +384,11 @@ impl VirtioDevice for Block {
     }
 
     fn queues(&self) -> &[Queue] {
-        self.active.as_ref().map_or(&[], |a| &a.queues)
+        self.queues.queues()
     }
 
     fn needs_reset(&self) -> bool {
-        self.broken
+        self.queues.is_broken()
     }
 
     fn state(&self) -> DeviceState {

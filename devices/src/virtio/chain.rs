@@ -59,19 +59,72 @@ impl Chain {
     }
 }
 
+/// A device's queues between DRIVER_OK and reset, and whether a driver error broke them
+/// (the device then ignores them until the driver resets it).
+#[derive(Default)]
+pub(crate) struct Activation {
+    active: Option<Active>,
+    broken: bool,
+}
+
+impl Activation {
+    /// Takes the queues at DRIVER_OK, checking there are `expected` of them.
+    pub fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        features: u64,
+        expected: usize,
+    ) -> Result<(), VirtioError> {
+        self.active = Some(Active::new(mem, queues, features, expected)?);
+        self.broken = false;
+        Ok(())
+    }
+
+    /// Back to the state before DRIVER_OK.
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Guest memory, accepted features and queue `index`, while active and not broken.
+    pub fn queue(&mut self, index: usize) -> Option<(&GuestMemory, u64, &mut Queue)> {
+        if self.broken {
+            return None;
+        }
+        let active = self.active.as_mut()?;
+        let queue = active.queues.get_mut(index)?;
+        Some((&active.mem, active.features, queue))
+    }
+
+    /// The queues (empty before DRIVER_OK).
+    pub fn queues(&self) -> &[Queue] {
+        self.active.as_ref().map_or(&[], |a| &a.queues)
+    }
+
+    /// Marks the queues unusable until the next reset.
+    pub fn set_broken(&mut self) {
+        self.broken = true;
+    }
+
+    /// Whether a driver error broke the queues.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+}
+
 /// What a device holds between DRIVER_OK and reset.
-pub(crate) struct Active {
+struct Active {
     /// Guest memory.
-    pub mem: GuestMemory,
+    mem: GuestMemory,
     /// The queues, as validated by the transport.
-    pub queues: Vec<Queue>,
+    queues: Vec<Queue>,
     /// Features the driver accepted.
-    pub features: u64,
+    features: u64,
 }
 
 impl Active {
     /// Checks that the device got `expected` queues.
-    pub fn new(
+    fn new(
         mem: GuestMemory,
         queues: Vec<Queue>,
         features: u64,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 use virtio_queue::Queue;
 
-use super::chain::{self, Active, Chain, Cursor, QueueFault};
+use super::chain::{self, Activation, Chain, Cursor, QueueFault};
 use super::{
     read_config_bytes, DeviceState, GuestMemory, VirtioDevice, VirtioError, F_VERSION_1, TYPE_NET,
 };
@@ -63,8 +63,7 @@ struct Port {
 pub struct Net {
     port: Port,
     mac: [u8; 6],
-    active: Option<Active>,
-    broken: bool,
+    queues: Activation,
 }
 
 /// Opens the tap interface `name` (created if missing) as `IFF_TAP | IFF_NO_PI`, without a
@@ -128,8 +127,7 @@ impl Net {
                 buf: vec![0; MAX_FRAME],
             },
             mac,
-            active: None,
-            broken: false,
+            queues: Activation::default(),
         })
     }
 
@@ -147,11 +145,7 @@ impl Net {
 
     /// Moves frames from the tap into receive buffers until either runs out.
     fn receive(&mut self) -> bool {
-        let (Some(active), false) = (self.active.as_mut(), self.broken) else {
-            return false;
-        };
-        let mem = &active.mem;
-        let Some(queue) = active.queues.get_mut(RX_QUEUE) else {
+        let Some((mem, _, queue)) = self.queues.queue(RX_QUEUE) else {
             return false;
         };
         let mut notify = false;
@@ -179,13 +173,10 @@ impl Net {
 
     /// Sends every frame the guest queued for transmission.
     fn transmit(&mut self) -> bool {
-        let (Some(active), false) = (self.active.as_mut(), self.broken) else {
+        let Some((mem, _, queue)) = self.queues.queue(TX_QUEUE) else {
             return false;
         };
-        let Some(queue) = active.queues.get_mut(TX_QUEUE) else {
-            return false;
-        };
-        let (mem, tap) = (&active.mem, &self.port.tap);
+        let tap = &self.port.tap;
         match chain::drain(queue, mem, |c| send_frame(c, mem, tap)) {
             Ok(notify) => notify,
             Err(e) => self.fault(TX_QUEUE, Err(e)),
@@ -199,7 +190,7 @@ impl Net {
             Ok(()) => false,
             Err(e) => {
                 log::warn!("virtio-net: queue {queue}: {e}");
-                self.broken = true;
+                self.queues.set_broken();
                 true
             }
         }
@@ -305,14 +296,11 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         acked_features: u64,
     ) -> Result<(), VirtioError> {
-        self.active = Some(Active::new(mem, queues, acked_features, 2)?);
-        self.broken = false;
-        Ok(())
+        self.queues.activate(mem, queues, acked_features, 2)
     }
 
     fn reset(&mut self) {
-        self.active = None;
-        self.broken = false;
+        self.queues.reset();
         self.port.pending = None;
     }
 
@@ -333,11 +321,11 @@ impl VirtioDevice for Net {
     }
 
     fn queues(&self) -> &[Queue] {
-        self.active.as_ref().map_or(&[], |a| &a.queues)
+        self.queues.queues()
     }
 
     fn needs_reset(&self) -> bool {
-        self.broken
+        self.queues.is_broken()
     }
 
     fn state(&self) -> DeviceState {

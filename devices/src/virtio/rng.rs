@@ -5,7 +5,7 @@ use std::io;
 use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 
-use super::chain::{self, Active, Chain, Cursor};
+use super::chain::{self, Activation, Chain, Cursor};
 use super::{DeviceState, GuestMemory, VirtioDevice, VirtioError, F_VERSION_1, TYPE_RNG};
 
 /// Size of the single request queue.
@@ -20,8 +20,7 @@ pub struct RngState {}
 /// A virtio entropy device.
 #[derive(Default)]
 pub struct Rng {
-    active: Option<Active>,
-    broken: bool,
+    queues: Activation,
 }
 
 impl Rng {
@@ -108,40 +107,33 @@ impl VirtioDevice for Rng {
         queues: Vec<Queue>,
         acked_features: u64,
     ) -> Result<(), VirtioError> {
-        self.active = Some(Active::new(mem, queues, acked_features, 1)?);
-        self.broken = false;
-        Ok(())
+        self.queues.activate(mem, queues, acked_features, 1)
     }
 
     fn reset(&mut self) {
-        self.active = None;
-        self.broken = false;
+        self.queues.reset();
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
-        let (Some(active), false) = (self.active.as_mut(), self.broken) else {
+        let Some((mem, _, queue)) = self.queues.queue(index) else {
             return false;
         };
-        let Some(queue) = active.queues.get_mut(index) else {
-            return false;
-        };
-        let mem = &active.mem;
         match chain::drain(queue, mem, |c| fill(c, mem)) {
             Ok(notify) => notify,
             Err(e) => {
                 log::warn!("virtio-rng: queue {index}: {e}");
-                self.broken = true;
+                self.queues.set_broken();
                 true
             }
         }
     }
 
     fn queues(&self) -> &[Queue] {
-        self.active.as_ref().map_or(&[], |a| &a.queues)
+        self.queues.queues()
     }
 
     fn needs_reset(&self) -> bool {
-        self.broken
+        self.queues.is_broken()
     }
 
     fn state(&self) -> DeviceState {

@@ -296,17 +296,6 @@ pub fn run(
     })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
-}
-
 /// Entry point of `molt ctl`: prints the response body (pretty JSON) to stdout and returns
 /// 0, or prints the error to stderr and returns 1.
 pub fn ctl_main(args: CtlArgs) -> i32 {
@@ -320,7 +309,7 @@ pub fn ctl_main(args: CtlArgs) -> i32 {
             0
         }
         Err(e) => {
-            eprintln!("molt ctl: {}", error_chain(&e));
+            eprintln!("molt ctl: {}", crate::error_chain(&e));
             1
         }
     }
