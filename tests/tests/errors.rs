@@ -55,3 +55,17 @@ fn serial_paths_that_cannot_be_created() {
         assert_eq!(out.stderr().len(), 1, "{}", out.describe());
     }
 }
+
+#[test]
+fn unusable_device_backends() {
+    let out = run(&["--disk", "path=/nonexistent/molt-test/disk.img"]);
+    out.assert_error(&["molt: error:", "/nonexistent/molt-test/disk.img"]);
+    assert_eq!(out.code(), Some(1));
+    // An fd number that is not open in molt.
+    let out = run(&["--net", "fd=987"]);
+    out.assert_error(&["molt: error:", "fd=987"]);
+    assert_eq!(out.code(), Some(1));
+    let out = run(&["--api-socket", "/nonexistent/molt-test/api.sock"]);
+    out.assert_error(&["molt: error:", "/nonexistent/molt-test/api.sock"]);
+    assert_eq!(out.code(), Some(1));
+}

@@ -429,3 +429,43 @@ fn concurrent_updates_get_409_and_other_clients_are_served() {
     vm.wait_ticks(2);
     vm.assert_guest_continuous();
 }
+
+#[test]
+fn a_serial_socket_client_stays_connected_across_updates() {
+    use std::io::{BufRead, BufReader};
+    let dir = TempDir::new("update-serial-socket");
+    let console = dir.join("console.sock");
+    let vm = Vm::start(
+        "update-serial-socket-vm",
+        &["--serial", &format!("socket={}", console.display())],
+        &[],
+    );
+    let pid = vm.pid();
+    let stream = loop {
+        match std::os::unix::net::UnixStream::connect(&console) {
+            Ok(s) => break s,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut next_tick = |reader: &mut BufReader<std::os::unix::net::UnixStream>| loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "console closed");
+        if let Some(g) = GuestLine::parse(line.trim_end()) {
+            if g.kind == "tick" {
+                return g.num("n");
+            }
+        }
+    };
+    let mut last = next_tick(&mut reader);
+    for _ in 0..3 {
+        assert_report(&vm.update("{}"), pid, "0.1.0");
+        // The same connection goes on receiving, with no tick lost or repeated.
+        for _ in 0..3 {
+            let n = next_tick(&mut reader);
+            assert_eq!(n, last + 1, "tick sequence broken on the console");
+            last = n;
+        }
+    }
+}
