@@ -449,7 +449,7 @@ fn a_serial_socket_client_stays_connected_across_updates() {
     };
     stream.set_read_timeout(Some(WAIT)).unwrap();
     let mut reader = BufReader::new(stream);
-    let mut next_tick = |reader: &mut BufReader<std::os::unix::net::UnixStream>| loop {
+    let next_tick = |reader: &mut BufReader<std::os::unix::net::UnixStream>| loop {
         let mut line = String::new();
         assert!(reader.read_line(&mut line).unwrap() > 0, "console closed");
         if let Some(g) = GuestLine::parse(line.trim_end()) {
