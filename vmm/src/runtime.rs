@@ -156,8 +156,10 @@ impl Vmm {
         })
     }
 
-    /// A VMM around a machine restored after a live update (still paused).
+    /// A VMM around a machine restored after a live update (still paused; its devices
+    /// quiesced until [`Vmm::resume`]).
     pub fn from_restored(kvm: Kvm, r: Restored) -> Self {
+        r.shared.virtio.quiesce(true);
         Self {
             kvm,
             config: r.config,
