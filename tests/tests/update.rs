@@ -469,3 +469,21 @@ fn a_serial_socket_client_stays_connected_across_updates() {
         }
     }
 }
+
+#[test]
+fn a_paused_guest_stays_paused_across_an_update() {
+    let mut vm = Vm::start("update-paused", &[], &[]);
+    let pid = vm.pid();
+    vm.wait_ticks(2);
+    assert_eq!(api::put(&vm.socket, "vm.pause", "").status, 204);
+    std::thread::sleep(Duration::from_millis(200));
+    vm.molt.collect_for(Duration::from_millis(100));
+    let at_pause = vm.last_tick();
+    assert_report(&vm.update("{}"), pid, "0.1.0");
+    assert_eq!(vm.info()["state"], "paused");
+    vm.molt.collect_for(Duration::from_millis(600));
+    assert_eq!(vm.last_tick(), at_pause, "the guest ran while paused");
+    assert_eq!(api::put(&vm.socket, "vm.resume", "").status, 204);
+    vm.wait_ticks(2);
+    vm.assert_guest_continuous();
+}
