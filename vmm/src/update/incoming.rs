@@ -2,29 +2,26 @@
 //! fds, resume it, dismiss the guardian and answer the waiting request. If that fails, exec
 //! the previous binary (inherited as an fd), which restores the same record.
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::adopt::{self, Inherited};
 use super::guardian::exec_fd;
 use super::handoff::{fd_names, Handoff};
 use super::{
     Phases, UpdateReport, ENV_EXEC_NS, ENV_GUARDIAN_PID, ENV_PREVIOUS_EXE_FD, ENV_RECORD_FD,
     ENV_ROLLBACK_REASON, ENV_TAKEOVER, HANDOFF_KIND, PROTOCOL_ENV,
 };
-use crate::api::{ApiResponse, ApiServer, CarriedConn};
-use crate::config::SerialConfig;
+use crate::api::ApiResponse;
 use crate::control::{self, Control};
 use crate::exit::{ExitNotifier, VmExit};
 use crate::machine::{Machine, Shared};
 use crate::memory::RamRegion;
 use crate::runtime::{Identity, Restored, Vmm};
-use crate::serial_backend::{SerialIn, SerialOut, SocketClient};
 use crate::state::now_ns;
 use crate::virtio::Virtio;
 
@@ -223,22 +220,6 @@ fn warn_about_ignored_options(running: &crate::config::VmConfig) {
     }
 }
 
-/// A CLOEXEC duplicate of an inherited fd: the original stays untouched (and inheritable)
-/// until the restore has succeeded, so a rollback still has it.
-fn dup(fd: RawFd, name: &str) -> Result<OwnedFd, IncomingError> {
-    // SAFETY: F_DUPFD_CLOEXEC on a number; fails cleanly if it is not open.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
-    if new < 0 {
-        return Err(IncomingError::Fd(
-            fd,
-            name.to_string(),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `new` was just created and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
 fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, IncomingError> {
     // SAFETY: the record fd number comes from the previous image, which kept it open across
     // exec; it is only borrowed for reading here.
@@ -253,14 +234,7 @@ fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, In
     warn_about_ignored_options(&h.config);
     #[cfg(feature = "test-next")]
     log::info!("record extra field from the next build: {:?}", h.next_only);
-    let mut fds: HashMap<String, OwnedFd> = HashMap::new();
-    for p in &h.fds {
-        fds.insert(p.name.clone(), dup(p.fd, &p.name)?);
-    }
-    let mut take = |name: &str| {
-        fds.remove(name)
-            .ok_or_else(|| IncomingError::MissingFd(name.to_string()))
-    };
+    let mut fds = Inherited::dup_all(&h.fds)?;
     let regions =
         h.vm.memory
             .iter()
@@ -268,41 +242,16 @@ fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, In
                 Ok(RamRegion {
                     guest_addr: m.guest_addr,
                     size: m.size,
-                    memfd: File::from(take(&m.memfd)?),
+                    memfd: File::from(fds.take(&m.memfd)?),
                     hugepages: m.hugepages,
                 })
             })
             .collect::<Result<Vec<_>, IncomingError>>()?;
     // Disk images and taps come from the preserved fds, never reopened.
     let virtio_backing: Vec<Option<File>> = (0..h.vm.virtio.len())
-        .map(|i| take(&fd_names::virtio(i)).ok().map(File::from))
+        .map(|i| fds.take_optional(&fd_names::virtio(i)).map(File::from))
         .collect();
-    let (serial_out, serial_in) = match &h.config.serial {
-        SerialConfig::Stdio => (SerialOut::Stdout, SerialIn::Stdin),
-        SerialConfig::Null => (SerialOut::Null, SerialIn::None),
-        SerialConfig::File(_) => (
-            SerialOut::File(File::from(take(fd_names::SERIAL_FILE)?)),
-            SerialIn::None,
-        ),
-        SerialConfig::Socket(path) => {
-            let listener = UnixListener::from(take(fd_names::SERIAL_LISTENER)?);
-            let client: SocketClient = SocketClient::default();
-            if let Ok(fd) = take(fd_names::SERIAL_CLIENT) {
-                let stream = UnixStream::from(fd);
-                let _ = stream.set_nonblocking(true);
-                *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
-            }
-            let _ = listener.set_nonblocking(true);
-            (
-                SerialOut::Socket(client.clone()),
-                SerialIn::Socket {
-                    listener,
-                    client,
-                    path: path.clone(),
-                },
-            )
-        }
-    };
+    let (serial_out, serial_in) = adopt::serial_backend(&h.config.serial, &mut fds)?;
     let event_err = |e: std::io::Error| crate::Error::EventLoop(e.to_string());
     let shared = Shared {
         exits: Arc::new(ExitNotifier::new().map_err(event_err)?),
@@ -328,31 +277,11 @@ fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, In
     let mut identity = Identity::current();
     identity.argv = h.argv.clone();
     identity.booted_at_ns = h.booted_at_ns;
-    let api = match &h.api {
-        Some(a) => {
-            let listener = take(fd_names::API_LISTENER)?;
-            let waiting = match &a.waiting {
-                Some(w) => Some((take(&w.fd)?, w.id)),
-                None => None,
-            };
-            let mut server = ApiServer::from_inherited(listener, a.path.clone(), waiting)
-                .map_err(crate::Error::from)?;
-            let mut carried = Vec::with_capacity(a.others.len());
-            for c in &a.others {
-                carried.push(CarriedConn {
-                    id: c.id,
-                    fd: take(&c.fd)?,
-                    unread: c.unread.clone(),
-                });
-            }
-            server.adopt(carried).map_err(crate::Error::from)?;
-            // The update is not over until its response is sent: clients asking for another
-            // one meanwhile get 409.
-            server.refuse_updates();
-            Some(server)
-        }
-        None => None,
-    };
+    let api = h
+        .api
+        .as_ref()
+        .map(|a| adopt::api_server(a, &mut fds))
+        .transpose()?;
     let mut vmm = Vmm::from_restored(
         kvm,
         Restored {

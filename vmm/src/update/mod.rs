@@ -15,6 +15,7 @@
 //!
 //! [`VmState`]: crate::state::VmState
 
+mod adopt;
 mod fdpass;
 pub mod guardian;
 pub mod handoff;
