@@ -1,0 +1,169 @@
+//! `molt-bench`: the live-update pause benchmark of molt (issue 6). See [`cli::Args`].
+
+mod api;
+mod cli;
+mod config;
+mod error;
+mod goals;
+mod guest_log;
+mod hugepages;
+mod machine;
+mod plot;
+mod process;
+mod procfs;
+mod report;
+mod results;
+mod run;
+mod settle;
+mod signals;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use crate::config::{parse_size, Config};
+use crate::error::{Error, Result};
+use crate::results::Report;
+
+/// Hosts with at least this much RAM (GiB) also run 8 GiB guests by default.
+const BIG_HOST_GIB: f64 = 20.0;
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    signals::install();
+    match bench(&args) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(n) => {
+            eprintln!("molt-bench: {n} failure(s); see the table");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            // A progress line may be open.
+            eprintln!();
+            eprintln!("molt-bench: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The molt binary: `--molt`, else `molt` beside this executable.
+fn molt_path(args: &cli::Args) -> Result<PathBuf> {
+    let p = match &args.molt {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| Some(e.parent()?.join("molt")))
+            .unwrap_or_else(|| PathBuf::from("target/release/molt")),
+    };
+    // molt re-executes its own argv[0] path on update: make it absolute.
+    let p = std::path::absolute(&p).map_err(|e| Error::io("cannot resolve --molt", e))?;
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(Error::NoMolt(p))
+    }
+}
+
+/// The RAM sizes to run, in MiB.
+fn sizes(args: &cli::Args, ram_gib: f64) -> Result<Vec<u64>> {
+    match &args.sizes {
+        Some(list) => list.iter().map(|s| parse_size(s)).collect(),
+        None if ram_gib >= BIG_HOST_GIB => Ok(vec![256, 1024, 4096, 8192]),
+        None => Ok(vec![256, 1024, 4096]),
+    }
+}
+
+/// Runs everything; returns the number of failures.
+fn bench(args: &cli::Args) -> Result<usize> {
+    let molt = molt_path(args)?;
+    let machine = machine::describe(&molt);
+    let sizes = sizes(args, machine.ram_gib)?;
+    let configs: Vec<Config> = config::matrix(&sizes, &args.vcpus());
+    let runs = args.runs();
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| Error::io(format!("cannot create {}", args.out.display()), e))?;
+    let tmp = process::TempDir::new()?;
+    // Every update re-executes the binary by path: run a private copy, so a rebuild of the
+    // original during the benchmark cannot change (or break) what is measured.
+    let copy = tmp.path().join("molt");
+    std::fs::copy(&molt, &copy).map_err(|e| {
+        Error::io(
+            format!("cannot copy {} to {}", molt.display(), copy.display()),
+            e,
+        )
+    })?;
+    let opts = run::Options {
+        molt: copy,
+        runs,
+        min_gap: Duration::from_millis(args.min_gap_ms),
+        tmp: tmp.path().to_path_buf(),
+    };
+    eprintln!("molt-bench: {}", machine.line());
+    eprintln!(
+        "molt-bench: {} configurations × {runs} updates, binary {} (run from a copy)",
+        configs.len(),
+        molt.display()
+    );
+    let t0 = Instant::now();
+    let mut results = Vec::new();
+    for (i, cfg) in configs.iter().enumerate() {
+        eprint!(
+            "[{:>2}/{}] {:<24} {:>5.0} s ",
+            i + 1,
+            configs.len(),
+            cfg.name(),
+            t0.elapsed().as_secs_f64()
+        );
+        let r = run::run_config(cfg, &opts)?;
+        match (&r.skipped, r.pause()) {
+            (Some(why), _) => eprintln!("skipped: {why}"),
+            (None, Some(p)) => eprintln!(
+                "  pause p50 {:.2} ms, p99 {:.2} ms, {} failure(s)",
+                p.p50,
+                p.p99,
+                r.failures.len()
+            ),
+            (None, None) => eprintln!("  no sample; {} failure(s)", r.failures.len()),
+        }
+        for f in r.failures.iter().take(3) {
+            eprintln!("    failure: {f}");
+        }
+        results.push(r);
+    }
+    let report = Report {
+        machine,
+        runs,
+        min_gap_ms: args.min_gap_ms,
+        configs: results,
+    };
+    write_outputs(&report, &args.out)?;
+    eprintln!(
+        "molt-bench: done in {:.0} s; wrote {}/results.md, results.json, pause.png",
+        t0.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(report.failures())
+}
+
+/// Writes `results.md` (also printed), `results.json` and `pause.png` into `out`.
+fn write_outputs(report: &Report, out: &Path) -> Result<()> {
+    let md = report::markdown(report);
+    print!("{md}");
+    let write = |name: &str, data: &[u8]| {
+        let p = out.join(name);
+        std::fs::write(&p, data).map_err(|e| Error::io(format!("cannot write {}", p.display()), e))
+    };
+    write("results.md", md.as_bytes())?;
+    write(
+        "results.json",
+        serde_json::to_string_pretty(report)?.as_bytes(),
+    )?;
+    let title = format!(
+        "molt live-update pause vs guest RAM ({})",
+        report.machine.molt_version
+    );
+    plot::draw(&report.configs, &title, &out.join("pause.png"))
+}
