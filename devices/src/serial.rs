@@ -25,6 +25,9 @@ pub enum SerialError {
     /// Raising the interrupt failed.
     #[error("cannot raise the serial interrupt")]
     Interrupt(#[source] std::io::Error),
+    /// Writing guest output to the backend failed (the byte is lost).
+    #[error("cannot write serial output")]
+    Output(#[source] std::io::Error),
     /// The input FIFO is full.
     #[error("serial input FIFO is full")]
     FifoFull,
@@ -166,7 +169,7 @@ impl<W: Write> Serial<W> {
                     SerialError::FifoTooLarge(state.in_buffer.len())
                 }
                 vm_superio::serial::Error::Trigger(e) => SerialError::Interrupt(e),
-                vm_superio::serial::Error::IOError(e) => SerialError::Interrupt(e),
+                vm_superio::serial::Error::IOError(e) => SerialError::Output(e),
             })?;
         Ok(Self { inner })
     }
@@ -184,9 +187,8 @@ impl<W: Write> Serial<W> {
     /// Guest write of register `offset`.
     pub fn write(&mut self, offset: u16, value: u8) -> Result<(), SerialError> {
         self.inner.write(offset as u8, value).map_err(|e| match e {
-            vm_superio::serial::Error::Trigger(e) | vm_superio::serial::Error::IOError(e) => {
-                SerialError::Interrupt(e)
-            }
+            vm_superio::serial::Error::Trigger(e) => SerialError::Interrupt(e),
+            vm_superio::serial::Error::IOError(e) => SerialError::Output(e),
             vm_superio::serial::Error::FullFifo => SerialError::FifoFull,
         })
     }

@@ -89,6 +89,7 @@ fn build_bus(
         reset_evt: reset,
         started: shared.started,
         virtio: shared.virtio.clone(),
+        serial_output_failed: Default::default(),
     });
     *shared.bus.lock().unwrap_or_else(|p| p.into_inner()) = Some(bus.clone());
     Ok(bus)

@@ -1,12 +1,13 @@
 //! Port I/O dispatch: which device answers which port. Unclaimed ports read as 0xff and
 //! ignore writes, as on a PC with nothing there.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use devices::debug_port::{DebugEvent, DebugPort, DEBUG_PORT_BASE, DEBUG_PORT_LEN};
 use devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
-use devices::serial::{Serial, COM1_PORT_BASE, COM1_PORT_LEN};
+use devices::serial::{Serial, SerialError, COM1_PORT_BASE, COM1_PORT_LEN};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit::VmExit;
@@ -26,6 +27,8 @@ pub struct PioBus {
     pub started: Instant,
     /// virtio-mmio devices.
     pub virtio: std::sync::Arc<crate::virtio::Virtio>,
+    /// Guest output could not be written (reported once).
+    pub serial_output_failed: AtomicBool,
 }
 
 fn in_range(port: u16, base: u16, len: u16) -> Option<u16> {
@@ -73,8 +76,16 @@ impl PioBus {
     pub fn write(&self, port: u16, data: &[u8]) -> Option<VmExit> {
         let value = *data.first()?;
         if let Some(off) = in_range(port, COM1_PORT_BASE, COM1_PORT_LEN) {
-            if let Err(e) = lock(&self.serial).write(off, value) {
-                log::warn!("serial: {e}");
+            match lock(&self.serial).write(off, value) {
+                Ok(()) => {}
+                // A closed stdout or a full disk: say so once, then drop output quietly (the
+                // serial counters keep the lost bytes).
+                Err(SerialError::Output(e)) => {
+                    if !self.serial_output_failed.swap(true, Ordering::Relaxed) {
+                        log::warn!("serial output failing ({e}); guest output is dropped");
+                    }
+                }
+                Err(e) => log::warn!("serial: {e}"),
             }
         } else if let Some(off) = in_range(port, I8042_PORT_BASE, I8042_PORT_LEN) {
             if let Err(e) = lock(&self.i8042).write(off, value) {
