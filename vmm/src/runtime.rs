@@ -82,7 +82,17 @@ pub struct Identity {
 impl Identity {
     /// This process: argv from the command line, the binary from /proc/self/exe.
     pub fn current() -> Self {
-        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+        // The path of the binary, even if the file there was replaced since it started
+        // (the kernel then reports "<path> (deleted)"): an update re-executes that path.
+        let exe = std::env::current_exe()
+            .map(|p| {
+                let s = p.to_string_lossy();
+                match s.strip_suffix(" (deleted)") {
+                    Some(path) => PathBuf::from(path),
+                    None => p,
+                }
+            })
+            .unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
         Self {
             argv: std::env::args().collect(),
             exe_file: File::open("/proc/self/exe")
