@@ -50,9 +50,15 @@ fn boot(cpus: u8, serial: &Path) -> Vmm {
     Vmm::boot(config, out, shared).unwrap()
 }
 
+/// The serial output so far, whole lines only (the guest may be in the middle of one).
+fn console(serial: &Path) -> String {
+    let mut text = std::fs::read_to_string(serial).unwrap_or_default();
+    text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
+    text
+}
+
 fn ticks(serial: &Path) -> Vec<u64> {
-    std::fs::read_to_string(serial)
-        .unwrap_or_default()
+    console(serial)
         .lines()
         .filter_map(|l| l.strip_prefix("molt-guest: tick n="))
         .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
@@ -72,7 +78,7 @@ fn wait_for_tick(serial: &Path, n: u64) {
 }
 
 fn assert_guest_healthy(serial: &Path) {
-    let text = std::fs::read_to_string(serial).unwrap();
+    let text = console(serial);
     assert!(!text.contains("FAIL"), "memtest failure:\n{text}");
     assert!(!text.contains("exception"), "guest exception:\n{text}");
     assert_eq!(
@@ -102,14 +108,14 @@ fn rebuild_keeps_the_guest_running(cpus: u8) {
             vmm.ended()
         );
     }
-    let text = std::fs::read_to_string(&serial).unwrap();
+    let text = console(&serial);
     assert!(
         text.contains("memtest pass="),
         "no memtest progress:\n{text}"
     );
     if cpus > 1 {
         wait_for_tick(&serial, ticks(&serial).last().unwrap() + 6);
-        let text = std::fs::read_to_string(&serial).unwrap();
+        let text = console(&serial);
         assert!(text.contains("cpu id=1 n="), "AP made no progress:\n{text}");
     }
     assert_guest_healthy(&serial);
