@@ -1,6 +1,8 @@
 //! Live update by `vm.cpr-exec`: same PID, guest RAM in place, the guest keeps ticking, and
 //! no failure loses the guest.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -398,20 +400,24 @@ fn concurrent_updates_get_409_and_other_clients_are_served() {
     let pid = vm.pid();
     vm.wait_ticks(2);
     let socket = vm.socket.clone();
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(3));
-    let updaters: Vec<_> = (0..2)
+    // Both requests are on the wire within microseconds of each other (two connections,
+    // written back to back from one thread), so the second one arrives while the first
+    // update runs, whatever the scheduling.
+    let request = b"PUT /api/v1/vm.cpr-exec HTTP/1.1\r\nHost: molt\r\nConnection: close\r\n\
+                    Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+    let mut conns: Vec<UnixStream> = (0..2)
         .map(|_| {
-            let (socket, barrier) = (socket.clone(), barrier.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                api::put(&socket, "vm.cpr-exec", "{}").status
-            })
+            let c = UnixStream::connect(&socket).unwrap();
+            c.set_read_timeout(Some(WAIT)).unwrap();
+            c
         })
         .collect();
+    for c in &mut conns {
+        c.write_all(request).unwrap();
+    }
     let reader = {
-        let (socket, barrier) = (socket.clone(), barrier.clone());
+        let socket = socket.clone();
         std::thread::spawn(move || {
-            barrier.wait();
             (0..40)
                 .map(|_| {
                     let r = api::get(&socket, "vm.info");
@@ -421,7 +427,18 @@ fn concurrent_updates_get_409_and_other_clients_are_served() {
                 .collect::<Vec<u16>>()
         })
     };
-    let mut statuses: Vec<u16> = updaters.into_iter().map(|t| t.join().unwrap()).collect();
+    let updaters: Vec<u16> = conns
+        .into_iter()
+        .map(|mut c| {
+            let mut raw = String::new();
+            c.read_to_string(&mut raw).unwrap();
+            raw.split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut statuses = updaters;
     statuses.sort();
     assert_eq!(statuses, vec![200, 409]);
     let reads = reader.join().unwrap();
