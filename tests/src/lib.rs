@@ -34,6 +34,25 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 /// Prefix of every line the embedded test guest prints.
 pub const GUEST_PREFIX: &str = "molt-guest: ";
 
+/// Whether every test must really run (`MOLT_REQUIRE_ALL=1`, as CI sets it): a test that
+/// cannot run on this host then fails instead of skipping.
+pub fn require_all() -> bool {
+    std::env::var("MOLT_REQUIRE_ALL").is_ok_and(|v| v == "1")
+}
+
+/// Reports that a test (or part of one) cannot run here and why. Under `MOLT_REQUIRE_ALL=1`
+/// this is a failure: the CI machine is expected to run everything.
+///
+/// # Panics
+/// When [`require_all`] is true.
+pub fn skip(what: &str, why: &str) {
+    assert!(
+        !require_all(),
+        "{what} cannot run here and MOLT_REQUIRE_ALL=1 requires it: {why}"
+    );
+    eprintln!("SKIPPED: {what}: {why}");
+}
+
 /// Path of the `molt` binary under test.
 ///
 /// `MOLT_BIN` when set; otherwise `molt` in the Cargo target directory of the running test

@@ -58,7 +58,7 @@ fn boots_with_huge_pages() {
     let reservation = match Reservation::ensure(needed) {
         Ok(r) => r,
         Err(why) => {
-            eprintln!("SKIPPED: boot with hugepages=on: {why}");
+            molt_tests::skip("boot with hugepages=on", &why);
             return;
         }
     };
@@ -81,7 +81,7 @@ fn boots_with_huge_pages() {
 #[test]
 fn hugepages() {
     if meminfo("HugePages_Total").is_none() {
-        eprintln!("SKIPPED: the host kernel has no hugetlb support");
+        molt_tests::skip("huge pages", "the host kernel has no hugetlb support");
         return;
     }
     let pool_size = nr_hugepages().ok();

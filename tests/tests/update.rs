@@ -238,7 +238,7 @@ fn update_with_huge_pages() {
     let reservation = match molt_tests::hugepages::Reservation::ensure(64) {
         Ok(r) => r,
         Err(why) => {
-            println!("SKIPPED: hugepages=on live update: {why}");
+            molt_tests::skip("hugepages=on live update", &why.to_string());
             return;
         }
     };

@@ -218,7 +218,7 @@ fn network_answers_before_during_and_after_updates() {
     let ns = match NetNs::create("net") {
         Ok(ns) => ns,
         Err(why) => {
-            println!("SKIPPED: cannot create a network namespace: {why}");
+            molt_tests::skip("virtio-net in a network namespace", &why.to_string());
             return;
         }
     };
