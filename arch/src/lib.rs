@@ -3,12 +3,14 @@
 //! Everything needed to put a freshly created KVM VM into the state a kernel expects at its
 //! entry point: the guest physical memory map ([`layout`]), identity page tables
 //! ([`paging`]), the GDT ([`gdt`]), Linux's zero page and e820 map ([`zeropage`]), the PVH
-//! start info ([`pvh`]), the MP table ([`mptable`]), CPUID ([`cpuid`]), initial vCPU registers
+//! start info ([`pvh`]), the MP table ([`mptable`]), CPUID ([`cpuid`]) and CPU
+//! templates ([`cpu_template`]), initial vCPU registers
 //! and MSRs ([`regs`]), and kernel/initrd loading ([`loader`]).
 //!
 //! This crate knows no devices.
 
 pub mod blob;
+pub mod cpu_template;
 pub mod cpuid;
 pub mod gdt;
 pub mod layout;

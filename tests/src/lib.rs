@@ -7,12 +7,15 @@
 //! the test panics) and at the end of the test.
 //!
 //! [`cpio`] writes the newc archives the Linux boot test uses as initramfs and [`linux_init`]
-//! builds its `/init`.
+//! builds its `/init`; [`kernel`] fetches Debian's stock kernel and [`linux_log`] reads its
+//! boot log.
 
 pub mod api;
 pub mod cpio;
 pub mod hugepages;
+pub mod kernel;
 pub mod linux_init;
+pub mod linux_log;
 pub mod netns;
 
 use std::collections::BTreeMap;

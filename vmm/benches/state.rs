@@ -32,6 +32,7 @@ fn boot(cpus: u8) -> Vmm {
         disks: Vec::new(),
         nets: Vec::new(),
         rng: false,
+        cpu_template: Default::default(),
     };
     let (out, _) = serial_backend::open(&config.serial).expect("serial backend");
     let shared = Shared {

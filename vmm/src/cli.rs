@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use arch::cpu_template::CpuTemplateChoice;
 use clap::{Parser, Subcommand};
 
 use crate::api::ctl::CtlArgs;
@@ -90,6 +91,14 @@ pub struct VmArgs {
     #[arg(long)]
     pub rng: bool,
 
+    /// CPUID policy: host (every feature KVM supports), emulated (hides what KVM's
+    /// instruction emulator cannot execute: CMPXCHG16B, XSAVE, AVX and other vector
+    /// extensions, RDRAND, ...), or auto: emulated on PVM hosts, where a guest that is not
+    /// PVM-aware (a stock Linux) runs in that emulator, host elsewhere. A live update keeps
+    /// the VM's template.
+    #[arg(long, value_name = "auto|host|emulated", default_value = "auto")]
+    pub cpu_template: CpuTemplateChoice,
+
     /// Serve the HTTP/JSON API on this unix socket (mode 0600; a stale socket file is
     /// replaced; removed on exit). See docs/openapi.json and `molt ctl`.
     #[arg(long, value_name = "PATH")]
@@ -121,6 +130,7 @@ impl VmArgs {
             disks: self.disks.clone(),
             nets: self.nets.clone(),
             rng: self.rng,
+            cpu_template: self.cpu_template.resolve(),
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use arch::cpu_template::CpuTemplate;
 use serde::{Deserialize, Serialize};
 
 /// Default RAM size.
@@ -323,6 +324,10 @@ pub struct VmConfig {
     /// A virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// CPUID policy, resolved (`auto` never appears here). Part of the live-update record:
+    /// the VM keeps the template it booted with; a record without it is `host`.
+    #[serde(default)]
+    pub cpu_template: CpuTemplate,
 }
 
 #[cfg(test)]

@@ -120,7 +120,7 @@ impl Machine {
     ) -> Result<Self, Error> {
         let ram = memory::create(&config.memory)?;
         let vm_fd = vm::create_vm(kvm, &ram)?;
-        let (fds, tsc_khz) = vm::create_vcpus(kvm, &vm_fd, config.cpus)?;
+        let (fds, tsc_khz) = vm::create_vcpus(kvm, &vm_fd, config.cpus, config.cpu_template)?;
         let entry = boot::load(config, &shared.virtio.cmdline(), &ram)?;
         vm::setup_boot_vcpu(&fds[0], &ram, entry)?;
         shared.virtio.attach(&vm_fd, &ram.mem, None)?;

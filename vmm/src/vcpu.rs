@@ -362,8 +362,13 @@ impl VcpuLoop {
                 } else {
                     ""
                 };
+                let rip = self
+                    .vcpu
+                    .get_regs()
+                    .map(|r| format!(" at rip {:#x}", r.rip))
+                    .unwrap_or_default();
                 Step::End(VmExit::Error(format!(
-                    "vcpu{index}: KVM internal error, suberror {sub}{hint}"
+                    "vcpu{index}: KVM internal error, suberror {sub}{rip}{hint}"
                 )))
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => Step::End(VmExit::Error(format!(

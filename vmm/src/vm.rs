@@ -1,6 +1,7 @@
 //! Creating the KVM VM: memory slots, in-kernel irqchip and PIT, vCPUs with CPUID and boot
 //! state, and the port-I/O devices.
 
+use arch::cpu_template::CpuTemplate;
 use arch::cpuid::{self, CpuTopology};
 use arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use arch::regs::{self, BootEntry};
@@ -79,9 +80,14 @@ pub fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
     Ok(vm)
 }
 
-/// Creates `count` vCPUs with CPUID set and common state; returns them with the TSC
-/// frequency KVM reports.
-pub fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8) -> Result<(Vec<VcpuFd>, u32), VmError> {
+/// Creates `count` vCPUs with CPUID (KVM's, shaped by `template`) and common state; returns
+/// them with the TSC frequency KVM reports.
+pub fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    count: u8,
+    template: CpuTemplate,
+) -> Result<(Vec<VcpuFd>, u32), VmError> {
     let max = kvm.get_max_vcpus();
     if usize::from(count) > max || count == 0 {
         return Err(VmError::TooManyVcpus { wanted: count, max });
@@ -89,6 +95,7 @@ pub fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8) -> Result<(Vec<VcpuFd>, u32
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    log::info!("CPU template: {}", template.name());
     let mut vcpus = Vec::with_capacity(count.into());
     let mut tsc_khz = 0;
     for index in 0..count {
@@ -107,6 +114,7 @@ pub fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8) -> Result<(Vec<VcpuFd>, u32
                 tsc_khz: (tsc_khz != 0).then_some(tsc_khz),
             },
         )?;
+        template.apply(&mut cpuid);
         vcpu.set_cpuid2(&cpuid)
             .map_err(|e| VmError::Kvm("KVM_SET_CPUID2", e))?;
         regs::setup_common(&vcpu)?;

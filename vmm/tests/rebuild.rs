@@ -37,6 +37,7 @@ fn boot(cpus: u8, serial: &Path) -> Vmm {
         disks: Vec::new(),
         nets: Vec::new(),
         rng: false,
+        cpu_template: Default::default(),
     };
     let (out, _input) = serial_backend::open(&config.serial).unwrap();
     let shared = Shared {
