@@ -317,9 +317,47 @@ pub fn debian_kernel() -> Result<Kernel, KernelError> {
     Ok(k)
 }
 
+/// The bytes of an ELF64 file's loaded image at virtual address `vaddr` (up to `len`, within
+/// one program header's file contents): what a kernel executed at a given `rip`.
+pub fn bytes_at(elf: &[u8], vaddr: u64, len: usize) -> Option<&[u8]> {
+    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
+    if !elf.starts_with(b"\x7fELF\x02") {
+        return None;
+    }
+    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let (phentsize, phnum) = (usize::from(u16_at(0x36)?), usize::from(u16_at(0x38)?));
+    (0..phnum).find_map(|i| {
+        let ph = phoff + i * phentsize;
+        let (offset, va, filesz) = (u64_at(ph + 8)?, u64_at(ph + 0x10)?, u64_at(ph + 0x20)?);
+        let rel = vaddr.checked_sub(va).filter(|r| *r < filesz)?;
+        let start = usize::try_from(offset + rel).ok()?;
+        let end = start + len.min(usize::try_from(filesz - rel).ok()?);
+        elf.get(start..end)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_bytes_at_a_virtual_address() {
+        // An ELF64 header with one program header: file offset 0x100, vaddr 0x1000, 4 bytes.
+        let mut elf = vec![0u8; 0x104];
+        elf[..5].copy_from_slice(b"\x7fELF\x02");
+        elf[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes());
+        elf[0x36..0x38].copy_from_slice(&0x38u16.to_le_bytes());
+        elf[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        elf[0x48..0x50].copy_from_slice(&0x100u64.to_le_bytes());
+        elf[0x50..0x58].copy_from_slice(&0x1000u64.to_le_bytes());
+        elf[0x60..0x68].copy_from_slice(&4u64.to_le_bytes());
+        elf[0x100..].copy_from_slice(&[0xcc, 0x90, 0x0f, 0xae]);
+        assert_eq!(bytes_at(&elf, 0x1000, 2), Some(&[0xcc, 0x90][..]));
+        assert_eq!(bytes_at(&elf, 0x1002, 8), Some(&[0x0f, 0xae][..]));
+        assert_eq!(bytes_at(&elf, 0x1004, 1), None);
+        assert_eq!(bytes_at(&elf[..4], 0x1000, 1), None);
+    }
 
     #[test]
     fn finds_and_decompresses_the_xz_stream() {

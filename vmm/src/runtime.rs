@@ -335,6 +335,7 @@ impl Vmm {
                 "regions": regions,
             },
             "tsc_khz": tsc_khz,
+            "cpu_template": self.config.cpu_template.name(),
             "uptime_ms": now_ns().saturating_sub(self.identity.booted_at_ns) / 1_000_000,
             "binary": self.identity.exe,
             "counters": counters,
