@@ -5,12 +5,18 @@
 //!   every feature KVM reports.
 //! - [`CpuTemplate::Emulated`] hides what KVM's instruction emulator cannot execute. On a PVM
 //!   host, guest code that is not PVM-aware (a stock Linux kernel) runs entirely in that
-//!   emulator: it implements `cmpxchg8b` but not `cmpxchg16b`, `fxsave`/`fxrstor` but not
-//!   `xsave`/`xrstor`, a few SSE moves but no vector arithmetic, and neither `rdrand`,
-//!   `rdseed`, `rdtscp`, `rdpid`, `popcnt`, `invpcid`, `wrfsbase` nor `stac`/`clac`. A guest
-//!   that sees those features uses them and stops with an emulation failure; a guest that
-//!   does not see them takes its baseline x86-64 paths (x87/FXSR/SSE2 only, as on QEMU's
-//!   `qemu64` model).
+//!   emulator, which implements a subset of the ISA: `cmpxchg8b` but not `cmpxchg16b` (a
+//!   stock Linux stops in SLUB's `lock cmpxchg16b` when it sees CMPXCHG16B), `fxsave` and
+//!   `fxrstor` but not `xsave`/`xrstor`, a few SSE moves but no vector arithmetic. The template
+//!   leaves the baseline x86-64 features (x87, FXSR, SSE, SSE2, CX8, CMOV, ...) and clears the
+//!   extensions a guest picks by CPUID: the XSAVE family, every vector extension beyond SSE2,
+//!   and instructions a kernel can do without (POPCNT, RDRAND, RDSEED, RDTSCP, RDPID,
+//!   FSGSBASE, INVPCID, SMAP's `stac`/`clac`, ...), as QEMU's `qemu64` model does.
+//!
+//! This host's PVM honours only the CPUID bits KVM itself reports (here CMPXCHG16B, x2APIC,
+//! TSC-deadline in leaf 1): it adds the host's XSAVE, AVX, SSE4, RDRAND, ... to leaf 1 and
+//! answers leaf 7 itself, whatever KVM_SET_CPUID2 says. The template is still what a VMM
+//! should ask for there, and it is exact on hosts that honour it.
 
 use std::path::Path;
 use std::str::FromStr;

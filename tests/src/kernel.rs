@@ -191,7 +191,12 @@ fn download(dir: &Path) -> Result<(String, PathBuf), KernelError> {
         Err(e) => {
             // Stale package lists, or the pinned version left the archive.
             eprintln!("{e}; running apt-get update");
-            run(Command::new("apt-get").args(["update", "-q"]))?;
+            run(Command::new("apt-get").args(["update", "-q"])).map_err(|u| {
+                KernelError::Command {
+                    command: format!("apt-get download {PINNED_PACKAGE}"),
+                    detail: format!("{e}; then {u}"),
+                }
+            })?;
             match get(PINNED_PACKAGE) {
                 Ok(_) => Ok(PINNED_PACKAGE.to_string()),
                 Err(e) => match newest_package() {
