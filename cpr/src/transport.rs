@@ -13,9 +13,10 @@ pub trait Transport {
     /// Why the handover did not happen (the VM stays with the sender).
     type Error: std::error::Error + Send + Sync + 'static;
 
-    /// Delivers `record` and the fds `fds` names. An exec transport returns only on failure;
+    /// Delivers `record` and the fds `fds` names (a transport may add fds of its own, such
+    /// as the memfd it carries the record in). An exec transport returns only on failure;
     /// others return once the receiver holds everything (or the files are durable).
-    fn deliver(&mut self, record: &[u8], fds: &FdRegistry) -> Result<(), Self::Error>;
+    fn deliver(&mut self, record: &[u8], fds: &mut FdRegistry) -> Result<(), Self::Error>;
 }
 
 /// How the receiver got the fds the record names.

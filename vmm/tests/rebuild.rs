@@ -3,17 +3,12 @@
 //! rehearsal for cpr-exec.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arch::regs::msr;
 use vmm::config::{KernelSource, MemoryConfig, SerialConfig, VmConfig};
-use vmm::exit::ExitNotifier;
-use vmm::machine::Shared;
 use vmm::runtime::Vmm;
-use vmm::serial_backend;
 use vmm::state::VmState;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("molt-rebuild-{}-{name}", std::process::id()))
@@ -38,16 +33,7 @@ fn boot(cpus: u8, serial: &Path) -> Vmm {
         nets: Vec::new(),
         rng: false,
     };
-    let (out, _input) = serial_backend::open(&config.serial).unwrap();
-    let shared = Shared {
-        exits: Arc::new(ExitNotifier::new().unwrap()),
-        serial_drained: EventFd::new(EFD_NONBLOCK).unwrap(),
-        bus: Arc::default(),
-        serial_counters: Arc::default(),
-        started: Instant::now(),
-        virtio: Arc::new(vmm::virtio::Virtio::open(&config, None).unwrap()),
-    };
-    Vmm::boot(config, out, shared).unwrap()
+    vmm::boot(&config, Instant::now()).unwrap().vmm
 }
 
 /// The serial output so far, whole lines only (the guest may be in the middle of one).

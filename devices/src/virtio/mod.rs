@@ -54,7 +54,7 @@ use virtio_queue::Queue;
 
 pub use block::{Block, BlockError, BlockState};
 pub use mmio::{MmioState, MmioTransport, MMIO_WINDOW_SIZE};
-pub use net::{open_tap, Net, NetError, NetState};
+pub use net::{open_tap, tap_flags, Net, NetError, NetState};
 pub use rng::{Rng, RngState};
 
 /// Guest memory as the VMM maps it (the same type as `arch::GuestMemory`).

@@ -94,6 +94,18 @@ pub fn open_tap(name: &str) -> io::Result<File> {
     Ok(tap)
 }
 
+/// The interface flags of the tap `fd` is open on (`TUNGETIFF`); an error if it is no tap.
+pub fn tap_flags(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<i32> {
+    // SAFETY: an all-zero ifreq is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF fills the ifreq we own; on fds that are not taps it fails harmlessly.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut req) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNGETIFF stored the flags member of the union.
+    Ok(i32::from(unsafe { req.ifr_ifru.ifru_flags }))
+}
+
 /// Refuses taps with a vnet header and makes the fd non-blocking.
 fn prepare(tap: &File) -> Result<(), NetError> {
     let fd = tap.as_raw_fd();
