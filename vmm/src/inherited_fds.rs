@@ -33,14 +33,19 @@ pub enum InheritedFdError {
 /// Checks every fd `config` names: open, inherited (not close-on-exec), named once, a tap
 /// opened as molt needs it.
 pub fn check(config: &VmConfig) -> Result<(), InheritedFdError> {
+    let named: Vec<RawFd> = config
+        .nets
+        .iter()
+        .filter_map(|n| match n.backend {
+            NetBackend::Fd(fd) => Some(fd),
+            NetBackend::Tap(_) => None,
+        })
+        .collect();
     let mut seen = BTreeSet::new();
-    for n in &config.nets {
-        let NetBackend::Fd(fd) = n.backend else {
-            continue;
-        };
-        if !seen.insert(fd) {
-            return Err(InheritedFdError::Twice(fd));
-        }
+    if let Some(&twice) = named.iter().find(|&&fd| !seen.insert(fd)) {
+        return Err(InheritedFdError::Twice(twice));
+    }
+    for fd in named {
         // SAFETY: F_GETFD only queries a descriptor number; one that is not open yields EBADF.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
         if flags < 0 {

@@ -104,3 +104,68 @@ impl Persist for GuestRam {
         map_regions(regions, false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MemoryConfig;
+    use crate::persist::RestoreFds;
+
+    fn ram() -> GuestRam {
+        crate::memory::create(&MemoryConfig {
+            size: 16 << 20,
+            hugepages: false,
+            prefault: false,
+        })
+        .unwrap()
+    }
+
+    fn handed_over(ram: &GuestRam) -> (Vec<MemoryRegionState>, RestoreFds) {
+        let mut fds = SaveFds::new();
+        let layout = ram.save(&mut fds).unwrap();
+        let received = fds
+            .describe()
+            .into_iter()
+            .map(|p| {
+                let fd = ram.regions[0].memfd.try_clone().unwrap();
+                (p.name, fd.into())
+            })
+            .collect();
+        let inherited = cpr::Inherited::from_owned(received).unwrap();
+        (layout, RestoreFds::new(inherited))
+    }
+
+    #[test]
+    fn ram_is_taken_over_with_its_layout_and_checked_against_the_memfds() {
+        let ram = ram();
+        let (layout, mut fds) = handed_over(&ram);
+        assert_eq!(layout.len(), 1);
+        let restored = GuestRam::restore(&layout, (), &mut fds).unwrap();
+        assert_eq!(restored.layout(), layout);
+
+        // A layout bigger than its memfd is refused before anything is mapped.
+        let (mut layout, mut fds) = handed_over(&ram);
+        layout[0].size *= 2;
+        assert!(matches!(
+            GuestRam::restore(&layout, (), &mut fds),
+            Err(MemoryError::Persist(PersistError::Inconsistent(_)))
+        ));
+        // So are an empty layout and overlapping regions.
+        assert!(validate_layout(&[]).is_err());
+        let r = MemoryRegionState {
+            guest_addr: 0,
+            size: 1 << 20,
+            hugepages: false,
+        };
+        assert!(validate_layout(&[r.clone(), r.clone()]).is_err());
+        // A region whose memfd was not handed over.
+        let mut none = RestoreFds::new(cpr::Inherited::default());
+        assert!(matches!(
+            GuestRam::restore(&vec![r], (), &mut none),
+            Err(MemoryError::Persist(PersistError::Missing(
+                FdRole::Ram(0),
+                _
+            )))
+        ));
+    }
+}

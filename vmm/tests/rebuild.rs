@@ -173,3 +173,43 @@ fn capture_rebuild_capture_is_equal() {
     vmm.shutdown();
     let _ = std::fs::remove_file(serial);
 }
+
+#[test]
+fn a_state_that_cannot_describe_a_vm_is_refused_before_kvm() {
+    use vmm::state::InvalidState;
+    let serial = temp_path("invalid");
+    let mut vmm = boot(2, &serial);
+    wait_for_tick(&serial, 1);
+    let good = vmm.capture().unwrap();
+    assert!(good.validate(0).is_ok());
+    let mut s = good.clone();
+    s.vcpus.clear();
+    assert!(matches!(s.validate(0), Err(InvalidState::NoVcpu)));
+    let mut s = good.clone();
+    s.vcpus[1].tsc_khz = 0;
+    assert!(matches!(
+        s.validate(0),
+        Err(InvalidState::NoTscFrequency(1))
+    ));
+    let mut s = good.clone();
+    s.vcpus[1].tsc_khz += 1;
+    assert!(matches!(
+        s.validate(0),
+        Err(InvalidState::TscMismatch { .. })
+    ));
+    let mut s = good.clone();
+    s.vcpus.swap(0, 1);
+    assert!(matches!(
+        s.validate(0),
+        Err(InvalidState::VcpuIndex { position: 0, .. })
+    ));
+    assert!(matches!(
+        good.validate(1),
+        Err(InvalidState::VirtioCount {
+            saved: 0,
+            configured: 1
+        })
+    ));
+    vmm.shutdown();
+    let _ = std::fs::remove_file(serial);
+}

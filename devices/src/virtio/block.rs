@@ -14,7 +14,7 @@ use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::chain::{self, Activation, Chain, Cursor, Segment};
 use super::{
-    read_config_bytes, DeviceState, GuestMemory, VirtioDevice, VirtioError, F_VERSION_1, TYPE_BLOCK,
+    read_config_bytes, GuestMemory, ModelState, VirtioDevice, VirtioError, F_VERSION_1, TYPE_BLOCK,
 };
 
 /// Bytes per sector, the unit of `capacity` and of request offsets.
@@ -135,16 +135,6 @@ impl Block {
             },
             queues: Activation::default(),
         })
-    }
-
-    /// Size in sectors.
-    pub fn capacity(&self) -> u64 {
-        self.disk.capacity
-    }
-
-    /// The backing file (to preserve its fd across a live update).
-    pub fn file(&self) -> &File {
-        &self.disk.file
     }
 
     fn config(&self) -> [u8; 24] {
@@ -391,8 +381,8 @@ impl VirtioDevice for Block {
         self.queues.is_broken()
     }
 
-    fn state(&self) -> DeviceState {
-        DeviceState::Block(BlockState {
+    fn state(&self) -> ModelState {
+        ModelState::Block(BlockState {
             read_only: self.disk.read_only,
             id: self.disk.id.clone(),
             capacity: self.disk.capacity,

@@ -147,13 +147,13 @@ pub trait VirtioDevice: Send {
         false
     }
     /// Serializable device state (no queues: the transport saves those).
-    fn state(&self) -> DeviceState;
+    fn state(&self) -> ModelState;
 }
 
 /// State of one of this crate's devices, tagged by kind.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "type")]
-pub enum DeviceState {
+pub enum ModelState {
     /// virtio-blk.
     Block(BlockState),
     /// virtio-net.

@@ -17,7 +17,7 @@ use virtio_queue::Queue;
 
 use super::chain::{self, Activation, Chain, Cursor, QueueFault};
 use super::{
-    read_config_bytes, DeviceState, GuestMemory, VirtioDevice, VirtioError, F_VERSION_1, TYPE_NET,
+    read_config_bytes, GuestMemory, ModelState, VirtioDevice, VirtioError, F_VERSION_1, TYPE_NET,
 };
 
 /// Receive queue index.
@@ -340,8 +340,8 @@ impl VirtioDevice for Net {
         self.queues.is_broken()
     }
 
-    fn state(&self) -> DeviceState {
-        DeviceState::Net(NetState {
+    fn state(&self) -> ModelState {
+        ModelState::Net(NetState {
             mac: self.mac,
             pending_rx_frame: self.port.pending.clone(),
         })

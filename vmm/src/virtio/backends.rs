@@ -190,3 +190,70 @@ impl Persist for Virtio {
         Self::build(specs, backings)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DiskConfig, KernelSource, MemoryConfig, SerialConfig};
+    use crate::persist::RestoreFds;
+
+    fn config_with_disk(path: std::path::PathBuf) -> VmConfig {
+        VmConfig {
+            kernel: KernelSource::Embedded,
+            cmdline: String::new(),
+            initrd: None,
+            cpus: 1,
+            memory: MemoryConfig::default(),
+            serial: SerialConfig::Null,
+            api_socket: None,
+            disks: vec![DiskConfig {
+                path,
+                readonly: false,
+                id: None,
+            }],
+            nets: Vec::new(),
+            rng: true,
+        }
+    }
+
+    #[test]
+    fn a_disk_whose_fd_was_not_handed_over_is_an_error_never_a_reopen() {
+        let path = std::env::temp_dir().join(format!("molt-backends-{}.img", std::process::id()));
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let config = config_with_disk(path.clone());
+        let state = BackendsState {
+            kinds: vec![VirtioKind::Block, VirtioKind::Rng],
+        };
+        let mut none = RestoreFds::new(cpr::Inherited::default());
+        let err = Virtio::restore(&state, config.clone(), &mut none).err();
+        assert!(
+            matches!(
+                err,
+                Some(VirtioSetupError::Persist(PersistError::Missing(
+                    FdRole::DeviceBacking(0),
+                    _
+                )))
+            ),
+            "{err:?}"
+        );
+        // The same disk handed over: taken, and the rng needs nothing.
+        let file = std::fs::File::open(&path).unwrap();
+        let inherited =
+            cpr::Inherited::from_owned(vec![(FdRole::DeviceBacking(0).to_string(), file.into())])
+                .unwrap();
+        let mut fds = RestoreFds::new(inherited);
+        let virtio = Virtio::restore(&state, config.clone(), &mut fds).unwrap();
+        assert_eq!(virtio.slots.len(), 2);
+        assert!(fds.unclaimed().is_empty());
+        // A state that names other devices than the configuration is refused.
+        let other = BackendsState {
+            kinds: vec![VirtioKind::Net],
+        };
+        let mut none = RestoreFds::new(cpr::Inherited::default());
+        assert!(matches!(
+            Virtio::restore(&other, config, &mut none),
+            Err(VirtioSetupError::Persist(PersistError::Inconsistent(_)))
+        ));
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use devices::virtio::{
-    Block, DeviceState, MmioState, MmioTransport, Net, Rng, VirtioDevice, MMIO_WINDOW_SIZE,
+    Block, MmioState, MmioTransport, ModelState, Net, Rng, VirtioDevice, MMIO_WINDOW_SIZE,
 };
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
@@ -142,7 +142,7 @@ impl Virtio {
     fn device(
         &self,
         i: usize,
-        state: Option<&DeviceState>,
+        state: Option<&ModelState>,
     ) -> Result<Box<dyn VirtioDevice>, VirtioSetupError> {
         let slot = &self.slots[i];
         let err = |e: Box<dyn std::error::Error + Send + Sync>| VirtioSetupError::Device(i, e);
@@ -158,22 +158,22 @@ impl Virtio {
                 Block::new(backing()?, slot.read_only, slot.id.clone())
                     .map_err(|e| err(e.into()))?,
             ),
-            (VirtioKind::Block, Some(DeviceState::Block(s))) => {
+            (VirtioKind::Block, Some(ModelState::Block(s))) => {
                 Box::new(Block::from_state(s, backing()?).map_err(|e| err(e.into()))?)
             }
             (VirtioKind::Net, None) => {
                 Box::new(Net::new(backing()?, slot.mac).map_err(|e| err(e.into()))?)
             }
-            (VirtioKind::Net, Some(DeviceState::Net(s))) => {
+            (VirtioKind::Net, Some(ModelState::Net(s))) => {
                 Box::new(Net::from_state(s, backing()?).map_err(|e| err(e.into()))?)
             }
             (VirtioKind::Rng, None) => Box::new(Rng::new()),
-            (VirtioKind::Rng, Some(DeviceState::Rng(s))) => Box::new(Rng::from_state(s)),
+            (VirtioKind::Rng, Some(ModelState::Rng(s))) => Box::new(Rng::from_state(s)),
             (kind, Some(s)) => {
                 let saved = match s {
-                    DeviceState::Block(_) => VirtioKind::Block,
-                    DeviceState::Net(_) => VirtioKind::Net,
-                    DeviceState::Rng(_) => VirtioKind::Rng,
+                    ModelState::Block(_) => VirtioKind::Block,
+                    ModelState::Net(_) => VirtioKind::Net,
+                    ModelState::Rng(_) => VirtioKind::Rng,
                 };
                 return Err(VirtioSetupError::WrongKind(i, saved, kind));
             }
