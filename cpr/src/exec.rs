@@ -20,7 +20,8 @@ const PREVIOUS_EXE_FD: &str = "MOLT_CPR_PREVIOUS_EXE_FD";
 const EXEC_NS: &str = "MOLT_CPR_EXEC_NS";
 const ROLLBACK_REASON: &str = "MOLT_CPR_ROLLBACK_REASON";
 const TAKEOVER: &str = "MOLT_CPR_TAKEOVER";
-const GUARDIAN_PID: &str = "MOLT_CPR_GUARDIAN_PID";
+const GUARDIAN_PIDFD: &str = "MOLT_CPR_GUARDIAN_PIDFD";
+const COMMIT_FD: &str = "MOLT_CPR_COMMIT_FD";
 const GUARDIAN_PARENT: &str = "MOLT_CPR_GUARDIAN_PARENT";
 const GUARDIAN_SOCK: &str = "MOLT_CPR_GUARDIAN_SOCK";
 
@@ -31,7 +32,8 @@ const ALL: &[&str] = &[
     EXEC_NS,
     ROLLBACK_REASON,
     TAKEOVER,
-    GUARDIAN_PID,
+    GUARDIAN_PIDFD,
+    COMMIT_FD,
     GUARDIAN_PARENT,
     GUARDIAN_SOCK,
 ];
@@ -49,8 +51,10 @@ pub struct ExecEnv {
     pub rollback: Option<String>,
     /// Set when the guardian, not the original process, performs the rollback.
     pub takeover: bool,
-    /// The update guardian to dismiss once the guest runs.
-    pub guardian_pid: Option<i32>,
+    /// A pidfd of the update guardian, to dismiss it once the guest runs.
+    pub guardian_pidfd: Option<RawFd>,
+    /// The handoff's commit page ([`crate::CommitPage`]).
+    pub commit_fd: Option<RawFd>,
 }
 
 fn parse<T: std::str::FromStr>(name: &str) -> Option<T> {
@@ -74,7 +78,8 @@ impl ExecEnv {
             exec_ns: parse(EXEC_NS),
             rollback: std::env::var(ROLLBACK_REASON).ok(),
             takeover: std::env::var_os(TAKEOVER).is_some(),
-            guardian_pid: parse(GUARDIAN_PID),
+            guardian_pidfd: parse(GUARDIAN_PIDFD),
+            commit_fd: parse(COMMIT_FD),
         });
         for v in ALL {
             std::env::remove_var(v);
@@ -98,8 +103,11 @@ impl ExecEnv {
         if self.takeover {
             set(TAKEOVER, "1".into());
         }
-        if let Some(pid) = self.guardian_pid {
-            set(GUARDIAN_PID, pid.to_string());
+        if let Some(fd) = self.guardian_pidfd {
+            set(GUARDIAN_PIDFD, fd.to_string());
+        }
+        if let Some(fd) = self.commit_fd {
+            set(COMMIT_FD, fd.to_string());
         }
         base
     }
@@ -197,7 +205,8 @@ mod tests {
             exec_ns: Some(123),
             rollback: Some("new image failed".into()),
             takeover: true,
-            guardian_pid: Some(4242),
+            guardian_pidfd: Some(11),
+            commit_fd: Some(12),
         };
         for (k, v) in sent.apply(Vec::new()) {
             std::env::set_var(k, v);

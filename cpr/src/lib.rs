@@ -25,8 +25,10 @@
 //!   side, [`Inherited`], hands them out by name.
 //! - [`transport`]: the seam between a capture and how it travels; [`exec`]
 //!   is the exec transport's environment contract and exec calls,
-//!   [`fdpass`] passes fds over a unix socket.
+//!   [`fdpass`] passes fds over a unix socket; [`commit`] is the crash-safe
+//!   commit point every fallback checks.
 
+pub mod commit;
 pub mod exec;
 pub mod fdpass;
 pub mod fds;
@@ -35,6 +37,7 @@ pub mod memfd;
 pub mod record;
 pub mod transport;
 
+pub use commit::CommitPage;
 pub use exec::{ExecEnv, ExecError, GuardianEnv};
 pub use fds::{is_cloexec, open_fds, FdError, FdRegistry, PreservedFd};
 pub use inherit::Inherited;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiServer, ApiState};
 use crate::config::VmConfig;
+use crate::fault::{self, Step};
 use crate::memory::GuestRam;
 use crate::memory_persist::MemoryRegionState;
 use crate::persist::{Persist, PersistError, RestoreFds, SaveFds};
@@ -86,6 +87,7 @@ pub fn restore(
     fds: &mut RestoreFds,
 ) -> Result<(GuestRam, Parts), Error> {
     let ram = GuestRam::restore(&state.ram, (), fds)?;
+    fault::inject(Step::Memory)?;
     let parts = Parts {
         serial: SerialOut::restore(&state.serial, (), fds)?,
         virtio: Virtio::restore(&state.devices, config.clone(), fds)?,
@@ -95,5 +97,6 @@ pub fn restore(
             .map(|a| ApiServer::restore(a, (), fds))
             .transpose()?,
     };
+    fault::inject(Step::Api)?;
     Ok((ram, parts))
 }

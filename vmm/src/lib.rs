@@ -16,6 +16,7 @@ pub mod config;
 pub mod control;
 pub mod event_loop;
 pub mod exit;
+pub mod fault;
 pub mod guest_image;
 pub mod inherited_fds;
 pub mod machine;
@@ -79,6 +80,10 @@ pub enum Error {
     /// A captured state that cannot describe a VM.
     #[error("invalid VM state")]
     InvalidState(#[from] state::InvalidState),
+    /// A fault injected by the tests' "next version" build.
+    #[cfg(feature = "test-next")]
+    #[error("injected fault at {0}")]
+    Injected(&'static str),
     /// A part cannot be saved or taken over.
     #[error(transparent)]
     Persist(#[from] persist::PersistError),

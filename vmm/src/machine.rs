@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::VmConfig;
 use crate::exit::ExitNotifier;
+use crate::fault::{self, Step};
 use crate::memory::{self, GuestRam, RamRegion};
 use crate::pio::PioBus;
 use crate::serial_backend::SerialOut;
@@ -152,6 +153,7 @@ impl Machine {
         state.validate(shared.virtio.slots.len())?;
         let t1 = Instant::now();
         let vm_fd = vm::create_vm(kvm, &ram)?;
+        fault::inject(Step::Vm)?;
         let t2 = Instant::now();
         let has_xsave = vcpu_state::xsave_usable(&vm_fd);
         let elapsed = state.elapsed_ns();
@@ -164,6 +166,7 @@ impl Machine {
             vcpu_state::restore(&fd, v, tsc_advance, has_xsave)?;
             fds.push(fd);
         }
+        fault::inject(Step::Vcpus)?;
         let t3 = Instant::now();
         vm_state::restore(&vm_fd, &state.kvm, elapsed)?;
         // The MSRs worth saving are the ones the captured state has.
@@ -180,6 +183,7 @@ impl Machine {
             .virtio
             .attach(&vm_fd, &ram.mem, Some(&state.virtio))?;
         let vcpus = spawn_all(fds, &bus, shared, VcpuRunState::Paused)?;
+        fault::inject(Step::Devices)?;
         log::debug!(
             "restore: create VM {:?}, vCPUs {:?}, VM state + devices {:?}",
             t2 - t1,

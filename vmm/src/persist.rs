@@ -23,6 +23,8 @@ pub enum FdRole {
     Record,
     /// The previous molt binary, open, for a rollback.
     PreviousExe,
+    /// The handoff's commit page.
+    Commit,
     /// The serial output file (`--serial file=`).
     SerialFile,
     /// The serial socket's listener (`--serial socket=`).
@@ -43,6 +45,7 @@ impl fmt::Display for FdRole {
             FdRole::Ram(i) => write!(f, "ram{i}"),
             FdRole::Record => f.write_str("record"),
             FdRole::PreviousExe => f.write_str("previous-exe"),
+            FdRole::Commit => f.write_str("commit"),
             FdRole::SerialFile => f.write_str("serial-file"),
             FdRole::SerialListener => f.write_str("serial-listener"),
             FdRole::SerialClient => f.write_str("serial-client"),
@@ -67,6 +70,7 @@ impl FromStr for FdRole {
         Ok(match s {
             "record" => FdRole::Record,
             "previous-exe" => FdRole::PreviousExe,
+            "commit" => FdRole::Commit,
             "serial-file" => FdRole::SerialFile,
             "serial-listener" => FdRole::SerialListener,
             "serial-client" => FdRole::SerialClient,
@@ -206,6 +210,7 @@ mod tests {
             FdRole::Ram(12),
             FdRole::Record,
             FdRole::PreviousExe,
+            FdRole::Commit,
             FdRole::SerialFile,
             FdRole::SerialListener,
             FdRole::SerialClient,

@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +34,9 @@ pub struct SocketBackend {
     /// The attached client, if any.
     pub client: Mutex<Option<UnixStream>>,
     path: PathBuf,
+    /// Whether the last handle removes the socket file (not while a restore may still roll
+    /// back to the previous keeper, which serves the same path).
+    remove_on_drop: AtomicBool,
 }
 
 impl SocketBackend {
@@ -44,7 +48,9 @@ impl SocketBackend {
 
 impl Drop for SocketBackend {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.remove_on_drop.load(Ordering::SeqCst) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -69,6 +75,14 @@ impl SerialOut {
             SerialOut::Socket(s) => SerialOut::Socket(s.clone()),
             SerialOut::Null => SerialOut::Null,
         })
+    }
+
+    /// Whether the socket file is removed when the backend goes (a taken-over backend keeps
+    /// it until its keeper commits).
+    pub fn set_remove_on_drop(&self, remove: bool) {
+        if let SerialOut::Socket(s) = self {
+            s.remove_on_drop.store(remove, Ordering::SeqCst);
+        }
     }
 
     /// Where guest input comes from for this backend.
@@ -158,6 +172,7 @@ pub fn open(config: &SerialConfig) -> Result<SerialOut, SerialBackendError> {
             listener: bind(path)?,
             client: Mutex::default(),
             path: path.clone(),
+            remove_on_drop: AtomicBool::new(true),
         })),
     })
 }
@@ -226,6 +241,7 @@ impl Persist for SerialOut {
                     listener,
                     client: Mutex::new(client),
                     path: path.clone(),
+                    remove_on_drop: AtomicBool::new(false),
                 }))
             }
         })

@@ -167,6 +167,8 @@ impl Persist for ApiServer {
         server.adopt(conns)?;
         server.next_id = server.next_id.max(state.next_id);
         server.handoff = state.waiting;
+        // The path stays until the new keeper commits: a rollback serves it again.
+        server.remove_on_drop = false;
         server.refuse_updates();
         Ok(server)
     }

@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use cpr::{ExecEnv, FdRegistry, Transport};
+use cpr::{CommitPage, ExecEnv, FdRegistry, Transport};
 
 use super::guardian::Guardian;
 use super::holder::Holder;
@@ -35,6 +35,9 @@ impl Transport for ExecTransport<'_> {
         let memfd = cpr::write_sealed(record).map_err(UpdateError::Memfd)?;
         fds.register(&FdRole::Record.to_string(), &memfd)
             .map_err(UpdateError::Fds)?;
+        let commit = CommitPage::create().map_err(UpdateError::CommitPage)?;
+        fds.register(&FdRole::Commit.to_string(), commit.fd())
+            .map_err(UpdateError::Fds)?;
         if let Some(exe) = self.previous_exe {
             fds.register(&FdRole::PreviousExe.to_string(), exe)
                 .map_err(UpdateError::Fds)?;
@@ -46,7 +49,7 @@ impl Transport for ExecTransport<'_> {
             self.target.display()
         );
         fds.preserve_all().map_err(UpdateError::Fds)?;
-        let err = self.exec_with_safety_nets(memfd.as_fd().as_raw_fd(), fds);
+        let err = self.exec_with_safety_nets(memfd.as_fd().as_raw_fd(), &commit, fds);
         // execve failed: undo.
         if let Err(e) = fds.restore_cloexec() {
             log::error!("cannot restore close-on-exec after a failed update: {e}");
@@ -58,7 +61,12 @@ impl Transport for ExecTransport<'_> {
 impl ExecTransport<'_> {
     /// Gives the guardian its copies, starts the holder, and executes; returns the error once
     /// the guardian and the holder are gone again.
-    fn exec_with_safety_nets(&mut self, record_fd: RawFd, fds: &FdRegistry) -> UpdateError {
+    fn exec_with_safety_nets(
+        &mut self,
+        record_fd: RawFd,
+        commit: &CommitPage,
+        fds: &FdRegistry,
+    ) -> UpdateError {
         let t0 = Instant::now();
         let guardian = self.guardian.take().and_then(|g| {
             let list: Vec<(String, RawFd)> =
@@ -79,13 +87,20 @@ impl ExecTransport<'_> {
             .map_err(|e| log::warn!("live update without an address-space holder: {e}"))
             .ok();
         log::debug!("update: guardian {:?}, holder {:?}", t1 - t0, t1.elapsed());
+        // The next image dismisses the guardian through a pidfd (it keeps only this one fd
+        // besides the declared ones; the guardian does not get a copy of it).
+        let guardian_pidfd = guardian
+            .as_ref()
+            .filter(|g| super::sys::set_cloexec(g.pidfd(), false).is_ok())
+            .map(|g| g.pidfd().as_raw_fd());
         let env = ExecEnv {
             record_fd,
             previous_exe_fd: self.previous_exe.map(|f| f.as_raw_fd()),
             exec_ns: Some(now_ns()),
             rollback: None,
             takeover: false,
-            guardian_pid: guardian.as_ref().map(|g| g.pid() as i32),
+            guardian_pidfd,
+            commit_fd: Some(commit.fd().as_raw_fd()),
         };
         let err = exec(&self.target, &self.argv, env);
         if let Some(h) = holder {

@@ -8,6 +8,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use crate::persist::FdRole;
 /// The old image's handle on its guardian.
 pub struct Guardian {
     child: Child,
+    pidfd: OwnedFd,
     sock: OwnedFd,
 }
 
@@ -38,17 +40,31 @@ impl Guardian {
             parent: std::process::id() as i32,
             sock: theirs.as_raw_fd(),
         };
-        let child = Command::new("/proc/self/exe")
+        // Its own process group: a Ctrl-C in molt's terminal must not kill the guardian
+        // in the middle of an update.
+        let mut child = Command::new("/proc/self/exe")
             .arg(GUARDIAN_ARG)
             .envs(env.vars())
+            .process_group(0)
             .spawn()?;
         drop(theirs);
-        Ok(Self { child, sock: ours })
+        let pidfd = match sys::pidfd_open(child.id() as i32) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = child.kill();
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            child,
+            pidfd,
+            sock: ours,
+        })
     }
 
-    /// The guardian's pid.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// A pidfd of the guardian (the next image dismisses it through it).
+    pub fn pidfd(&self) -> &OwnedFd {
+        &self.pidfd
     }
 
     /// Gives the guardian copies of `fds` with their names and numbers in this process.
@@ -67,22 +83,18 @@ impl Guardian {
 /// How long the new image has to resume the guest before the guardian takes over.
 pub const GUARDIAN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Waits for `parent` to exit, killing it if it has not resumed the guest in time; returns
-/// why the guardian takes over, or `None` if the process cannot be made to go.
-fn watch(parent: i32) -> Option<String> {
-    let exited = "the new binary exited before it resumed the guest".to_string();
-    let Ok(pidfd) = sys::pidfd_open(parent) else {
-        return Some(exited);
-    };
-    if sys::wait_readable(&pidfd, GUARDIAN_TIMEOUT) {
-        return Some(exited);
+/// Waits for the process behind `parent` to exit, killing it if it has not resumed the guest
+/// in time; returns why the guardian should take over, or why it must not.
+fn watch(parent: &OwnedFd, pid: i32) -> Result<String, String> {
+    let cannot = |e: io::Error| format!("cannot watch process {pid}: {e}");
+    if sys::wait_readable(parent, GUARDIAN_TIMEOUT).map_err(cannot)? {
+        return Ok("the new binary exited before it resumed the guest".into());
     }
-    sys::kill(parent);
-    if !sys::wait_readable(&pidfd, Duration::from_secs(5)) {
-        eprintln!("molt: guardian: process {parent} does not die; giving up");
-        return None;
+    sys::kill_pidfd(parent).map_err(cannot)?;
+    if !sys::wait_readable(parent, Duration::from_secs(5)).map_err(cannot)? {
+        return Err(format!("process {pid} does not die"));
     }
-    Some(format!(
+    Ok(format!(
         "the new binary did not resume the guest within {} s and was killed",
         GUARDIAN_TIMEOUT.as_secs()
     ))
@@ -96,6 +108,15 @@ pub fn main() -> i32 {
     };
     // SAFETY: the socket fd was inherited from the parent for this process alone.
     let sock = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(env.sock) };
+    // Watch the parent through a pidfd taken while it is still our parent: never a pid that
+    // may have been recycled.
+    let parent = match sys::pidfd_open(env.parent) {
+        Ok(fd) if nix::unistd::getppid().as_raw() == env.parent => fd,
+        _ => {
+            eprintln!("molt: guardian: process {} is gone already", env.parent);
+            return 1;
+        }
+    };
     // Nothing to guard until the parent hands the fds over; end of stream means the update
     // was abandoned.
     let (text, fds) = match fdpass::recv(&sock) {
@@ -114,16 +135,44 @@ pub fn main() -> i32 {
         eprintln!("molt: guardian: malformed handover");
         return 1;
     }
-    let Some(reason) = watch(env.parent) else {
-        return 1;
-    };
-    eprintln!("molt: update guardian: {reason}; restoring the guest on the previous binary");
-    let fds = names
+    let fds: Vec<(String, RawFd, OwnedFd)> = names
         .into_iter()
         .zip(fds)
         .map(|((n, at), fd)| (n, at, fd))
         .collect();
+    let reason = match watch(&parent, env.parent) {
+        Ok(r) => r,
+        Err(why) => {
+            eprintln!("molt: guardian: {why}; not taking over");
+            return 1;
+        }
+    };
+    if let Err(why) = still_open(&fds) {
+        eprintln!("molt: update guardian: {reason}, but {why}");
+        return 1;
+    }
+    eprintln!("molt: update guardian: {reason}; restoring the guest on the previous binary");
     take_over(&reason, fds)
+}
+
+/// Whether the handoff is still open: a new image that committed owned the guest when it
+/// died, and the record predates what the guest did since.
+fn still_open(fds: &[(String, RawFd, OwnedFd)]) -> Result<(), String> {
+    let role = FdRole::Commit.to_string();
+    let Some((_, _, fd)) = fds.iter().find(|(n, _, _)| *n == role) else {
+        return Err("the handover has no commit page; nothing is restored".into());
+    };
+    let page = fd
+        .try_clone()
+        .and_then(cpr::CommitPage::from_fd)
+        .map_err(|e| format!("its commit page is unusable ({e}); nothing is restored"))?;
+    match page.owner() {
+        None => Ok(()),
+        Some(owner) => Err(format!(
+            "process {owner} had taken the guest over: the VM is lost with it (nothing is \
+             restored from the record taken before the update)"
+        )),
+    }
 }
 
 /// Puts each fd at the number it had in the old image, then executes the previous binary.
@@ -149,7 +198,8 @@ fn take_over(reason: &str, fds: Vec<(String, RawFd, OwnedFd)>) -> i32 {
         exec_ns: None,
         rollback: Some(reason.into()),
         takeover: true,
-        guardian_pid: None,
+        guardian_pidfd: None,
+        commit_fd: find(FdRole::Commit),
     };
     super::incoming::exec_previous(&env, exe)
 }

@@ -95,7 +95,7 @@ impl Holder {
         // Closing our end makes the holder's read return.
         drop(self.release);
         if let Ok(pidfd) = pidfd {
-            if !sys::wait_readable(&pidfd, Duration::from_secs(1)) {
+            if !sys::wait_readable(&pidfd, Duration::from_secs(1)).unwrap_or(false) {
                 // Never unmap a stack that may still be in use.
                 log::warn!("update holder {} did not exit; leaking its stack", self.pid);
                 return;

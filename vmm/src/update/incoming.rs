@@ -6,13 +6,14 @@
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
-use cpr::{ExecEnv, Received, ReceivedFds};
+use cpr::{CommitPage, ExecEnv, Received, ReceivedFds};
 
 use super::handoff::{record_argv, Handoff};
 use super::{Phases, UpdateError, UpdateReport, HANDOFF_KIND};
 use crate::api::{ApiResponse, ErrorReply};
 use crate::assembly::{assemble, MachineSource, Runtime};
 use crate::components;
+use crate::fault::{self, Step};
 use crate::persist::RestoreFds;
 use crate::runtime::{Bookkeeping, Identity};
 use crate::state::now_ns;
@@ -46,6 +47,7 @@ pub enum IncomingError {
 /// this image does not read), `exit` (die before restoring).
 #[cfg(feature = "test-next")]
 fn inject_fault(bytes: &mut [u8]) -> Result<(), IncomingError> {
+    // `<step>:<kind>` faults are injected by `crate::fault` at their step.
     match std::env::var("MOLT_TEST_FAULT").as_deref() {
         Ok("panic") => panic!("injected panic while restoring"),
         Ok("error") => Err(IncomingError::Injected("startup error".into())),
@@ -73,11 +75,31 @@ fn record_bytes(record_fd: RawFd) -> Result<Vec<u8>, cpr::MemfdError> {
     cpr::read_record(unsafe { BorrowedFd::borrow_raw(record_fd) })
 }
 
-/// Restores the VM handed over by exec. On failure, the reason (a rollback follows).
+/// The handoff's commit page, from the number the environment names (a duplicate: the
+/// original stays for a rollback).
+fn commit_page(env: &ExecEnv) -> Option<CommitPage> {
+    let fd = env.commit_fd?;
+    // SAFETY: the number was inherited for this process and stays open (it is only borrowed
+    // to duplicate it).
+    let original = unsafe { BorrowedFd::borrow_raw(fd) };
+    match original.try_clone_to_owned().and_then(CommitPage::from_fd) {
+        Ok(page) => Some(page),
+        Err(e) => {
+            log::error!("the handoff's commit page is unusable: {e}");
+            None
+        }
+    }
+}
+
+/// Restores the VM handed over by exec. On failure, the reason (a rollback follows, unless
+/// the handoff was committed).
 pub fn restore(env: &ExecEnv, started: Instant) -> Result<Runtime, String> {
     let main_ns = now_ns();
+    let Some(commit) = commit_page(env) else {
+        return Err("the handoff has no usable commit page".into());
+    };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        take_over(env, main_ns, started)
+        take_over(env, &commit, main_ns, started)
     }));
     match result {
         Ok(Ok(runtime)) => Ok(runtime),
@@ -93,11 +115,24 @@ pub fn restore(env: &ExecEnv, started: Instant) -> Result<Runtime, String> {
     }
 }
 
-fn take_over(env: &ExecEnv, main_ns: u64, started: Instant) -> Result<Runtime, IncomingError> {
+fn take_over(
+    env: &ExecEnv,
+    commit: &CommitPage,
+    main_ns: u64,
+    started: Instant,
+) -> Result<Runtime, IncomingError> {
     #[allow(unused_mut)]
     let mut bytes = record_bytes(env.record_fd).map_err(IncomingError::Read)?;
     #[cfg(feature = "test-next")]
     inject_fault(&mut bytes)?;
+    fault::inject(Step::Record)?;
+    #[cfg(feature = "test-next")]
+    if std::env::var("MOLT_TEST_FAULT").as_deref() == Ok("kill-guardian") {
+        if let Some(fd) = env.guardian_pidfd {
+            // SAFETY: the inherited pidfd is only borrowed for the signal.
+            let _ = super::sys::kill_pidfd(unsafe { BorrowedFd::borrow_raw(fd) });
+        }
+    }
     let h = cpr::decode_kind::<Handoff>(&bytes, HANDOFF_KIND)
         .map_err(IncomingError::Decode)?
         .state;
@@ -130,11 +165,14 @@ fn take_over(env: &ExecEnv, main_ns: u64, started: Instant) -> Result<Runtime, I
     let mut runtime = assemble(h.config.clone(), parts, source, book, started)?;
     // Restore runs from this image's main() to the rebuilt, still paused machine.
     let restore_ms = now_ns().saturating_sub(main_ns) as f64 / 1e6;
+    fault::inject(Step::BeforeResume)?;
     let t_resume = Instant::now();
+    take_ownership(commit, &mut runtime);
     if !h.update.was_paused {
         runtime.vmm.resume()?;
     }
     let resume_ms = t_resume.elapsed().as_secs_f64() * 1e3;
+    fault::inject(Step::AfterResume)?;
     let phases = Phases {
         pause: h.update.pause_ms,
         save: h.update.save_ms,
@@ -146,10 +184,20 @@ fn take_over(env: &ExecEnv, main_ns: u64, started: Instant) -> Result<Runtime, I
     // The guest runs here now: let go of the inherited originals.
     fds.release_originals();
     close_original(env.record_fd);
-    if let Some(exe) = env.previous_exe_fd {
-        close_original(exe);
+    for fd in [env.previous_exe_fd, env.commit_fd].into_iter().flatten() {
+        close_original(fd);
     }
     Ok(runtime)
+}
+
+/// The commit point: from here on this image owns the guest, nothing may restore the record
+/// any more, and the socket paths are this image's to remove when it ends.
+fn take_ownership(commit: &CommitPage, runtime: &mut Runtime) {
+    commit.commit(std::process::id());
+    if let Some(api) = runtime.api.as_mut() {
+        api.set_remove_on_drop(true);
+    }
+    runtime.vmm.serial_out().set_remove_on_drop(true);
 }
 
 /// Closes an fd the previous image passed by number, once no rollback can need it.
@@ -162,10 +210,12 @@ fn close_original(fd: RawFd) {
 /// The guest runs: dismiss the guardian, write the report into the history and answer the
 /// request that started the update.
 fn finish(env: &ExecEnv, h: &Handoff, runtime: &mut Runtime, phases_ms: Phases) {
-    if !env.takeover {
-        if let Some(pid) = env.guardian_pid {
-            // The kernel reaps it: molt ignores SIGCHLD.
-            super::sys::kill(pid);
+    if let Some(fd) = env.guardian_pidfd.filter(|_| !env.takeover) {
+        // SAFETY: the guardian's pidfd was inherited for this process, which owns it from
+        // here on. The kernel reaps the guardian: molt ignores SIGCHLD.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if let Err(e) = super::sys::kill_pidfd(&pidfd) {
+            log::warn!("cannot dismiss the update guardian: {e}");
         }
     }
     let vmm = &mut runtime.vmm;
@@ -219,6 +269,13 @@ fn finish(env: &ExecEnv, h: &Handoff, runtime: &mut Runtime, phases_ms: Phases) 
 /// Executes the previous binary with the same record; returns the exit code only if that is
 /// impossible.
 pub fn roll_back(env: &ExecEnv, reason: &str) -> i32 {
+    if let Some(owner) = commit_page(env).and_then(|c| c.owner()) {
+        eprintln!(
+            "molt: error: the VM was lost: {reason} after process {owner} had taken the guest \
+             over; nothing is restored from the record taken before the update"
+        );
+        return 1;
+    }
     if let Some(first) = &env.rollback {
         eprintln!(
             "molt: error: cannot restore the guest after a failed update ({first}): {reason}"

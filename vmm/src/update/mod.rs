@@ -39,6 +39,19 @@ pub enum UpdateError {
     /// The target binary is not usable.
     #[error("binary {0}: {1}")]
     BadTarget(PathBuf, &'static str),
+    /// The fd limit is too small for the new image to take the fds over.
+    #[error(
+        "RLIMIT_NOFILE {limit} is too small for a live update: {open} fds are open and the new \
+         image needs about {needed} (raise the limit, e.g. with prlimit or LimitNOFILE=)"
+    )]
+    FdLimit {
+        /// Fds open now.
+        open: usize,
+        /// What the update needs.
+        needed: usize,
+        /// The soft limit.
+        limit: u64,
+    },
     /// Another update is running.
     #[error("an update is already in progress")]
     Busy,
@@ -60,6 +73,9 @@ pub enum UpdateError {
     /// Preserving fds failed.
     #[error("cannot preserve fds")]
     Fds(#[source] cpr::FdError),
+    /// The commit page cannot be created.
+    #[error("cannot create the handoff's commit page")]
+    CommitPage(#[source] std::io::Error),
     /// execve returned.
     #[error("cannot execute {0}")]
     Exec(PathBuf, #[source] cpr::ExecError),
@@ -83,7 +99,7 @@ impl UpdateError {
         match self {
             UpdateError::BadTarget(..) => 400,
             UpdateError::Exec(_, cpr::ExecError::Nul) => 400,
-            UpdateError::Busy => 409,
+            UpdateError::Busy | UpdateError::FdLimit { .. } => 409,
             _ => 500,
         }
     }

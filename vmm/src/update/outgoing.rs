@@ -26,8 +26,32 @@ struct Plan {
     argv: Vec<String>,
 }
 
+/// Fds the new image opens besides the inherited ones and their duplicates (KVM, vCPUs,
+/// eventfds, epoll, timers): a generous bound.
+const NEW_IMAGE_FDS: usize = 64;
+
+/// Refuses an update the fd limit would make fail half-way: the new image holds every
+/// inherited fd twice (the originals stay for a rollback until the guest runs).
+fn check_fd_budget() -> Result<(), UpdateError> {
+    use nix::sys::resource::{getrlimit, Resource};
+    let open = cpr::open_fds().map(|f| f.len()).unwrap_or(0);
+    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return Ok(());
+    };
+    let needed = 2 * open + NEW_IMAGE_FDS;
+    if needed as u64 > soft {
+        return Err(UpdateError::FdLimit {
+            open,
+            needed,
+            limit: soft,
+        });
+    }
+    Ok(())
+}
+
 fn plan(vmm: &Vmm, req: &CprExecRequest) -> Result<Plan, UpdateError> {
     let target = validate_target(req.binary.as_ref().unwrap_or(&vmm.identity.exe))?;
+    check_fd_budget()?;
     let argv = match &req.args {
         Some(args) => std::iter::once(target.display().to_string())
             .chain(args.iter().cloned())

@@ -30,28 +30,39 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// Waits until `fd` is readable or `timeout` passes; true if it became readable.
-pub fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
+/// Waits until `fd` is readable or `timeout` passes: `Ok(true)` if it became readable,
+/// `Ok(false)` on the timeout, an error if it cannot be waited for.
+pub fn wait_readable(fd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, ms) {
-            Ok(n) if n > 0 => return true,
-            Ok(_) => return false,
+            Ok(n) if n > 0 => return Ok(true),
+            Ok(_) => return Ok(false),
             Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => return false,
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
-/// SIGKILL to `pid`.
-pub fn kill(pid: i32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+/// SIGKILL to the process `pidfd` refers to (never to a recycled pid).
+pub fn kill_pidfd(pidfd: impl AsFd) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with a pidfd we hold, no siginfo, no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_fd().as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Puts each fd at the number given with it (inheritable), whatever this process had there:
