@@ -271,3 +271,48 @@ fn an_fd_limit_too_small_for_the_update_is_refused_before_the_pause() {
     vm.wait_tick_after(t);
     vm.shutdown();
 }
+
+/// A termination signal that arrives while an update runs is not lost and kills nothing by
+/// surprise: whichever image receives it ends the VM cleanly (exit 0) once the guest runs,
+/// and no guardian resurrects it.
+fn signal_during_update(signal: i32, env: &[(&str, &str)], delay: Duration) {
+    let vm = Vm::start(&format!("signal-{signal}-{}", delay.as_millis()), env);
+    let api = vm.api.clone();
+    let update = std::thread::spawn(move || {
+        let body = format!(r#"{{"binary": "{NEXT_BIN}"}}"#);
+        api::request(&api, "PUT", "/api/v1/vm.cpr-exec", Some(&body), WAIT)
+    });
+    std::thread::sleep(delay);
+    vm.molt.signal(signal);
+    let _ = update.join();
+    let Vm { molt, api, .. } = vm;
+    let out = molt.finish(WAIT);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let stderr = out.stderr().join("\n");
+    assert!(
+        !stderr.contains("update guardian"),
+        "the guardian acted:\n{stderr}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        api::request(&api, "GET", "/api/v1/vm.info", None, Duration::from_secs(2)).is_err(),
+        "a process still serves the VM"
+    );
+}
+
+#[test]
+fn sigterm_right_after_an_update_request_ends_the_vm_cleanly() {
+    for delay_ms in [0, 1, 2, 3, 4, 6, 8, 12] {
+        signal_during_update(libc::SIGTERM, &[], Duration::from_millis(delay_ms));
+    }
+}
+
+#[test]
+fn sigint_while_the_new_image_restores_ends_the_vm_cleanly() {
+    // The new image holds its restore for a second: the signal arrives in the middle of it.
+    signal_during_update(
+        libc::SIGINT,
+        &[("MOLT_TEST_FAULT", "record:sleep")],
+        Duration::from_millis(300),
+    );
+}

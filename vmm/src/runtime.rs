@@ -64,6 +64,8 @@ pub struct VmInfo {
     pub binary: PathBuf,
     /// Counters.
     pub counters: Counters,
+    /// virtio devices, in window order.
+    pub devices: Vec<crate::virtio::DeviceInfo>,
     /// Live updates so far.
     pub updates: UpdatesInfo,
 }
@@ -366,6 +368,7 @@ impl Vmm {
             uptime_ms: now_ns().saturating_sub(self.identity.booted_at_ns) / 1_000_000,
             binary: self.identity.exe.clone(),
             counters,
+            devices: self.shared.virtio.info(),
             updates: UpdatesInfo {
                 count: self.history.updates,
                 rollbacks: self.history.rollbacks,

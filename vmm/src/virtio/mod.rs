@@ -118,6 +118,16 @@ pub struct SlotState {
     pub mmio: MmioState,
 }
 
+/// One device in `vm.info`.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceInfo {
+    /// Its kind.
+    pub kind: VirtioKind,
+    /// Requests its host backend failed (disks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io_errors: Option<u64>,
+}
+
 /// All virtio devices of the VMM.
 pub struct Virtio {
     /// The devices, in window order.
@@ -243,6 +253,20 @@ impl Virtio {
                     kind: s.kind,
                     mmio: t.state(),
                 })
+            })
+            .collect()
+    }
+
+    /// Each device as `vm.info` shows it.
+    pub fn info(&self) -> Vec<DeviceInfo> {
+        self.slots
+            .iter()
+            .map(|s| DeviceInfo {
+                kind: s.kind,
+                io_errors: match lock(&s.transport).as_ref().map(|t| t.state().device) {
+                    Some(ModelState::Block(b)) => Some(b.io_errors),
+                    _ => None,
+                },
             })
             .collect()
     }
