@@ -35,6 +35,7 @@
 #![no_main]
 
 mod blk;
+mod blk_ring;
 mod boot;
 mod bootparams;
 mod devices;
