@@ -116,6 +116,13 @@ pub enum NetArg {
 /// words; everything else ignored).
 pub struct Config {
     pub memtest_mib: u64,
+    /// `molt.memtest_share=<1..100>`: percent of every page the memtest
+    /// covers (default: one word per page).
+    pub memtest_share: u64,
+    /// `molt.native=on`: run natively on a PVM host (see native.rs).
+    pub native: bool,
+    /// `molt.dirty=<MiB/s>`: dirty RAM at this rate (0 = off).
+    pub dirty_mib_s: u64,
     pub tick_ms: u64,
     /// End the VM after this many ticks (0 = never).
     pub ticks: u64,
@@ -193,6 +200,9 @@ impl Config {
     pub fn parse(cmdline: &[u8]) -> Config {
         let mut config = Config {
             memtest_mib: 0,
+            memtest_share: 0,
+            native: false,
+            dirty_mib_s: 0,
             tick_ms: 100,
             ticks: 0,
             exit: ExitAction::Code(0),
@@ -210,6 +220,12 @@ impl Config {
         for word in words {
             if let Some(v) = value_of(word, b"molt.memtest=").and_then(parse_num) {
                 config.memtest_mib = v;
+            } else if let Some(v) = value_of(word, b"molt.memtest_share=").and_then(parse_num) {
+                config.memtest_share = v.min(100);
+            } else if let Some(v) = value_of(word, b"molt.native=") {
+                config.native = v == b"on";
+            } else if let Some(v) = value_of(word, b"molt.dirty=").and_then(parse_num) {
+                config.dirty_mib_s = v;
             } else if let Some(v) = value_of(word, b"molt.tick_ms=").and_then(parse_num) {
                 if v > 0 {
                     config.tick_ms = v;

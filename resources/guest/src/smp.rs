@@ -90,7 +90,9 @@ fn find_floating_pointer() -> Option<u64> {
 }
 
 impl Cpus {
-    pub fn discover() -> Cpus {
+    /// Reads the MP table; `bsp_apic_id` is our own APIC ID (from CPUID,
+    /// which the caller reads before the CPU may run natively).
+    pub fn discover(bsp_apic_id: u8) -> Cpus {
         let mut cpus = Cpus {
             count: 1,
             apic_ids: [0; MAX_CPUS],
@@ -142,7 +144,7 @@ impl Cpus {
         }
         if !have_bsp {
             // No CPU flagged as BSP: trust our own APIC ID for index 0.
-            cpus.apic_ids[0] = (boot::cpuid(1).1 >> 24) as u8;
+            cpus.apic_ids[0] = bsp_apic_id;
             if let Some(i) = (1..count).find(|&i| cpus.apic_ids[i] == cpus.apic_ids[0]) {
                 cpus.apic_ids.copy_within(i + 1..count, i);
                 count -= 1;
@@ -241,12 +243,14 @@ pub fn start_aps(cpus: &Cpus, tsc_khz: u64) {
 
 /// Rust entry of an AP (called by `ap_entry64` on its own stack).
 pub extern "C" fn ap_main(index: u32) -> ! {
-    boot::load_idt();
+    boot::load_idt(false);
+    let mode = crate::native::switch_ap(crate::bsp_mode());
     ARRIVED.store(index, Ordering::Release);
     Line::new()
         .s(b"cpu id=")
         .dec(index.into())
-        .s(b" up")
+        .s(b" up ")
+        .s(mode.describe())
         .print();
     let mut ticker = crate::CpuTicker::new(index);
     loop {
