@@ -8,7 +8,7 @@
 //!             mode=native|emulated [native=unavailable|refused] loops_per_s=<n>
 //! molt-guest: tick n=<n> gap_max_us=<us> loops_per_s=<n>
 //! molt-guest: memtest pass=<n> ok mib_s=<n> | memtest pass=<n> FAIL addr=<hex> …
-//! molt-guest: cpu id=<i> up mode=… | cpu id=<i> n=<n>
+//! molt-guest: cpu id=<i> up mode=… | cpu id=<i> n=<n> loops_per_s=<n>
 //! molt-guest: dirty mib_s=<n> target=<n> mib=<n>      (see dirty.rs)
 //! molt-guest: exit code=<c> | reset
 //! molt-guest: cpu id=<i> timeout                      (an AP did not start)
@@ -170,11 +170,14 @@ impl CpuTicker {
     pub fn poll(&mut self, now: u64) {
         if self.deadline.expired(now) {
             self.n += 1;
+            let loops_per_s = native::loop_rate(TSC_KHZ.load(Ordering::Relaxed));
             Line::new()
                 .s(b"cpu id=")
                 .dec(self.index.into())
                 .s(b" n=")
                 .dec(self.n)
+                .s(b" loops_per_s=")
+                .dec(loops_per_s)
                 .print();
         }
     }
