@@ -299,11 +299,11 @@ fn crash(kind: Crash) {
 fn finish(action: ExitAction) -> ! {
     match action {
         ExitAction::Code(code) => {
-            Line::new().s(b"exit code=").dec(code.into()).print();
+            Line::new().s(b"exit code=").dec(code.into()).print_last();
             boot::exit(code)
         }
         ExitAction::Reset => {
-            Line::new().s(b"reset").print();
+            Line::new().s(b"reset").print_last();
             boot::reset()
         }
     }
