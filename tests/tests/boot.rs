@@ -195,3 +195,31 @@ fn guest_exceptions_and_panics_end_molt_with_the_guest_code() {
         }
     }
 }
+
+#[test]
+fn memory_load_knobs_test_whole_pages_and_dirty_ram_beside_the_memtest() {
+    // molt.memtest_share=100 tests every word of every page; molt.dirty= writes other RAM at a
+    // paced rate: were its pages among the memtest's, the memtest would fail.
+    let out = run(&[
+        "--memory",
+        "size=128M",
+        "--cmdline",
+        "molt.memtest=8 molt.memtest_share=100 molt.dirty=16 molt.ticks=25 molt.exit=0",
+    ]);
+    out.assert_code(0);
+    let lines = out.guest_lines();
+    let boot = boot_line(&lines);
+    if !check_mode(&boot, Mode::Default) {
+        return; // emulated, a whole-page memtest pass takes minutes
+    }
+    assert_eq!(boot.num("memtest_share"), 100, "{}", out.describe());
+    assert_memtest(&lines, 2);
+    let dirty = of_kind(&lines, "dirty");
+    assert!(!dirty.is_empty(), "no dirty lines\n{}", out.describe());
+    for d in dirty {
+        assert_eq!(d.num("target"), 16, "{}", d.raw);
+        // The area is the RAM above the memtest's 8 MiB, and the pacing never overshoots.
+        assert!((100..120).contains(&d.num("mib")), "{}", d.raw);
+        assert!(d.num("mib_s") <= 17, "{}", d.raw);
+    }
+}
