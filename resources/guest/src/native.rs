@@ -133,25 +133,33 @@ struct Tables([[u64; PAGE_ENTRIES]; 2 + DIRECTORIES]);
 /// Our page tables, zeroed with .bss and filled once by the BSP.
 static mut TABLES: Tables = Tables([[0; PAGE_ENTRIES]; 2 + DIRECTORIES]);
 
-/// Builds the identity map of [0, 4 GiB) with the U bit at every level and
-/// returns its CR3 value. Called once, by the BSP, before any AP starts.
-fn build_tables() -> u64 {
+/// Fills the identity map of [0, 4 GiB) with the U bit at every level, the
+/// 2 MiB pages `from..to` of it (as indices over all four directories), and
+/// returns its CR3 value. Only the BSP calls it, before any AP starts.
+fn fill_tables(from: usize, to: usize) -> u64 {
     let base = core::ptr::addr_of_mut!(TABLES).cast::<[u64; PAGE_ENTRIES]>();
-    // SAFETY: TABLES is a static only this function writes, once, on the BSP
-    // before any CPU uses it; the pointers stay inside its 6 tables.
+    // SAFETY: TABLES is a static only this function writes, on the BSP before
+    // any AP starts; the pointers stay inside its 6 tables. Entries the CPU
+    // may already use (from an earlier call) are rewritten with equal values.
     unsafe {
         let (pml4, pdpt) = (base, base.add(1));
         (*pml4)[0] = pdpt as u64 | PRESENT_WRITABLE_USER;
         for d in 0..DIRECTORIES {
-            let pd = base.add(2 + d);
-            (*pdpt)[d] = pd as u64 | PRESENT_WRITABLE_USER;
-            for (i, entry) in (*pd).iter_mut().enumerate() {
-                let phys = (((d * PAGE_ENTRIES) + i) as u64) << 21;
-                *entry = phys | PAGE_2M | PRESENT_WRITABLE_USER;
-            }
+            (*pdpt)[d] = base.add(2 + d) as u64 | PRESENT_WRITABLE_USER;
+        }
+        for page in from..to {
+            let pd = base.add(2 + page / PAGE_ENTRIES);
+            (*pd)[page % PAGE_ENTRIES] = (page as u64) << 21 | PAGE_2M | PRESENT_WRITABLE_USER;
         }
         pml4 as u64
     }
+}
+
+fn load_cr3(cr3: u64) {
+    // SAFETY: our tables identity-map the same first 4 GiB as the VMM's, with
+    // the same memory types, at least over everything the guest has used so
+    // far (see switch_bsp); everything the guest uses lies below 4 GiB.
+    unsafe { asm!("mov cr3, {}", in(reg) cr3, options(nostack, preserves_flags)) };
 }
 
 /// Whether the host has the PVM control MSR (its signature MSR says "PVM").
@@ -169,11 +177,15 @@ pub fn switch_bsp(wanted: bool) -> Mode {
     if !host_has_control() {
         return Mode::Unavailable;
     }
-    let cr3 = build_tables();
-    // SAFETY: the new tables identity-map the same first 4 GiB as the VMM's,
-    // with the same memory types; everything the guest uses lies below 4 GiB.
-    unsafe { asm!("mov cr3, {}", in(reg) cr3, options(nostack, preserves_flags)) };
-    switch_this_cpu()
+    // Writing all 2048 entries costs ~20 ms in KVM's emulator: map only the
+    // pages up to the end of the image (the boot data, the command line, the
+    // stacks and the tables lie below it) before the switch, the rest after.
+    let all = DIRECTORIES * PAGE_ENTRIES;
+    let early = (crate::boot::image_end().div_ceil(1 << 21) as usize).min(all);
+    load_cr3(fill_tables(0, early));
+    let mode = switch_this_cpu();
+    load_cr3(fill_tables(early, all));
+    mode
 }
 
 /// Switches an AP (already on the BSP's page tables, which the trampoline
