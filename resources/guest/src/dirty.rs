@@ -21,7 +21,7 @@ const MAPPED_END: u64 = 4 << 30;
 const MAX_RANGES: usize = 8;
 /// Most pages one `step` writes (1 MiB).
 const STEP_PAGES: u64 = 256;
-const MAX_CREDIT_MS: u64 = 10;
+const MAX_CREDIT_MS: u64 = 50;
 const REPORT_MS: u64 = 1000;
 
 pub struct Dirty {
