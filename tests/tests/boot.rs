@@ -223,3 +223,36 @@ fn memory_load_knobs_test_whole_pages_and_dirty_ram_beside_the_memtest() {
         assert!(d.num("mib_s") <= 18, "{}", d.raw);
     }
 }
+
+#[test]
+fn a_guest_that_cannot_run_natively_says_so_and_runs_emulated() {
+    // The test hook molt.native=test-unavailable makes the guest probe an MSR no host has
+    // instead of PVM's signature: the probe's #GP must be caught and every CPU fall back to the
+    // emulator (molt adds nothing: the command line has a molt.native= word).
+    let out = run(&[
+        "--cpus",
+        "2",
+        "--cmdline",
+        "molt.memtest=2 molt.native=test-unavailable molt.ticks=5 molt.exit=0",
+    ]);
+    out.assert_code(0);
+    let lines = out.guest_lines();
+    let boot = boot_line(&lines);
+    assert_eq!(boot.get("mode"), Some("emulated"), "{}", out.describe());
+    assert_eq!(
+        boot.get("native"),
+        Some("unavailable"),
+        "{}",
+        out.describe()
+    );
+    assert_aps_up(&out, &lines, 2);
+    for l in of_kind(&lines, "cpu").into_iter().filter(|l| l.has("up")) {
+        assert_eq!(l.get("mode"), Some("emulated"), "{}", out.describe());
+    }
+    assert_ticks(&lines, 5);
+    if molt_tests::is_pvm_host() {
+        for tick in of_kind(&lines, "tick") {
+            assert!(!runs_natively(tick), "{}", tick.raw);
+        }
+    }
+}

@@ -99,6 +99,16 @@ pub enum Crash {
     Panic,
 }
 
+/// `molt.native=on|off`, or the test hook `test-unavailable`: probe an MSR
+/// that does not exist instead of PVM's signature (so the #GP recovery and the
+/// fallback to emulation run on a host that has the control).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NativeArg {
+    Off,
+    On,
+    TestUnavailable,
+}
+
 /// Most `virtio_mmio.device=` entries the guest looks at.
 pub const MAX_VIRTIO: usize = 8;
 
@@ -119,8 +129,8 @@ pub struct Config {
     /// `molt.memtest_share=<1..100>`: percent of every page the memtest
     /// covers (default: one word per page).
     pub memtest_share: u64,
-    /// `molt.native=on`: run natively on a PVM host (see native.rs).
-    pub native: bool,
+    /// `molt.native=`: run natively on a PVM host (see native.rs).
+    pub native: NativeArg,
     /// `molt.dirty=<MiB/s>`: dirty RAM at this rate (0 = off).
     pub dirty_mib_s: u64,
     pub tick_ms: u64,
@@ -201,7 +211,7 @@ impl Config {
         let mut config = Config {
             memtest_mib: 0,
             memtest_share: 0,
-            native: false,
+            native: NativeArg::Off,
             dirty_mib_s: 0,
             tick_ms: 100,
             ticks: 0,
@@ -223,7 +233,11 @@ impl Config {
             } else if let Some(v) = value_of(word, b"molt.memtest_share=").and_then(parse_num) {
                 config.memtest_share = v.min(100);
             } else if let Some(v) = value_of(word, b"molt.native=") {
-                config.native = v == b"on";
+                config.native = match v {
+                    b"on" => NativeArg::On,
+                    b"test-unavailable" => NativeArg::TestUnavailable,
+                    _ => NativeArg::Off,
+                };
             } else if let Some(v) = value_of(word, b"molt.dirty=").and_then(parse_num) {
                 config.dirty_mib_s = v;
             } else if let Some(v) = value_of(word, b"molt.tick_ms=").and_then(parse_num) {

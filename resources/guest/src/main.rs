@@ -24,7 +24,8 @@
 //! Command line words (others are ignored): `molt.memtest=<MiB>` (0 = off),
 //! `molt.memtest_share=<1..100>` (percent of every page tested; default one
 //! word), `molt.native=on` (run natively on a PVM host, see native.rs; the
-//! VMM adds it where the host can), `molt.dirty=<MiB/s>` (a memory load, see
+//! VMM adds it where the host can; the test hook `molt.native=test-unavailable`
+//! exercises the fallback), `molt.dirty=<MiB/s>` (a memory load, see
 //! dirty.rs), `molt.tick_ms=<ms>` (default 100), `molt.ticks=<n>` (end the VM after tick
 //! n), `molt.exit=<0..255>|reset` (how to end it), `molt.tsc_khz=<kHz>` (used
 //! when the hypervisor does not report the TSC frequency), the test hook

@@ -22,10 +22,13 @@
 //! #GP: the #GP stub in boot.rs resumes a faulting `molt_rdmsr_insn` or
 //! `molt_wrmsr_insn` at `molt_msr_fault`, which returns 0.
 
+use crate::bootparams::NativeArg;
 use core::arch::{asm, global_asm};
 
 /// PVM signature MSR: reads [`SIGNATURE`] ("PVM") on hosts that have it.
 const SIGNATURE_MSR: u32 = 0x4b56_4d11;
+/// An MSR no host has (for `molt.native=test-unavailable`).
+const MISSING_MSR: u32 = 0x4b56_4d1f;
 const SIGNATURE: u64 = 0x4d_5650;
 /// PVM control MSR.
 const CONTROL_MSR: u32 = 0x4b56_4d10;
@@ -163,18 +166,20 @@ fn load_cr3(cr3: u64) {
 }
 
 /// Whether the host has the PVM control MSR (its signature MSR says "PVM").
-fn host_has_control() -> bool {
-    rdmsr_safe(SIGNATURE_MSR) == Some(SIGNATURE)
+fn host_has_control(signature_msr: u32) -> bool {
+    rdmsr_safe(signature_msr) == Some(SIGNATURE)
 }
 
 /// Switches the BSP to native execution: our page tables, the control MSR,
 /// the native IDT. Leaves the CPU as it was (emulated, emulated IDT) when the
 /// host has no control MSR or refuses it.
-pub fn switch_bsp(wanted: bool) -> Mode {
-    if !wanted {
-        return Mode::Off;
-    }
-    if !host_has_control() {
+pub fn switch_bsp(wanted: NativeArg) -> Mode {
+    let signature_msr = match wanted {
+        NativeArg::Off => return Mode::Off,
+        NativeArg::On => SIGNATURE_MSR,
+        NativeArg::TestUnavailable => MISSING_MSR,
+    };
+    if !host_has_control(signature_msr) {
         return Mode::Unavailable;
     }
     // Writing all 2048 entries costs ~20 ms in KVM's emulator: map only the
