@@ -13,6 +13,7 @@ pub mod api;
 pub mod cpio;
 pub mod hugepages;
 pub mod linux_init;
+pub mod native;
 pub mod netns;
 
 use std::collections::BTreeMap;

@@ -122,7 +122,8 @@ impl Machine {
         let ram = memory::create(&config.memory)?;
         let vm_fd = vm::create_vm(kvm, &ram)?;
         let (fds, tsc_khz) = vm::create_vcpus(kvm, &vm_fd, config.cpus)?;
-        let entry = boot::load(config, &shared.virtio.cmdline(), &ram)?;
+        let native = arch::pvm::has_native_control(&fds[0]);
+        let entry = boot::load(config, &shared.virtio.cmdline(), native, &ram)?;
         vm::setup_boot_vcpu(&fds[0], &ram, entry)?;
         shared.virtio.attach(&vm_fd, &ram.mem, None)?;
         let msrs = Arc::new(MsrSet::probe(kvm, &fds[0]));
