@@ -159,13 +159,18 @@ const READ_ONLY_MSRS: &[u32] = &[0xfe];
 pub struct MsrSet(Vec<u32>);
 
 impl MsrSet {
-    /// Probes which candidate MSRs `vcpu` can read.
+    /// Probes which candidate MSRs `vcpu` can read. On a host with PVM's native-execution
+    /// control ([`crate::pvm`]) the control MSR is one of them, so a guest that runs natively
+    /// keeps doing so across every capture and restore.
     pub fn probe(kvm: &kvm_ioctls::Kvm, vcpu: &VcpuFd) -> Self {
         let mut candidates: Vec<u32> = kvm
             .get_msr_index_list()
             .map(|l| l.as_slice().to_vec())
             .unwrap_or_default();
         candidates.extend_from_slice(EXTRA_MSRS);
+        if crate::pvm::has_native_control(vcpu) {
+            candidates.push(crate::pvm::CONTROL_MSR);
+        }
         candidates.sort_unstable();
         candidates.dedup();
         let readable = candidates

@@ -44,6 +44,11 @@ pub struct Args {
     /// also waits for the update's background work to end).
     #[arg(long, value_name = "MS", default_value_t = 300)]
     pub min_gap_ms: u64,
+
+    /// The guest's command line (e.g. add `molt.native=off` to keep it in KVM's emulator on a
+    /// PVM host, or `molt.dirty=<MiB/s>` for a memory load).
+    #[arg(long, value_name = "WORDS", default_value = "molt.memtest=0")]
+    pub guest_cmdline: String,
 }
 
 impl Args {

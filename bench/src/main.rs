@@ -99,6 +99,7 @@ fn bench(args: &cli::Args) -> Result<usize> {
         molt: copy,
         runs,
         min_gap: Duration::from_millis(args.min_gap_ms),
+        guest_cmdline: args.guest_cmdline.clone(),
         tmp: tmp.path().to_path_buf(),
     };
     eprintln!("molt-bench: {}", machine.line());
@@ -137,6 +138,7 @@ fn bench(args: &cli::Args) -> Result<usize> {
         machine,
         runs,
         min_gap_ms: args.min_gap_ms,
+        guest_cmdline: args.guest_cmdline.clone(),
         configs: results,
     };
     write_outputs(&report, &args.out)?;

@@ -99,16 +99,16 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(
         s,
         "{} updates (`PUT /api/v1/vm.cpr-exec`, body `{{}}`) per configuration, embedded test \
-         guest (`molt.memtest=0`). Times in ms; p50/p99 by nearest rank (with 20 updates the \
+         guest (`{}`). Times in ms; p50/p99 by nearest rank (with 20 updates the \
          p99 is the largest). *pause* is molt's `pause_ms` (vCPUs stopped → running again) and \
          the phases its `phases_ms`. *guest gap* is the largest `gap_max_us` of the guest's tick \
          lines up to the first tick printed after the response; *idle gap* is the same figure \
-         for ticks without an update (the guest's own jitter in KVM's emulator). *background* \
+         for ticks without an update (the guest's own jitter, mostly its own tick line). *background* \
          is how long after the response molt still had children (the holder tearing down the \
          old address space and KVM VM) or, with RAM touched, a `prefault` thread or a growing \
          RSS; the next update waits for that and at least {} ms. RAM *touched* = \
          `prefault=on`.\n",
-        r.runs, r.min_gap_ms
+        r.runs, r.guest_cmdline, r.min_gap_ms
     );
     s.push_str(&table(&r.configs));
     s.push_str("\n## Goals (issue 6, 1-vCPU rows, p50 pause)\n\n");

@@ -173,6 +173,8 @@ pub struct Report {
     pub runs: usize,
     /// Minimum time between the end of one update and the next request, ms.
     pub min_gap_ms: u64,
+    /// The guest's command line (molt adds `molt.native=on` on hosts that can run it natively).
+    pub guest_cmdline: String,
     /// Every configuration.
     pub configs: Vec<ConfigResult>,
 }

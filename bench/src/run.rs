@@ -30,6 +30,8 @@ pub struct Options {
     pub runs: usize,
     /// Minimum time from one update's response to the next request.
     pub min_gap: Duration,
+    /// The guest's command line.
+    pub guest_cmdline: String,
     /// Directory for sockets and logs (a subdirectory per configuration).
     pub tmp: PathBuf,
 }
@@ -74,7 +76,7 @@ fn drive(cfg: &Config, opts: &Options, res: &mut ConfigResult) -> Result<()> {
         "--cpus".into(),
         cfg.vcpus.to_string(),
         "--cmdline".into(),
-        "molt.memtest=0".into(),
+        opts.guest_cmdline.clone(),
     ];
     let started = Instant::now();
     let mut molt = Molt::spawn(&opts.molt, &args, &dir)?;

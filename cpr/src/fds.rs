@@ -5,13 +5,11 @@
 //! [`FdRegistry::describe`] lists them for the state record, and
 //! [`FdRegistry::preserve_all`] clears `FD_CLOEXEC` on exactly those fds
 //! just before `execve` ([`FdRegistry::restore_cloexec`] sets it again if
-//! the exec fails). On the receiving side, [`FdRegistry::inherited`] rebuilds
-//! the registry from the record's list and [`FdRegistry::adopt`] takes
-//! ownership of each fd by name.
+//! the exec fails). The receiving side is [`crate::Inherited`].
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use serde::{Deserialize, Serialize};
 
@@ -73,13 +71,22 @@ pub enum FdError {
         #[source]
         source: io::Error,
     },
-    /// The fd was registered by the caller, who keeps owning it.
-    #[error("fd {fd} ({name}) is borrowed, not inherited, and cannot be adopted")]
-    Borrowed {
+    /// An inherited fd was taken twice.
+    #[error("preserved fd {name:?} was already taken")]
+    TakenTwice {
+        /// The name.
+        name: String,
+    },
+    /// Duplicating an inherited fd failed.
+    #[error("cannot duplicate preserved fd {fd} ({name})")]
+    Duplicate {
         /// The name.
         name: String,
         /// The fd number.
         fd: RawFd,
+        /// What `fcntl` reported.
+        #[source]
+        source: io::Error,
     },
     /// No fd of that name is (still) in the registry.
     #[error("no preserved fd named {name:?}")]
@@ -108,15 +115,7 @@ pub enum FdError {
 /// exec (or until [`restore_cloexec`](Self::restore_cloexec)).
 #[derive(Debug, Default)]
 pub struct FdRegistry {
-    fds: BTreeMap<String, Entry>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    fd: RawFd,
-    /// Came from [`FdRegistry::inherited`], so it may be adopted; fds given
-    /// to [`FdRegistry::register`] are only borrowed.
-    inherited: bool,
+    fds: BTreeMap<String, RawFd>,
 }
 
 impl FdRegistry {
@@ -125,52 +124,21 @@ impl FdRegistry {
         Self::default()
     }
 
-    /// Rebuilds the registry in the new process from the list in the state
-    /// record, so that its fds can be [`adopt`](Self::adopt)ed.
-    ///
-    /// # Safety
-    ///
-    /// Every listed fd that is open must have been inherited across `execve`
-    /// for this process to own, and nothing in this process may own it
-    /// already: [`adopt`](Self::adopt) wraps it in an [`OwnedFd`] that
-    /// closes it on drop.
-    pub unsafe fn inherited(list: &[PreservedFd]) -> Result<Self, FdError> {
-        let mut registry = Self::new();
-        for entry in list {
-            if entry.fd < 0 {
-                return Err(FdError::InvalidNumber {
-                    name: entry.name.clone(),
-                    fd: entry.fd,
-                });
-            }
-            registry.insert(&entry.name, entry.fd, true)?;
-        }
-        Ok(registry)
-    }
-
     /// Registers `fd` under `name`. Names and fds must both be unique.
     pub fn register(&mut self, name: &str, fd: impl AsFd) -> Result<(), FdError> {
-        self.insert(name, fd.as_fd().as_raw_fd(), false)
-    }
-
-    fn insert(&mut self, name: &str, fd: RawFd, inherited: bool) -> Result<(), FdError> {
+        let fd = fd.as_fd().as_raw_fd();
         if self.fds.contains_key(name) {
             return Err(FdError::DuplicateName { name: name.into() });
         }
-        if let Some((existing, _)) = self.fds.iter().find(|(_, e)| e.fd == fd) {
+        if let Some((existing, _)) = self.fds.iter().find(|(_, e)| **e == fd) {
             return Err(FdError::DuplicateFd {
                 fd,
                 existing: existing.clone(),
                 name: name.into(),
             });
         }
-        self.fds.insert(name.to_owned(), Entry { fd, inherited });
+        self.fds.insert(name.to_owned(), fd);
         Ok(())
-    }
-
-    /// The fd number registered under `name`.
-    pub fn get(&self, name: &str) -> Option<RawFd> {
-        self.fds.get(name).map(|e| e.fd)
     }
 
     /// Number of registered fds.
@@ -187,9 +155,9 @@ impl FdRegistry {
     pub fn describe(&self) -> Vec<PreservedFd> {
         self.fds
             .iter()
-            .map(|(name, e)| PreservedFd {
+            .map(|(name, &fd)| PreservedFd {
                 name: name.clone(),
-                fd: e.fd,
+                fd,
             })
             .collect()
     }
@@ -199,7 +167,7 @@ impl FdRegistry {
     /// before the error is returned.
     pub fn preserve_all(&self) -> Result<(), FdError> {
         let mut changed: Vec<(RawFd, libc::c_int)> = Vec::with_capacity(self.fds.len());
-        for (name, &Entry { fd, .. }) in &self.fds {
+        for (name, &fd) in &self.fds {
             let result = fd_flags(fd).and_then(|flags| {
                 set_fd_flags(fd, flags & !libc::FD_CLOEXEC)?;
                 Ok(flags)
@@ -228,7 +196,7 @@ impl FdRegistry {
     /// `execve`. Goes through all fds and returns the first failure.
     pub fn restore_cloexec(&self) -> Result<(), FdError> {
         let mut first = None;
-        for (name, &Entry { fd, .. }) in &self.fds {
+        for (name, &fd) in &self.fds {
             if let Err(source) = set_cloexec(fd) {
                 log::error!("cannot set FD_CLOEXEC on fd {fd} ({name}): {source}");
                 first.get_or_insert(FdError::Restore {
@@ -239,45 +207,6 @@ impl FdRegistry {
             }
         }
         first.map_or(Ok(()), Err)
-    }
-
-    /// Takes ownership of the inherited fd under `name`, after checking
-    /// that it is open, and sets `FD_CLOEXEC` on it again. The entry leaves
-    /// the registry, so an fd can only be adopted once. Fds added with
-    /// [`register`](Self::register) are borrowed and cannot be adopted.
-    pub fn adopt(&mut self, name: &str) -> Result<OwnedFd, FdError> {
-        let Some(&Entry { fd, inherited }) = self.fds.get(name) else {
-            return Err(FdError::UnknownName { name: name.into() });
-        };
-        if !inherited {
-            return Err(FdError::Borrowed {
-                name: name.into(),
-                fd,
-            });
-        }
-        self.fds.remove(name);
-        fd_flags(fd).map_err(|source| FdError::NotOpen {
-            name: name.into(),
-            fd,
-            source,
-        })?;
-        // SAFETY: `fd` is open (F_GETFD succeeded) and its entry came from
-        // `inherited`, whose caller promised that this process owns the fd
-        // and nothing else in it does; the entry was removed above, so no
-        // second OwnedFd can be made from it.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        set_cloexec(fd).map_err(|source| FdError::Restore {
-            name: name.into(),
-            fd,
-            source,
-        })?;
-        log::debug!("adopted preserved fd {fd} ({name})");
-        Ok(owned)
-    }
-
-    /// Names still in the registry, e.g. fds the new process did not adopt.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.fds.keys().map(String::as_str)
     }
 }
 
@@ -302,7 +231,7 @@ pub fn open_fds() -> Result<Vec<RawFd>, FdError> {
     Ok(fds)
 }
 
-fn fd_flags(fd: RawFd) -> io::Result<libc::c_int> {
+pub(crate) fn fd_flags(fd: RawFd) -> io::Result<libc::c_int> {
     // SAFETY: F_GETFD takes no argument and touches no memory; an fd number
     // that is not open just yields EBADF.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };

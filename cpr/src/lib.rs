@@ -20,17 +20,30 @@
 //! - [`record`]: [`encode`] / [`decode`] / [`decode_kind`] / [`peek_header`].
 //! - [`memfd`]: [`write_sealed`] puts a record in a sealed memfd,
 //!   [`read_record`] reads it back from an inherited fd.
-//! - [`fds`]: [`FdRegistry`] names the fds to keep across `execve`, clears
-//!   and restores their close-on-exec flags, and adopts them on the other
-//!   side.
+//! - [`fds`]: [`FdRegistry`] names the fds to keep across `execve` and
+//!   clears and restores their close-on-exec flags; [`inherit`]: the other
+//!   side, [`Inherited`], hands them out by name.
+//! - [`transport`]: the seam between a capture and how it travels; [`exec`]
+//!   is the exec transport's environment contract and exec calls,
+//!   [`fdpass`] passes fds over a unix socket; [`commit`] is the crash-safe
+//!   commit point every fallback checks.
 
+pub mod commit;
+pub mod exec;
+pub mod fdpass;
 pub mod fds;
+pub mod inherit;
 pub mod memfd;
 pub mod record;
+pub mod transport;
 
+pub use commit::CommitPage;
+pub use exec::{ExecEnv, ExecError, GuardianEnv};
 pub use fds::{is_cloexec, open_fds, FdError, FdRegistry, PreservedFd};
+pub use inherit::Inherited;
 pub use memfd::{is_sealed, read_record, seals, write_sealed, MemfdError};
 pub use record::{
     decode, decode_kind, encode, peek_header, Header, Record, RecordError, FORMAT_MAJOR,
     FORMAT_MINOR, HEADER_LEN, MAGIC, MAX_RECORD_LEN,
 };
+pub use transport::{Received, ReceivedFds, Transport};

@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use cpr::{FdRegistry, PreservedFd};
+use cpr::{FdRegistry, Inherited, PreservedFd};
 use serde::{Deserialize, Serialize};
 
 const RECORD_FD_VAR: &str = "MOLT_CPR_TEST_RECORD_FD";
@@ -81,24 +81,36 @@ fn child(record_fd: RawFd) {
     }];
     // SAFETY: the parent cleared close-on-exec on this fd for us and nothing
     // in this process has touched it.
-    let mut boot = unsafe { FdRegistry::inherited(&handed) }.expect("record registry");
-    let record_fd = boot.adopt("record").expect("adopt record");
+    let mut boot = unsafe { Inherited::from_numbers(&handed) }.expect("record fd");
+    let record_fd = boot.take("record").expect("take record");
     assert!(cpr::is_sealed(&record_fd).expect("seals"));
     let bytes = cpr::read_record(&record_fd).expect("read record");
     let record: cpr::Record<HandoffState> = cpr::decode_kind(&bytes, KIND).expect("decode");
     let state = record.state;
 
-    for fd in &state.not_preserved {
+    // (The record's duplicate may have reused a number the parent had.)
+    for fd in state
+        .not_preserved
+        .iter()
+        .filter(|&&fd| fd != record_fd.as_raw_fd())
+    {
         assert!(cpr::is_cloexec(*fd).is_err(), "fd {fd} leaked across exec");
     }
     // SAFETY: the listed fds were preserved by the parent for us and nothing
     // in this process owns them.
-    let mut fds = unsafe { FdRegistry::inherited(&state.fds) }.expect("registry");
-    let control = fds.adopt("control").expect("adopt control");
-    assert!(fds.is_empty());
+    let mut fds = unsafe { Inherited::from_numbers(&state.fds) }.expect("inherited");
+    let control = fds.take("control").expect("take control");
+    assert!(fds.unclaimed().is_empty());
     let open = cpr::open_fds().expect("list fds");
     assert!(open.contains(&control.as_raw_fd()) && open.contains(&record_fd.as_raw_fd()));
     assert_eq!(cpr::is_cloexec(control.as_raw_fd()).ok(), Some(true));
+    // The originals stay open (a rollback would need them) until released.
+    let original = state.fds[0].fd;
+    assert_ne!(original, control.as_raw_fd());
+    assert_eq!(cpr::is_cloexec(original).ok(), Some(false));
+    fds.release_originals();
+    boot.release_originals();
+    assert!(cpr::is_cloexec(original).is_err(), "original not closed");
 
     let mut stream = UnixStream::from(control);
     stream.write_all(state.greeting.as_bytes()).expect("answer");

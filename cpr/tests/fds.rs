@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Mutex, MutexGuard};
 
-use cpr::{is_cloexec, open_fds, FdError, FdRegistry, PreservedFd};
+use cpr::{is_cloexec, open_fds, FdError, FdRegistry, Inherited, PreservedFd};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -121,27 +121,27 @@ fn duplicates_are_refused() {
     let list = [
         PreservedFd {
             name: "x".into(),
-            fd: 100,
+            fd: b.as_raw_fd(),
         },
         PreservedFd {
             name: "y".into(),
-            fd: 100,
+            fd: b.as_raw_fd(),
         },
     ];
-    // SAFETY: construction fails before anything could be adopted.
-    let result = unsafe { FdRegistry::inherited(&list) };
+    // SAFETY: construction fails before anything could be taken.
+    let result = unsafe { Inherited::from_numbers(&list) };
     assert!(matches!(result, Err(FdError::DuplicateFd { .. })));
     let negative = [PreservedFd {
         name: "x".into(),
         fd: -1,
     }];
-    // SAFETY: construction fails before anything could be adopted.
-    let result = unsafe { FdRegistry::inherited(&negative) };
+    // SAFETY: construction fails before anything could be taken.
+    let result = unsafe { Inherited::from_numbers(&negative) };
     assert!(matches!(result, Err(FdError::InvalidNumber { fd: -1, .. })));
 }
 
 #[test]
-fn adopt_takes_ownership_and_sets_cloexec() {
+fn take_hands_out_cloexec_duplicates_and_keeps_the_originals() {
     let _guard = lock();
     let (a, b) = pair();
     let raw = a.into_raw_fd();
@@ -151,28 +151,36 @@ fn adopt_takes_ownership_and_sets_cloexec() {
         fd: raw,
     }];
     // SAFETY: `raw` was released by into_raw_fd above and nothing owns it.
-    let mut registry = unsafe { FdRegistry::inherited(&list) }.expect("inherited");
-    assert_eq!(registry.describe(), list);
-    let owned = registry.adopt("api-listener").expect("adopt");
-    assert_eq!(owned.as_raw_fd(), raw);
-    assert_eq!(is_cloexec(raw).ok(), Some(true));
-    assert!(registry.is_empty());
+    let mut inherited = unsafe { Inherited::from_numbers(&list) }.expect("inherited");
+    let owned = inherited.take("api-listener").expect("take");
+    assert_ne!(owned.as_raw_fd(), raw);
+    assert_eq!(is_cloexec(owned.as_raw_fd()).ok(), Some(true));
+    assert_eq!(is_cloexec(raw).ok(), Some(false), "original untouched");
+    assert!(inherited.unclaimed().is_empty());
     assert!(matches!(
-        registry.adopt("api-listener"),
+        inherited.take("api-listener"),
+        Err(FdError::TakenTwice { .. })
+    ));
+    assert!(matches!(
+        inherited.take("serial"),
         Err(FdError::UnknownName { .. })
     ));
-    // The adopted fd works and is closed on drop.
+    assert!(inherited
+        .take_optional("serial")
+        .expect("optional")
+        .is_none());
+    // The duplicate works; releasing closes the original only.
+    inherited.release_originals();
+    assert!(is_cloexec(raw).is_err(), "original not closed");
     let mut stream = UnixStream::from(owned);
     std::io::Write::write_all(&mut stream, b"hi").expect("write");
     let mut buf = [0; 2];
     std::io::Read::read_exact(&mut &b, &mut buf).expect("read");
     assert_eq!(&buf, b"hi");
-    drop(stream);
-    assert!(is_cloexec(raw).is_err(), "adopted fd not closed on drop");
 }
 
 #[test]
-fn adopt_of_closed_fd_fails() {
+fn an_inherited_fd_that_is_not_open_is_refused() {
     let _guard = lock();
     let (a, _b) = pair();
     let raw = a.as_raw_fd();
@@ -181,10 +189,8 @@ fn adopt_of_closed_fd_fails() {
         name: "serial".into(),
         fd: raw,
     }];
-    // SAFETY: `raw` is closed and stays closed while the lock is held, so
-    // adopt finds nothing to own.
-    let mut registry = unsafe { FdRegistry::inherited(&list) }.expect("inherited");
-    let err = registry.adopt("serial").expect_err("adopted a closed fd");
+    // SAFETY: `raw` is closed and stays closed while the lock is held.
+    let err = unsafe { Inherited::from_numbers(&list) }.expect_err("accepted a closed fd");
     assert!(
         matches!(&err, FdError::NotOpen { name, fd, .. } if name == "serial" && *fd == raw),
         "{err}"
@@ -196,17 +202,25 @@ fn adopt_of_closed_fd_fails() {
 }
 
 #[test]
-fn borrowed_fds_cannot_be_adopted() {
+fn fds_received_by_name_are_taken_the_same_way() {
     let _guard = lock();
-    let (a, _b) = pair();
-    let mut registry = FdRegistry::new();
-    registry.register("ram0", &a).expect("register");
+    let (a, b) = pair();
+    let mut inherited = Inherited::from_owned(vec![("ram0".into(), a.into())]).expect("from owned");
+    assert!(inherited.contains("ram0"));
+    assert_eq!(inherited.unclaimed(), ["ram0"]);
+    let dup = inherited.take("ram0").expect("take");
+    let mut stream = UnixStream::from(dup);
+    std::io::Write::write_all(&mut stream, b"ok").expect("write");
+    let mut buf = [0; 2];
+    std::io::Read::read_exact(&mut &b, &mut buf).expect("read");
+    assert_eq!(&buf, b"ok");
     assert!(matches!(
-        registry.adopt("ram0"),
-        Err(FdError::Borrowed { .. })
+        Inherited::from_owned(vec![
+            ("x".into(), pair().0.into()),
+            ("x".into(), pair().0.into())
+        ]),
+        Err(FdError::DuplicateName { .. })
     ));
-    assert_eq!(registry.get("ram0"), Some(a.as_raw_fd()));
-    assert_eq!(is_cloexec(a.as_raw_fd()).ok(), Some(true));
 }
 
 #[test]

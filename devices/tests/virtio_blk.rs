@@ -5,7 +5,7 @@ mod virtio_driver;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use devices::virtio::{Block, DeviceState, Rng};
+use devices::virtio::{Block, ModelState, Rng};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
 
@@ -328,7 +328,7 @@ fn state_round_trip_completes_every_request_once() {
     let mem2 = file_memory(ram.as_file());
     let file = f.try_clone().unwrap();
     d.rebuild(mem2, |s| match s {
-        DeviceState::Block(b) => Box::new(Block::from_state(b, file).unwrap()),
+        ModelState::Block(b) => Box::new(Block::from_state(b, file).unwrap()),
         other => panic!("unexpected {other:?}"),
     });
     d.t.resume();
@@ -359,7 +359,7 @@ fn state_before_driver_ok_restores_setup() {
     assert!(d.negotiate(u64::MAX));
     d.setup_queue(0, 32);
     d.rebuild(mem, |s| match s {
-        DeviceState::Block(b) => Box::new(Block::from_state(b, f.try_clone().unwrap()).unwrap()),
+        ModelState::Block(b) => Box::new(Block::from_state(b, f.try_clone().unwrap()).unwrap()),
         other => panic!("unexpected {other:?}"),
     });
     d.w32(0x30, 0);

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 
-use devices::virtio::{DeviceState, Net};
+use devices::virtio::{ModelState, Net};
 use vm_memory::Bytes;
 
 use virtio_driver::*;
@@ -102,7 +102,7 @@ fn receive_waits_for_buffers() {
     d.t.backend_ready();
     assert_eq!(d.irq_count(), 0);
     match d.t.state().device {
-        DeviceState::Net(n) => assert_eq!(n.pending_rx_frame, Some(frame(7, 100))),
+        ModelState::Net(n) => assert_eq!(n.pending_rx_frame, Some(frame(7, 100))),
         other => panic!("unexpected {other:?}"),
     }
     // Buffers arrive with a notification: both frames delivered, in order.
@@ -157,7 +157,7 @@ fn pending_frame_survives_a_state_round_trip() {
     let tx = d.alloc(HDR + 50, 0);
     d.add(1, &[rd(tx, (HDR + 50) as u32)]);
     d.rebuild(file_memory(ram.as_file()), |s| match s {
-        DeviceState::Net(n) => {
+        ModelState::Net(n) => {
             assert_eq!(n.pending_rx_frame, Some(frame(1, 80)));
             Box::new(Net::from_state(n, tap2).unwrap())
         }
@@ -183,7 +183,7 @@ fn reset_drops_the_pending_frame() {
     d.t.backend_ready();
     d.init(u64::MAX);
     match d.t.state().device {
-        DeviceState::Net(n) => assert_eq!(n.pending_rx_frame, None),
+        ModelState::Net(n) => assert_eq!(n.pending_rx_frame, None),
         other => panic!("unexpected {other:?}"),
     }
 }

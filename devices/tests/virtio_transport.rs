@@ -2,7 +2,7 @@
 
 mod virtio_driver;
 
-use devices::virtio::{DeviceState, MmioTransport, Rng, RngState};
+use devices::virtio::{MmioTransport, ModelState, Rng, RngState};
 use vm_memory::{Bytes, GuestAddress};
 
 use virtio_driver::*;
@@ -195,7 +195,7 @@ fn rng_state_round_trip() {
     let b = d.alloc(32, 0);
     d.add(0, &[wr(b, 32)]);
     let state = d.t.state();
-    assert_eq!(state.device, DeviceState::Rng(RngState {}));
+    assert_eq!(state.device, ModelState::Rng(RngState {}));
     assert_eq!(state.queues[0].next_avail, 1);
     let json = serde_json::to_value(&state).unwrap();
     assert_eq!(json["device"]["type"], "Rng");

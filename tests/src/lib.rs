@@ -16,6 +16,7 @@ pub mod hugepages;
 pub mod kernel;
 pub mod linux_init;
 pub mod linux_log;
+pub mod native;
 pub mod netns;
 
 use std::collections::BTreeMap;

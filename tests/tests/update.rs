@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use molt_tests::api::{self, Reply};
+use molt_tests::native::{check_mode, runs_natively, Mode};
 use molt_tests::{guest_lines, molt_bin, GuestLine, Molt, Stream, TempDir};
 use serde_json::Value;
 
@@ -26,13 +27,21 @@ impl Vm {
     }
 
     fn start_bin(bin: &Path, tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Vm {
+        Vm::start_full(bin, tag, Mode::Default, extra, env)
+    }
+
+    fn start_mode(tag: &str, mode: Mode, extra: &[&str]) -> Vm {
+        Vm::start_full(&molt_bin(), tag, mode, extra, &[])
+    }
+
+    fn start_full(bin: &Path, tag: &str, mode: Mode, extra: &[&str], env: &[(&str, &str)]) -> Vm {
         let dir = TempDir::new(tag);
         let socket = dir.join("api.sock");
         let mut args = vec![
             "--api-socket".to_string(),
             socket.display().to_string(),
             "--cmdline".into(),
-            "molt.memtest=4".into(),
+            mode.cmdline("molt.memtest=4"),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let molt = Molt::spawn_env(bin, &args, env);
@@ -56,6 +65,27 @@ impl Vm {
         let r = api::get(&self.socket, "vm.info");
         assert_eq!(r.status, 200, "{r:?}");
         r.body
+    }
+
+    /// The guest lines so far.
+    fn guest_lines(&self) -> Vec<GuestLine> {
+        guest_lines(self.molt.lines().iter().map(|l| l.text.as_str()))
+    }
+
+    /// Waits for the boot line and checks the mode (see `check_mode`).
+    fn check_mode(&mut self, mode: Mode) -> bool {
+        let line = self.molt.wait_stdout("molt-guest: boot ", WAIT);
+        let boot = GuestLine::parse(&line.text).expect("a boot line");
+        check_mode(&boot, mode)
+    }
+
+    /// Asserts every tick and per-CPU progress line ran at the rate of `native`.
+    fn assert_rate(&self, native: bool) {
+        for l in self.guest_lines() {
+            if l.kind == "tick" || (l.kind == "cpu" && l.get("n").is_some()) {
+                assert_eq!(runs_natively(&l), native, "{}", l.raw);
+            }
+        }
     }
 
     fn last_tick(&mut self) -> u64 {
@@ -191,19 +221,57 @@ fn assert_report(r: &Reply, pid: u32, to_version: &str) {
 
 #[test]
 fn update_keeps_pid_ram_and_guest() {
-    let mut vm = Vm::start("update-basic", &[], &[]);
+    for mode in Mode::BOTH {
+        let mut vm = Vm::start_mode("update-basic", mode, &[]);
+        let native = vm.check_mode(mode);
+        let pid = vm.pid();
+        vm.wait_ticks(3);
+        let r = vm.update("{}");
+        assert_report(&r, pid, "0.1.0");
+        assert_eq!(r.body["from_version"], "0.1.0");
+        assert_eq!(exe_of(pid), std::fs::canonicalize(molt_bin()).unwrap());
+        vm.wait_ticks(3);
+        let info = vm.info();
+        assert_eq!(info["pid"], pid);
+        assert_eq!(info["state"], "running");
+        assert_eq!(info["updates"]["count"], 1, "{info}");
+        assert_eq!(info["updates"]["last"]["pid"], pid, "{info}");
+        vm.assert_guest_continuous();
+        vm.assert_rate(native);
+    }
+}
+
+/// The PVM control MSR is vCPU state molt carries itself: after updates (to another binary
+/// and back) both vCPUs still run the guest natively, as its own loop rate shows.
+#[test]
+fn native_execution_survives_live_updates() {
+    let mut vm = Vm::start("update-native", &["--cpus", "2"], &[]);
+    if !vm.check_mode(Mode::Default) {
+        return;
+    }
     let pid = vm.pid();
-    vm.wait_ticks(3);
-    let r = vm.update("{}");
-    assert_report(&r, pid, "0.1.0");
-    assert_eq!(r.body["from_version"], "0.1.0");
-    assert_eq!(exe_of(pid), std::fs::canonicalize(molt_bin()).unwrap());
-    vm.wait_ticks(3);
-    let info = vm.info();
-    assert_eq!(info["pid"], pid);
-    assert_eq!(info["state"], "running");
-    assert_eq!(info["updates"]["count"], 1, "{info}");
-    assert_eq!(info["updates"]["last"]["pid"], pid, "{info}");
+    vm.wait_ticks(2);
+    for bin in [PathBuf::from(NEXT_BIN), molt_bin()] {
+        let bin = std::fs::canonicalize(bin).unwrap();
+        let r = vm.update(&format!(r#"{{"binary": "{}"}}"#, bin.display()));
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body["pid"], pid, "{r:?}");
+        vm.wait_ticks(3);
+        // And a progress line of the second vCPU from after the update.
+        let seen = vm
+            .guest_lines()
+            .iter()
+            .filter(|l| l.kind == "cpu" && l.get("id") == Some("1") && l.get("n").is_some())
+            .count();
+        vm.molt.wait_line(Stream::Stdout, WAIT, |l| {
+            GuestLine::parse(l).is_some_and(|g| {
+                g.kind == "cpu"
+                    && g.get("id") == Some("1")
+                    && g.get("n").and_then(|n| n.parse::<usize>().ok()) > Some(seen)
+            })
+        });
+    }
+    vm.assert_rate(true);
     vm.assert_guest_continuous();
 }
 

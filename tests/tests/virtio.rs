@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use molt_tests::api;
+use molt_tests::native::{check_mode, Mode};
 use molt_tests::netns::{self, NetNs, GUEST_IP};
 use molt_tests::{guest_lines, molt_bin, GuestLine, Molt, Stream, TempDir};
 
@@ -169,48 +170,52 @@ fn rng_gives_the_guest_entropy() {
 
 #[test]
 fn disk_io_across_ten_live_updates_loses_and_repeats_nothing() {
-    let dir = TempDir::new("virtio-update");
-    let img = image(&dir, 8);
-    let socket = dir.join("api.sock");
-    let mut molt = Molt::spawn(&[
-        "--api-socket",
-        &socket.display().to_string(),
-        "--disk",
-        &format!("path={}", img.display()),
-        "--cmdline",
-        "molt.memtest=0 molt.blk=on",
-    ]);
-    api::wait_ready(&socket, WAIT);
-    wait_blk(&mut molt, 4);
-    for _ in 0..10 {
-        let r = api::put(&socket, "vm.cpr-exec", "{}");
-        assert_eq!(r.status, 200, "{r:?}");
-        let n = blk_ns(&molt).last().copied().unwrap_or(0);
-        wait_blk(&mut molt, n + 3);
-    }
-    assert_eq!(api::put(&socket, "vm.shutdown", "").status, 204);
-    let out = molt.finish(WAIT);
-    out.assert_code(0);
-    let reported: Vec<u64> = guest_lines(out.stdout())
-        .iter()
-        .filter(|l| l.kind == "blk" && l.get("n").is_some())
-        .map(|l| l.num("n"))
-        .collect();
-    assert_consecutive(&reported, "blk");
-    let last = *reported.last().unwrap();
-    let on_disk = records(&img);
-    for seq in 1..=last {
-        assert_eq!(
-            on_disk.iter().filter(|(_, s)| *s == seq).count(),
-            1,
-            "record {seq} not on disk exactly once"
+    for mode in Mode::BOTH {
+        let dir = TempDir::new("virtio-update");
+        let img = image(&dir, 8);
+        let socket = dir.join("api.sock");
+        let mut molt = Molt::spawn(&[
+            "--api-socket",
+            &socket.display().to_string(),
+            "--disk",
+            &format!("path={}", img.display()),
+            "--cmdline",
+            &mode.cmdline("molt.memtest=0 molt.blk=on"),
+        ]);
+        api::wait_ready(&socket, WAIT);
+        let boot = molt.wait_stdout("molt-guest: boot ", WAIT);
+        check_mode(&GuestLine::parse(&boot.text).expect("a boot line"), mode);
+        wait_blk(&mut molt, 4);
+        for _ in 0..10 {
+            let r = api::put(&socket, "vm.cpr-exec", "{}");
+            assert_eq!(r.status, 200, "{r:?}");
+            let n = blk_ns(&molt).last().copied().unwrap_or(0);
+            wait_blk(&mut molt, n + 3);
+        }
+        assert_eq!(api::put(&socket, "vm.shutdown", "").status, 204);
+        let out = molt.finish(WAIT);
+        out.assert_code(0);
+        let reported: Vec<u64> = guest_lines(out.stdout())
+            .iter()
+            .filter(|l| l.kind == "blk" && l.get("n").is_some())
+            .map(|l| l.num("n"))
+            .collect();
+        assert_consecutive(&reported, "blk");
+        let last = *reported.last().unwrap();
+        let on_disk = records(&img);
+        for seq in 1..=last {
+            assert_eq!(
+                on_disk.iter().filter(|(_, s)| *s == seq).count(),
+                1,
+                "record {seq} not on disk exactly once"
+            );
+        }
+        // Only the write in flight at shutdown may be on disk without its report.
+        assert!(
+            on_disk.iter().all(|(_, s)| *s <= last + 1),
+            "records beyond what the guest wrote (last reported {last}): {on_disk:?}"
         );
     }
-    // Only the write in flight at shutdown may be on disk without its report.
-    assert!(
-        on_disk.iter().all(|(_, s)| *s <= last + 1),
-        "records beyond what the guest wrote (last reported {last}): {on_disk:?}"
-    );
 }
 
 #[test]

@@ -4,11 +4,13 @@
 //! ```text
 //! cargo bench -p molt-vmm --bench boot                 # 10 runs
 //! cargo bench -p molt-vmm --bench boot -- --runs 30
+//! cargo bench -p molt-vmm --bench boot -- --cmdline "molt.memtest=0 molt.ticks=1 molt.native=off"
 //! ```
 //!
 //! `cargo bench` builds the `molt` binary with the optimized bench profile and this program
 //! runs that binary (`MOLT_BIN=/path/to/molt` runs another one). Each run spawns
-//! `molt --log-level info --serial stdio --cmdline "molt.memtest=0 molt.ticks=1"` and measures,
+//! `molt --log-level info --serial stdio --cmdline "molt.memtest=0 molt.ticks=1"` (or the
+//! `--cmdline` given) and measures,
 //! from just before the spawn:
 //!
 //! - the `guest marker 1` log line: the guest's very first instruction writes marker 1 to the
@@ -28,14 +30,8 @@ use molt_tests::{Molt, Stream};
 const GOAL_FIRST_INSTRUCTION_MS: f64 = 20.0;
 const DEFAULT_RUNS: usize = 10;
 const TIMEOUT: Duration = Duration::from_secs(60);
-const ARGS: &[&str] = &[
-    "--log-level",
-    "info",
-    "--serial",
-    "stdio",
-    "--cmdline",
-    "molt.memtest=0 molt.ticks=1",
-];
+const ARGS: &[&str] = &["--log-level", "info", "--serial", "stdio", "--cmdline"];
+const DEFAULT_CMDLINE: &str = "molt.memtest=0 molt.ticks=1";
 
 /// One run's figures, in milliseconds.
 struct Sample {
@@ -55,8 +51,8 @@ fn vmm_marker_us(line: &str) -> Option<u64> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
-fn run_once(bin: &std::path::Path) -> Result<Sample, String> {
-    let mut molt = Molt::spawn_bin(bin, ARGS);
+fn run_once(bin: &std::path::Path, args: &[String]) -> Result<Sample, String> {
+    let mut molt = Molt::spawn_bin(bin, args);
     let started = molt.started();
     let marker = molt.wait_line(Stream::Stderr, TIMEOUT, |l| {
         l.contains("guest marker 1 at ")
@@ -90,29 +86,40 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     (median(&v), v[0], v[v.len() - 1])
 }
 
-fn runs_from_args() -> usize {
+/// `--runs N` and `--cmdline WORDS`.
+fn options_from_args() -> (usize, String) {
     let mut args = std::env::args().skip(1);
     let mut runs = std::env::var("MOLT_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(DEFAULT_RUNS);
-    // cargo passes --bench (and any filter); only --runs N means something here.
+    let mut cmdline = DEFAULT_CMDLINE.to_string();
+    // cargo passes --bench (and any filter); only --runs and --cmdline mean something here.
     while let Some(a) = args.next() {
         if a == "--runs" {
             runs = args
                 .next()
                 .and_then(|v| v.parse().ok())
                 .expect("--runs needs a number");
+        } else if a == "--cmdline" {
+            cmdline = args
+                .next()
+                .expect("--cmdline needs the guest's command line");
         }
     }
-    runs.max(1)
+    (runs.max(1), cmdline)
 }
 
 fn main() {
     let bin = std::env::var_os("MOLT_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_molt")));
-    let runs = runs_from_args();
+    let (runs, cmdline) = options_from_args();
+    let args: Vec<String> = ARGS
+        .iter()
+        .map(|s| s.to_string())
+        .chain([cmdline])
+        .collect();
     let release_path = bin
         .parent()
         .and_then(|p| p.file_name())
@@ -125,16 +132,16 @@ fn main() {
         );
     }
     println!("molt boot benchmark: {} ({runs} runs)", bin.display());
-    println!("command: molt {}", ARGS.join(" "));
+    println!("command: molt {}", args.join(" "));
 
     // One run first to bring the binary and the guest into the page cache.
-    if let Err(e) = run_once(&bin) {
+    if let Err(e) = run_once(&bin, &args) {
         eprintln!("warm-up run failed: {e}");
         std::process::exit(1);
     }
     let mut samples = Vec::with_capacity(runs);
     for i in 0..runs {
-        match run_once(&bin) {
+        match run_once(&bin, &args) {
             Ok(s) => samples.push(s),
             Err(e) => {
                 eprintln!("run {} failed: {e}", i + 1);

@@ -3,16 +3,11 @@
 //!
 //! `cargo bench -p molt-vmm --bench state`
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm::config::{KernelSource, MemoryConfig, SerialConfig, VmConfig};
-use vmm::exit::ExitNotifier;
-use vmm::machine::Shared;
 use vmm::runtime::Vmm;
-use vmm::serial_backend;
 use vmm::state::VM_STATE_KIND;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const RUNS: usize = 20;
 
@@ -34,16 +29,7 @@ fn boot(cpus: u8) -> Vmm {
         rng: false,
         cpu_template: Default::default(),
     };
-    let (out, _) = serial_backend::open(&config.serial).expect("serial backend");
-    let shared = Shared {
-        exits: Arc::new(ExitNotifier::new().expect("eventfd")),
-        serial_drained: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-        bus: Arc::default(),
-        serial_counters: Arc::default(),
-        started: Instant::now(),
-        virtio: Arc::new(vmm::virtio::Virtio::open(&config, None).unwrap()),
-    };
-    Vmm::boot(config, out, shared).expect("boot")
+    vmm::boot(&config, Instant::now()).expect("boot").vmm
 }
 
 fn ms(d: Duration) -> f64 {

@@ -25,10 +25,34 @@ pub enum BootError {
     Load(String, #[source] LoaderError),
 }
 
+/// The command-line word that lets the embedded test guest run natively on a PVM host.
+const NATIVE_ON: &str = "molt.native=on";
+
+/// The user's command line, plus [`NATIVE_ON`] for the embedded guest when the host can run
+/// it natively (`native`) and the user did not say `molt.native=` themselves.
+fn guest_cmdline(config: &VmConfig, native: bool) -> String {
+    let cmdline = config.cmdline.trim();
+    let embedded = config.kernel == KernelSource::Embedded;
+    let said = cmdline
+        .split_ascii_whitespace()
+        .any(|w| w.starts_with("molt.native="));
+    match (embedded && native && !said, cmdline) {
+        (false, c) => c.to_string(),
+        (true, "") => NATIVE_ON.to_string(),
+        (true, c) => format!("{c} {NATIVE_ON}"),
+    }
+}
+
 /// Loads the configured kernel (or the embedded test guest) and writes every boot structure,
 /// with `devices` (the virtio-mmio announcements) appended to the command line; returns the
-/// boot vCPU's entry.
-pub fn load(config: &VmConfig, devices: &str, ram: &GuestRam) -> Result<BootEntry, BootError> {
+/// boot vCPU's entry. `native` says whether the host can run the embedded guest natively
+/// (`arch::pvm`).
+pub fn load(
+    config: &VmConfig,
+    devices: &str,
+    native: bool,
+    ram: &GuestRam,
+) -> Result<BootEntry, BootError> {
     let initrd = config
         .initrd
         .as_ref()
@@ -36,7 +60,7 @@ pub fn load(config: &VmConfig, devices: &str, ram: &GuestRam) -> Result<BootEntr
         .transpose()?;
     let ranges = ram.ranges();
     // Devices are announced the way Linux finds virtio-mmio devices without a device tree.
-    let cmdline = match (config.cmdline.trim(), devices) {
+    let cmdline = match (guest_cmdline(config, native).as_str(), devices) {
         (c, "") => c.to_string(),
         ("", d) => d.to_string(),
         (c, d) => format!("{c} {d}"),
@@ -58,4 +82,51 @@ pub fn load(config: &VmConfig, devices: &str, ram: &GuestRam) -> Result<BootEntr
     };
     log::debug!("boot layout: {layout:x?}");
     Ok(layout.entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MemoryConfig;
+
+    fn config(kernel: KernelSource, cmdline: &str) -> VmConfig {
+        VmConfig {
+            kernel,
+            cmdline: cmdline.into(),
+            initrd: None,
+            cpus: 1,
+            memory: MemoryConfig::default(),
+            serial: Default::default(),
+            api_socket: None,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
+            cpu_template: Default::default(),
+        }
+    }
+
+    #[test]
+    fn native_is_added_for_the_embedded_guest_on_a_capable_host_only() {
+        let embedded = config(KernelSource::Embedded, "console=ttyS0 molt.memtest=8");
+        assert_eq!(
+            guest_cmdline(&embedded, true),
+            "console=ttyS0 molt.memtest=8 molt.native=on"
+        );
+        assert_eq!(
+            guest_cmdline(&embedded, false),
+            "console=ttyS0 molt.memtest=8"
+        );
+        assert_eq!(
+            guest_cmdline(&config(KernelSource::Embedded, " "), true),
+            "molt.native=on"
+        );
+        let linux = config(KernelSource::File("vmlinux".into()), "console=ttyS0");
+        assert_eq!(guest_cmdline(&linux, true), "console=ttyS0");
+    }
+
+    #[test]
+    fn the_user_can_turn_native_off() {
+        let off = config(KernelSource::Embedded, "molt.native=off molt.ticks=3");
+        assert_eq!(guest_cmdline(&off, true), "molt.native=off molt.ticks=3");
+    }
 }

@@ -6,7 +6,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit::{ExitNotifier, VmExit};
@@ -15,6 +15,38 @@ use crate::serial_backend::SerialIn;
 
 /// The current machine's devices; empty while the machine is being rebuilt.
 pub type BusCell = Arc<Mutex<Option<Arc<PioBus>>>>;
+
+/// A subscriber of the VMM's event loop.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Creates the event loop with the lifecycle subscriber (VM end, SIGINT/SIGTERM), serial
+/// input and the virtio devices' events. Call before starting vCPU threads: it blocks
+/// SIGINT/SIGTERM for the threads to come.
+pub fn build(
+    shared: &crate::machine::Shared,
+    serial_in: SerialIn,
+) -> Result<EventManager<Subscriber>, crate::Error> {
+    use crate::Error;
+    let signals = termination_signalfd().map_err(Error::EventLoop)?;
+    let drained = shared
+        .serial_drained
+        .try_clone()
+        .map_err(Error::EventLoop)?;
+    let mut em = EventManager::<Subscriber>::new().map_err(Error::EventManager)?;
+    em.add_subscriber(Arc::new(Mutex::new(Lifecycle::new(
+        shared.exits.clone(),
+        signals,
+    ))));
+    em.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
+        serial_in,
+        shared.bus.clone(),
+        drained,
+    ))));
+    em.add_subscriber(Arc::new(Mutex::new(VirtioEvents::new(
+        shared.virtio.clone(),
+    ))));
+    Ok(em)
+}
 
 /// Blocks SIGINT and SIGTERM in the calling thread (and threads it spawns later) and returns
 /// a signalfd delivering them.
@@ -39,19 +71,19 @@ pub fn termination_signalfd() -> io::Result<File> {
 }
 
 /// Watches the VM-end eventfd and termination signals.
-pub struct Control {
+pub struct Lifecycle {
     exits: Arc<ExitNotifier>,
     signals: File,
 }
 
-impl Control {
-    /// A control subscriber over `exits` and the signalfd from [`termination_signalfd`].
+impl Lifecycle {
+    /// A lifecycle subscriber over `exits` and the signalfd from [`termination_signalfd`].
     pub fn new(exits: Arc<ExitNotifier>, signals: File) -> Self {
         Self { exits, signals }
     }
 }
 
-impl MutEventSubscriber for Control {
+impl MutEventSubscriber for Lifecycle {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.fd() == self.signals.as_raw_fd() {
             let mut info = [0u8; 128];
@@ -141,23 +173,20 @@ impl SerialInput {
         // EOF or error: this source is finished.
         let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
         self.reading = None;
-        if let SerialIn::Socket { client, .. } = &self.source {
-            *client.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let SerialIn::Socket(backend) = &self.source {
+            *backend.client() = None;
             log::info!("serial socket client disconnected");
         }
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
-        let SerialIn::Socket {
-            listener, client, ..
-        } = &self.source
-        else {
+        let SerialIn::Socket(backend) = &self.source else {
             return;
         };
-        let Ok((stream, _)) = listener.accept() else {
+        let Ok((stream, _)) = backend.listener.accept() else {
             return;
         };
-        let mut guard = client.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = backend.client();
         if guard.is_some() {
             log::warn!("serial socket: refusing a second client");
             return;
@@ -187,8 +216,8 @@ impl MutEventSubscriber for SerialInput {
                     let _ = ops.add(Events::new_raw(src, EventSet::IN));
                 }
             }
-        } else if let SerialIn::Socket { listener, .. } = &self.source {
-            if fd == listener.as_raw_fd() {
+        } else if let SerialIn::Socket(backend) = &self.source {
+            if fd == backend.listener.as_raw_fd() {
                 self.accept(ops);
             } else {
                 self.read_from(fd, ops);
@@ -208,8 +237,8 @@ impl MutEventSubscriber for SerialInput {
                     self.reading = Some(fd);
                 }
             }
-            SerialIn::Socket { listener, .. } => {
-                let _ = ops.add(Events::new(listener, EventSet::IN));
+            SerialIn::Socket(backend) => {
+                let _ = ops.add(Events::new(&backend.listener, EventSet::IN));
             }
             SerialIn::None => {}
         }

@@ -1,19 +1,28 @@
 //! molt: a minimal KVM VMM built for live update.
 //!
-//! Reading order: [`config`] (what the user asked for) → [`memory`] (memfd-backed RAM) →
-//! [`vm`] (KVM VM, vCPUs, devices) → [`boot`] (kernel and boot structures) → [`vcpu`]
-//! (vCPU threads) → [`event_loop`] (the main thread) → [`run`] (all of it).
+//! Reading order: [`config`] (what the user asked for) → [`components`] (the parts a VMM
+//! runs with, and how each is saved and taken over: [`persist`]) → [`memory`] (memfd-backed
+//! RAM) → [`machine`] (the KVM VM, its vCPUs and devices) → [`assembly`] (one path from parts
+//! to a running VMM, for a boot and for a restore) → [`control`] (the main thread: event
+//! loop and API requests) → [`update`] (live update: pause → save → hand over → restore →
+//! resume).
 
 pub mod api;
+pub mod assembly;
 pub mod boot;
 pub mod cli;
+pub mod components;
 pub mod config;
 pub mod control;
 pub mod event_loop;
 pub mod exit;
+pub mod fault;
 pub mod guest_image;
+pub mod inherited_fds;
 pub mod machine;
 pub mod memory;
+pub mod memory_persist;
+pub mod persist;
 pub mod pio;
 pub mod runtime;
 pub mod serial_backend;
@@ -23,15 +32,13 @@ pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
+use crate::assembly::{assemble, MachineSource, Runtime};
+use crate::components::Parts;
 use crate::config::VmConfig;
-use crate::exit::{ExitNotifier, VmExit};
-use crate::machine::Shared;
-use crate::runtime::Vmm;
+use crate::exit::VmExit;
+use crate::runtime::Bookkeeping;
 
 /// molt's version string, as `molt --version` prints it.
 #[cfg(not(feature = "test-next"))]
@@ -58,12 +65,28 @@ pub enum Error {
     /// vCPU threads.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
-    /// Restoring captured state failed.
-    #[error("restore: {0}")]
-    Restore(String),
-    /// Capturing state failed.
-    #[error("capture: {0}")]
-    Capture(String),
+    /// Capturing or restoring a vCPU failed.
+    #[error(transparent)]
+    VcpuState(#[from] arch::vcpu_state::VcpuStateError),
+    /// Capturing or restoring VM-wide KVM state failed.
+    #[error(transparent)]
+    VmKvmState(#[from] arch::vm_state::VmStateError),
+    /// The serial device refused its saved state.
+    #[error("cannot restore the serial device")]
+    SerialDevice(#[source] devices::serial::SerialError),
+    /// A vCPU thread ended before it could be captured.
+    #[error("vcpu{0}: its thread has ended")]
+    VcpuGone(u8),
+    /// A captured state that cannot describe a VM.
+    #[error("invalid VM state")]
+    InvalidState(#[from] state::InvalidState),
+    /// A fault injected by the tests' "next version" build.
+    #[cfg(feature = "test-next")]
+    #[error("injected fault at {0}")]
+    Injected(&'static str),
+    /// A part cannot be saved or taken over.
+    #[error(transparent)]
+    Persist(#[from] persist::PersistError),
     /// The machine is being rebuilt or was torn down.
     #[error("no machine")]
     NoMachine,
@@ -76,9 +99,12 @@ pub enum Error {
     /// virtio devices.
     #[error(transparent)]
     Virtio(#[from] virtio::VirtioSetupError),
-    /// Event loop.
-    #[error("event loop: {0}")]
-    EventLoop(String),
+    /// Creating an fd of the event loop (eventfd, signalfd) failed.
+    #[error("event loop setup")]
+    EventLoop(#[source] std::io::Error),
+    /// The event manager failed.
+    #[error("event manager")]
+    EventManager(#[source] event_manager::Error),
 }
 
 /// `e` and its sources joined by ": ".
@@ -93,33 +119,41 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
-/// Builds the VM described by `config`, runs it until it ends, and tears it down.
+/// Boots the VM described by `config` (everything it names opened, the guest running).
 /// `started` is when the process started (for boot-time markers).
-pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, Error> {
-    let event_err = |e: std::io::Error| Error::EventLoop(e.to_string());
-    let shared = Shared {
-        exits: Arc::new(ExitNotifier::new().map_err(event_err)?),
-        serial_drained: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(event_err)?,
-        bus: Arc::default(),
-        serial_counters: Arc::default(),
+pub fn boot(config: &VmConfig, started: Instant) -> Result<Runtime, Error> {
+    let parts = Parts::open(config)?;
+    let runtime = assemble(
+        config.clone(),
+        parts,
+        MachineSource::Boot,
+        Bookkeeping::new(),
         started,
-        virtio: Arc::new(virtio::Virtio::open(config, None)?),
-    };
-    let api = config
-        .api_socket
-        .as_deref()
-        .map(api::ApiServer::bind)
-        .transpose()?;
-    let (serial_out, serial_in) = serial_backend::open(&config.serial)?;
-    let serial_listener = serial_in.listener_fd();
-    let em = control::event_loop(&shared, serial_in)?;
-    let mut vmm = Vmm::boot(config.clone(), serial_out, shared)?;
-    vmm.serial_listener = serial_listener;
+    )?;
     log::info!(
         "VM running: {} vCPUs, {} MiB RAM, {} us after start",
         config.cpus,
         config.memory.size >> 20,
         started.elapsed().as_micros()
     );
-    Ok(control::Control::new(vmm, em, api).run())
+    Ok(runtime)
+}
+
+/// Runs a booted or restored VMM until the VM ends; returns the process exit code (the one
+/// place that maps how molt ended to its exit status).
+pub fn run_to_end(runtime: Result<Runtime, Error>) -> i32 {
+    match runtime.map(|rt| control::Control::new(rt).run()) {
+        Ok(VmExit::Error(e)) => {
+            eprintln!("molt: error: {e}");
+            1
+        }
+        Ok(end) => {
+            log::info!("{end}");
+            end.exit_code()
+        }
+        Err(e) => {
+            eprintln!("molt: error: {}", error_chain(&e));
+            1
+        }
+    }
 }

@@ -16,11 +16,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::VmConfig;
 use crate::exit::ExitNotifier;
+use crate::fault::{self, Step};
 use crate::memory::{self, GuestRam, RamRegion};
 use crate::pio::PioBus;
 use crate::serial_backend::SerialOut;
-use crate::state::{DevicesState, MemoryRegionState, VmState};
-use crate::vcpu::{VcpuHandle, VcpuState};
+use crate::state::{PioDevicesState, VmState};
+use crate::vcpu::{VcpuHandle, VcpuRunState};
 use crate::virtio::Virtio;
 use crate::{boot, vm, Error};
 
@@ -56,7 +57,7 @@ fn build_bus(
     vm_fd: &VmFd,
     shared: &Shared,
     out: SerialOut,
-    state: &DevicesState,
+    state: &PioDevicesState,
 ) -> Result<Arc<PioBus>, Error> {
     let evt = || EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(vm::VmError::EventFd);
     let irq = evt()?;
@@ -76,7 +77,7 @@ fn build_bus(
             counters: shared.serial_counters.clone(),
         },
     )
-    .map_err(|e| Error::Restore(format!("serial: {e}")))?;
+    .map_err(Error::SerialDevice)?;
     let reset = evt()?;
     let i8042 = I8042::from_state(
         &state.i8042,
@@ -99,7 +100,7 @@ fn spawn_all(
     fds: Vec<VcpuFd>,
     bus: &Arc<PioBus>,
     shared: &Shared,
-    initial: VcpuState,
+    initial: VcpuRunState,
 ) -> Result<Vec<VcpuHandle>, Error> {
     fds.into_iter()
         .enumerate()
@@ -121,13 +122,14 @@ impl Machine {
         let ram = memory::create(&config.memory)?;
         let vm_fd = vm::create_vm(kvm, &ram)?;
         let (fds, tsc_khz) = vm::create_vcpus(kvm, &vm_fd, config.cpus, config.cpu_template)?;
-        let entry = boot::load(config, &shared.virtio.cmdline(), &ram)?;
+        let native = arch::pvm::has_native_control(&fds[0]);
+        let entry = boot::load(config, &shared.virtio.cmdline(), native, &ram)?;
         vm::setup_boot_vcpu(&fds[0], &ram, entry)?;
         shared.virtio.attach(&vm_fd, &ram.mem, None)?;
         let msrs = Arc::new(MsrSet::probe(kvm, &fds[0]));
         let has_xsave = vcpu_state::xsave_usable(&vm_fd);
-        let bus = build_bus(&vm_fd, shared, out, &DevicesState::default())?;
-        let vcpus = spawn_all(fds, &bus, shared, VcpuState::Running)?;
+        let bus = build_bus(&vm_fd, shared, out, &PioDevicesState::default())?;
+        let vcpus = spawn_all(fds, &bus, shared, VcpuRunState::Running)?;
         Ok(Self {
             vm_fd,
             ram,
@@ -140,19 +142,19 @@ impl Machine {
         })
     }
 
-    /// Builds a new VM over `regions` (the memfds named in `state.memory`, in order) and
+    /// Builds a new VM over `ram` (mapped from the memfds the captured VM ran on) and
     /// restores `state` into it. The vCPUs start paused; call [`Machine::resume`].
     pub fn restore(
         kvm: &Kvm,
         state: &VmState,
-        regions: Vec<RamRegion>,
+        ram: GuestRam,
         out: SerialOut,
         shared: &Shared,
     ) -> Result<Self, Error> {
-        let t0 = Instant::now();
-        let ram = memory::map_regions(regions, false)?;
+        state.validate(shared.virtio.slots.len())?;
         let t1 = Instant::now();
         let vm_fd = vm::create_vm(kvm, &ram)?;
+        fault::inject(Step::Vm)?;
         let t2 = Instant::now();
         let has_xsave = vcpu_state::xsave_usable(&vm_fd);
         let elapsed = state.elapsed_ns();
@@ -162,13 +164,12 @@ impl Machine {
             let fd = vm_fd
                 .create_vcpu(u64::from(v.index))
                 .map_err(|e| vm::VmError::Kvm("KVM_CREATE_VCPU", e))?;
-            vcpu_state::restore(&fd, v, tsc_advance, has_xsave)
-                .map_err(|e| Error::Restore(e.to_string()))?;
+            vcpu_state::restore(&fd, v, tsc_advance, has_xsave)?;
             fds.push(fd);
         }
+        fault::inject(Step::Vcpus)?;
         let t3 = Instant::now();
-        vm_state::restore(&vm_fd, &state.kvm, elapsed)
-            .map_err(|e| Error::Restore(e.to_string()))?;
+        vm_state::restore(&vm_fd, &state.kvm, elapsed)?;
         // The MSRs worth saving are the ones the captured state has.
         let msrs = Arc::new(MsrSet::from_indices(
             state
@@ -182,10 +183,10 @@ impl Machine {
         shared
             .virtio
             .attach(&vm_fd, &ram.mem, Some(&state.virtio))?;
-        let vcpus = spawn_all(fds, &bus, shared, VcpuState::Paused)?;
+        let vcpus = spawn_all(fds, &bus, shared, VcpuRunState::Paused)?;
+        fault::inject(Step::Devices)?;
         log::debug!(
-            "restore: map RAM {:?}, create VM {:?}, vCPUs {:?}, VM state + devices {:?}",
-            t1 - t0,
+            "restore: create VM {:?}, vCPUs {:?}, VM state + devices {:?}",
             t2 - t1,
             t3 - t2,
             t3.elapsed()
@@ -205,23 +206,18 @@ impl Machine {
     /// Stops every vCPU at a consistent point (pending I/O completed) and waits for it.
     pub fn pause(&self) {
         for v in &self.vcpus {
-            v.request(VcpuState::Paused);
+            v.request(VcpuRunState::Paused);
         }
         for v in &self.vcpus {
-            v.wait_for(VcpuState::Paused);
+            v.wait_for(VcpuRunState::Paused);
         }
     }
 
     /// Lets every vCPU run again.
     pub fn resume(&self) {
         for v in &self.vcpus {
-            v.request(VcpuState::Running);
+            v.request(VcpuRunState::Running);
         }
-    }
-
-    /// Whether every vCPU is parked.
-    pub fn is_paused(&self) -> bool {
-        self.vcpus.iter().all(|v| v.current() != VcpuState::Running)
     }
 
     /// Captures the whole VM. The machine must be paused.
@@ -233,12 +229,11 @@ impl Machine {
             let index = v.index;
             let state = v
                 .with_vcpu(move |fd| vcpu_state::capture(fd, index, &msrs, has_xsave))
-                .ok_or_else(|| Error::Capture(format!("vcpu{index} thread has ended")))?
-                .map_err(|e| Error::Capture(e.to_string()))?;
+                .ok_or(Error::VcpuGone(index))??;
             vcpus.push(state);
         }
-        let kvm = vm_state::capture(&self.vm_fd).map_err(|e| Error::Capture(e.to_string()))?;
-        let devices = DevicesState {
+        let kvm = vm_state::capture(&self.vm_fd)?;
+        let devices = PioDevicesState {
             serial: self
                 .bus
                 .serial
@@ -258,22 +253,9 @@ impl Machine {
                 .unwrap_or_else(|p| p.into_inner())
                 .state(),
         };
-        let memory = self
-            .ram
-            .regions
-            .iter()
-            .enumerate()
-            .map(|(i, r)| MemoryRegionState {
-                guest_addr: r.guest_addr,
-                size: r.size,
-                hugepages: r.hugepages,
-                memfd: format!("ram{i}"),
-            })
-            .collect();
         Ok(VmState {
             vcpus,
             kvm,
-            memory,
             devices,
             virtio: self.virtio.states(),
             captured_at_ns: crate::state::now_ns(),

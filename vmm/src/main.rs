@@ -4,7 +4,6 @@ use std::time::Instant;
 
 use clap::Parser;
 use vmm::cli::{Cli, Command};
-use vmm::exit::VmExit;
 use vmm::update;
 
 fn init_logging(level: log::LevelFilter) {
@@ -18,7 +17,12 @@ fn init_logging(level: log::LevelFilter) {
 /// execve, so no image ever leaves a zombie behind, whichever image started the child.
 fn reap_children_automatically() {
     // SAFETY: setting a signal disposition to SIG_IGN involves no handler code.
-    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::SIGCHLD,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    };
 }
 
 fn main() {
@@ -29,33 +33,30 @@ fn main() {
     }
     // A live update: this image continues a running VM (its command line's resources are
     // not used; the handoff record describes the VM).
-    if let Some(incoming) = update::incoming::detect() {
+    if let Some(env) = update::incoming::detect() {
         reap_children_automatically();
         let level = Cli::try_parse()
             .map(|c| c.vm.log_level)
             .unwrap_or(log::LevelFilter::Warn);
         init_logging(level);
-        std::process::exit(update::incoming::run(incoming, started));
+        let code = match update::incoming::restore(&env, started) {
+            Ok(runtime) => vmm::run_to_end(Ok(runtime)),
+            Err(reason) => update::incoming::roll_back(&env, &reason),
+        };
+        std::process::exit(code);
     }
     let cli = Cli::parse();
     if let Some(Command::Ctl(args)) = cli.command {
         std::process::exit(vmm::api::ctl::ctl_main(args));
     }
+    let config = cli.vm.vm_config();
+    // Before molt opens anything of its own: fds named on the command line must be the
+    // parent's.
+    if let Err(e) = vmm::inherited_fds::check(&config) {
+        eprintln!("molt: error: {}", vmm::error_chain(&e));
+        std::process::exit(1);
+    }
     init_logging(cli.vm.log_level);
     reap_children_automatically();
-    let code = match vmm::run(&cli.vm.vm_config(), started) {
-        Ok(VmExit::Error(e)) => {
-            eprintln!("molt: error: {e}");
-            1
-        }
-        Ok(end) => {
-            log::info!("{end}");
-            end.exit_code()
-        }
-        Err(e) => {
-            eprintln!("molt: error: {}", vmm::error_chain(&e));
-            1
-        }
-    };
-    std::process::exit(code);
+    std::process::exit(vmm::run_to_end(vmm::boot(&config, started)));
 }

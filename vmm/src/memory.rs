@@ -43,6 +43,9 @@ pub enum MemoryError {
     /// KVM refused a memory slot.
     #[error("KVM_SET_USER_MEMORY_REGION for slot {0} failed")]
     Slot(u32, #[source] kvm_ioctls::Error),
+    /// Inherited RAM does not match its saved layout.
+    #[error("cannot take over guest RAM")]
+    Persist(#[from] crate::persist::PersistError),
 }
 
 /// One region of guest RAM and what backs it: exactly what a live update must preserve.

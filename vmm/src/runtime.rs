@@ -7,7 +7,6 @@ use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 
 use std::fs::File;
-use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use crate::config::VmConfig;
@@ -42,6 +41,57 @@ pub struct Counters {
     pub rebuilds: u64,
     /// Bytes the guest wrote to the serial port.
     pub serial_out_bytes: u64,
+}
+
+/// `GET /api/v1/vm.info`.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmInfo {
+    /// Running or paused.
+    pub state: RunState,
+    /// Process id.
+    pub pid: u32,
+    /// molt's version.
+    pub version: &'static str,
+    /// Number of vCPUs.
+    pub vcpus: usize,
+    /// Guest RAM.
+    pub memory: MemoryInfo,
+    /// TSC frequency in kHz.
+    pub tsc_khz: u32,
+    /// CPU template (`--cpu-template`, resolved; kept across live updates).
+    pub cpu_template: &'static str,
+    /// Since the VM booted (across updates).
+    pub uptime_ms: u64,
+    /// The binary running the VM.
+    pub binary: PathBuf,
+    /// Counters.
+    pub counters: Counters,
+    /// virtio devices, in window order.
+    pub devices: Vec<crate::virtio::DeviceInfo>,
+    /// Live updates so far.
+    pub updates: UpdatesInfo,
+}
+
+/// Guest RAM in `vm.info`.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryInfo {
+    /// Bytes.
+    pub size: u64,
+    /// Backed by 2 MiB huge pages.
+    pub hugepages: bool,
+    /// Regions.
+    pub regions: Vec<crate::memory_persist::MemoryRegionState>,
+}
+
+/// Updates in `vm.info`.
+#[derive(Clone, Debug, Serialize)]
+pub struct UpdatesInfo {
+    /// Updates that completed on the new binary.
+    pub count: u64,
+    /// Updates rolled back.
+    pub rollbacks: u64,
+    /// The last update's report.
+    pub last: Option<crate::update::UpdateReport>,
 }
 
 /// Phase timings of one rebuild.
@@ -104,14 +154,40 @@ impl Identity {
     }
 }
 
+/// What the VMM keeps about itself across handoffs: who it is, its counters, its updates.
+#[derive(Debug)]
+pub struct Bookkeeping {
+    /// Counters for `vm.info`.
+    pub counters: Counters,
+    /// Process identity for updates.
+    pub identity: Identity,
+    /// Updates so far.
+    pub history: UpdateHistory,
+}
+
+impl Bookkeeping {
+    /// A freshly booted VMM's.
+    pub fn new() -> Self {
+        Self {
+            counters: Counters::default(),
+            identity: Identity::current(),
+            history: UpdateHistory::default(),
+        }
+    }
+}
+
+impl Default for Bookkeeping {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The VMM: configuration, KVM handle, the machine, and bookkeeping.
 pub struct Vmm {
     kvm: Kvm,
     config: VmConfig,
     machine: Option<Machine>,
     serial_out: SerialOut,
-    /// Listening socket of `--serial socket=`, to preserve across an update.
-    pub serial_listener: Option<RawFd>,
     /// State shared with the event loop.
     pub shared: Shared,
     paused: bool,
@@ -125,62 +201,31 @@ pub struct Vmm {
     reaper: Option<std::thread::JoinHandle<()>>,
 }
 
-/// What a VMM is assembled from after a live update.
-pub struct Restored {
-    /// The machine, paused.
-    pub machine: Machine,
-    /// Its configuration.
-    pub config: VmConfig,
-    /// Serial output.
-    pub serial_out: SerialOut,
-    /// Serial socket listener fd, if any.
-    pub serial_listener: Option<RawFd>,
-    /// Shared with the event loop.
-    pub shared: Shared,
-    /// Counters carried over.
-    pub counters: Counters,
-    /// Identity (argv carried over; binary is the new one).
-    pub identity: Identity,
-    /// History carried over.
-    pub history: UpdateHistory,
-}
-
 impl Vmm {
-    /// Boots a machine for `config`.
-    pub fn boot(config: VmConfig, serial_out: SerialOut, shared: Shared) -> Result<Self, Error> {
-        let kvm = crate::vm::open_kvm()?;
-        let out = serial_out.try_clone().map_err(Error::SerialClone)?;
-        let machine = Machine::boot(&kvm, &config, out, &shared)?;
-        Ok(Self {
+    /// A VMM around `machine` (see [`crate::assembly::assemble`]). A paused machine keeps its
+    /// devices quiesced until [`Vmm::resume`].
+    pub fn new(
+        kvm: Kvm,
+        config: VmConfig,
+        machine: Machine,
+        serial_out: SerialOut,
+        shared: Shared,
+        book: Bookkeeping,
+        paused: bool,
+    ) -> Self {
+        if paused {
+            shared.virtio.quiesce(true);
+        }
+        Self {
             kvm,
             config,
             machine: Some(machine),
             serial_out,
-            serial_listener: None,
             shared,
-            paused: false,
-            counters: Counters::default(),
-            identity: Identity::current(),
-            history: UpdateHistory::default(),
-            reaper: None,
-        })
-    }
-
-    /// A VMM around a machine restored after a live update (still paused; its devices
-    /// quiesced until [`Vmm::resume`]).
-    pub fn from_restored(kvm: Kvm, r: Restored) -> Self {
-        r.shared.virtio.quiesce(true);
-        Self {
-            kvm,
-            config: r.config,
-            machine: Some(r.machine),
-            serial_out: r.serial_out,
-            serial_listener: r.serial_listener,
-            shared: r.shared,
-            paused: true,
-            counters: r.counters,
-            identity: r.identity,
-            history: r.history,
+            paused,
+            counters: book.counters,
+            identity: book.identity,
+            history: book.history,
             reaper: None,
         }
     }
@@ -275,7 +320,8 @@ impl Vmm {
         self.reaper = Some(reaper);
         let t3 = Instant::now();
         let out = self.serial_out.try_clone().map_err(Error::SerialClone)?;
-        let machine = Machine::restore(&self.kvm, &state, regions, out, &self.shared)?;
+        let ram = crate::memory::map_regions(regions, false)?;
+        let machine = Machine::restore(&self.kvm, &state, ram, out, &self.shared)?;
         let t4 = Instant::now();
         self.machine = Some(machine);
         self.counters.rebuilds += 1;
@@ -298,8 +344,8 @@ impl Vmm {
         })
     }
 
-    /// `vm.info` document.
-    pub fn info(&self) -> serde_json::Value {
+    /// The `vm.info` document.
+    pub fn info(&self) -> VmInfo {
         let mut counters = self.counters.clone();
         counters.serial_out_bytes = self
             .shared
@@ -307,44 +353,31 @@ impl Vmm {
             .out_bytes
             .load(std::sync::atomic::Ordering::Relaxed);
         let (regions, vcpus, tsc_khz) = match &self.machine {
-            Some(m) => (
-                m.ram()
-                    .regions
-                    .iter()
-                    .map(|r| {
-                        serde_json::json!({
-                            "guest_addr": r.guest_addr,
-                            "size": r.size,
-                            "hugepages": r.hugepages,
-                        })
-                    })
-                    .collect::<Vec<_>>(),
-                m.vcpu_count(),
-                m.tsc_khz(),
-            ),
+            Some(m) => (m.ram().layout(), m.vcpu_count(), m.tsc_khz()),
             None => (Vec::new(), 0, 0),
         };
-        serde_json::json!({
-            "state": self.run_state(),
-            "pid": std::process::id(),
-            "version": crate::VERSION,
-            "vcpus": vcpus,
-            "memory": {
-                "size": self.config.memory.size,
-                "hugepages": self.config.memory.hugepages,
-                "regions": regions,
+        VmInfo {
+            state: self.run_state(),
+            pid: std::process::id(),
+            version: crate::VERSION,
+            vcpus,
+            memory: MemoryInfo {
+                size: self.config.memory.size,
+                hugepages: self.config.memory.hugepages,
+                regions,
             },
-            "tsc_khz": tsc_khz,
-            "cpu_template": self.config.cpu_template.name(),
-            "uptime_ms": now_ns().saturating_sub(self.identity.booted_at_ns) / 1_000_000,
-            "binary": self.identity.exe,
-            "counters": counters,
-            "updates": {
-                "count": self.history.updates,
-                "rollbacks": self.history.rollbacks,
-                "last": self.history.last,
+            tsc_khz,
+            cpu_template: self.config.cpu_template.name(),
+            uptime_ms: now_ns().saturating_sub(self.identity.booted_at_ns) / 1_000_000,
+            binary: self.identity.exe.clone(),
+            counters,
+            devices: self.shared.virtio.info(),
+            updates: UpdatesInfo {
+                count: self.history.updates,
+                rollbacks: self.history.rollbacks,
+                last: self.history.last.clone(),
             },
-        })
+        }
     }
 
     /// Waits for the previous KVM VM's destruction to finish.

@@ -17,7 +17,7 @@ use crate::pio::PioBus;
 
 /// What a vCPU thread is doing, or is asked to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VcpuState {
+pub enum VcpuRunState {
     /// Executing guest code.
     Running,
     /// Out of KVM_RUN with any pending I/O completed; registers are consistent.
@@ -58,8 +58,8 @@ fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 type Job = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 
 struct Shared {
-    requested: VcpuState,
-    current: VcpuState,
+    requested: VcpuRunState,
+    current: VcpuRunState,
     jobs: VecDeque<Job>,
 }
 
@@ -70,11 +70,11 @@ pub struct VcpuControl {
 }
 
 impl VcpuControl {
-    fn new(initial: VcpuState) -> Self {
+    fn new(initial: VcpuRunState) -> Self {
         Self {
             state: Mutex::new(Shared {
                 requested: initial,
-                current: VcpuState::Paused,
+                current: VcpuRunState::Paused,
                 jobs: VecDeque::new(),
             }),
             changed: Condvar::new(),
@@ -85,11 +85,11 @@ impl VcpuControl {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn requested(&self) -> VcpuState {
+    fn requested(&self) -> VcpuRunState {
         self.lock().requested
     }
 
-    fn report(&self, s: VcpuState) {
+    fn report(&self, s: VcpuRunState) {
         let mut st = self.lock();
         if st.current != s {
             st.current = s;
@@ -99,9 +99,9 @@ impl VcpuControl {
 
     /// Parks the thread while the request is Paused, running queued jobs on `vcpu`; returns
     /// the new request.
-    fn park(&self, vcpu: &mut VcpuFd) -> VcpuState {
+    fn park(&self, vcpu: &mut VcpuFd) -> VcpuRunState {
         let mut st = self.lock();
-        st.current = VcpuState::Paused;
+        st.current = VcpuRunState::Paused;
         self.changed.notify_all();
         loop {
             while let Some(job) = st.jobs.pop_front() {
@@ -109,7 +109,7 @@ impl VcpuControl {
                 job(vcpu);
                 st = self.lock();
             }
-            if st.requested != VcpuState::Paused {
+            if st.requested != VcpuRunState::Paused {
                 return st.requested;
             }
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -143,7 +143,7 @@ impl VcpuHandle {
         vcpu: VcpuFd,
         bus: Arc<PioBus>,
         exits: Arc<ExitNotifier>,
-        initial: VcpuState,
+        initial: VcpuRunState,
     ) -> Result<Self, VcpuError> {
         install_kick_handler().map_err(VcpuError::Signal)?;
         let control = Arc::new(VcpuControl::new(initial));
@@ -160,10 +160,10 @@ impl VcpuHandle {
     }
 
     /// Asks the vCPU to move to `state` and kicks it out of KVM_RUN.
-    pub fn request(&self, state: VcpuState) {
+    pub fn request(&self, state: VcpuRunState) {
         {
             let mut st = self.control.lock();
-            if st.requested == VcpuState::Exiting {
+            if st.requested == VcpuRunState::Exiting {
                 return;
             }
             st.requested = state;
@@ -186,9 +186,9 @@ impl VcpuHandle {
     }
 
     /// Waits until the vCPU reports `state` (or has exited).
-    pub fn wait_for(&self, state: VcpuState) {
+    pub fn wait_for(&self, state: VcpuRunState) {
         let mut st = self.control.lock();
-        while st.current != state && st.current != VcpuState::Exiting {
+        while st.current != state && st.current != VcpuRunState::Exiting {
             st = self
                 .control
                 .changed
@@ -198,7 +198,7 @@ impl VcpuHandle {
     }
 
     /// The state the vCPU last reported.
-    pub fn current(&self) -> VcpuState {
+    pub fn current(&self) -> VcpuRunState {
         self.control.lock().current
     }
 
@@ -211,7 +211,7 @@ impl VcpuHandle {
         let (tx, rx) = mpsc::sync_channel(1);
         {
             let mut st = self.control.lock();
-            if st.current == VcpuState::Exiting {
+            if st.current == VcpuRunState::Exiting {
                 return None;
             }
             st.jobs.push_back(Box::new(move |fd: &mut VcpuFd| {
@@ -224,7 +224,7 @@ impl VcpuHandle {
 
     /// Asks the thread to exit and joins it.
     pub fn join(mut self) {
-        self.request(VcpuState::Exiting);
+        self.request(VcpuRunState::Exiting);
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 log::error!("vcpu{} thread panicked", self.index);
@@ -236,7 +236,7 @@ impl VcpuHandle {
 impl Drop for VcpuHandle {
     fn drop(&mut self) {
         if let Some(t) = self.thread.take() {
-            self.request(VcpuState::Exiting);
+            self.request(VcpuRunState::Exiting);
             let _ = t.join();
         }
     }
@@ -279,18 +279,18 @@ impl VcpuLoop {
         let mut pending_io = false;
         loop {
             match self.control.requested() {
-                VcpuState::Exiting => break,
-                VcpuState::Paused => {
+                VcpuRunState::Exiting => break,
+                VcpuRunState::Paused => {
                     if pending_io {
                         self.complete_pending_io();
                         pending_io = false;
                     }
-                    if self.control.park(&mut self.vcpu) == VcpuState::Exiting {
+                    if self.control.park(&mut self.vcpu) == VcpuRunState::Exiting {
                         break;
                     }
                     continue;
                 }
-                VcpuState::Running => self.control.report(VcpuState::Running),
+                VcpuRunState::Running => self.control.report(VcpuRunState::Running),
             }
             match self.step() {
                 Step::Continue => pending_io = false,
@@ -299,15 +299,15 @@ impl VcpuLoop {
                     self.exits.end(why);
                     // Stay out of the guest until the VMM tears the VM down.
                     let mut st = self.control.lock();
-                    if st.requested == VcpuState::Running {
-                        st.requested = VcpuState::Paused;
+                    if st.requested == VcpuRunState::Running {
+                        st.requested = VcpuRunState::Paused;
                     }
                 }
             }
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
         let mut st = self.control.lock();
-        st.current = VcpuState::Exiting;
+        st.current = VcpuRunState::Exiting;
         // Jobs queued after the last park are dropped, which wakes their waiters.
         st.jobs.clear();
         self.control.changed.notify_all();

@@ -17,6 +17,7 @@ use harness::{error_of, serve, temp_dir, Client, Harness, T};
 use serde_json::json;
 use vmm::api::ctl::{self, CtlCommand, CtlError};
 use vmm::api::{ApiError, ApiRequest, ApiResponse, ApiServer, Limits};
+use vmm::persist::{Persist, RestoreFds, SaveFds};
 
 #[test]
 fn every_endpoint_answers() {
@@ -375,19 +376,33 @@ fn handover_to_an_inherited_server() {
         }
     };
     assert!(matches!(req, ApiRequest::CprExec(_)));
-    // What an exec preserves: the listener and the waiting connection.
-    let (listener, waiting) = {
+    // What a handoff keeps: the server's state, and the fds it declares (the listener and the
+    // waiting connection), received by the next keeper.
+    let (state, received) = {
         let mut s = old.lock().unwrap();
+        s.begin_handoff(conn);
         s.set_remove_on_drop(false);
-        (dup(s.listener_fd()), dup(s.connection_fd(conn).unwrap()))
+        let mut fds = SaveFds::new();
+        let state = s.save(&mut fds).unwrap();
+        let received: Vec<(String, OwnedFd)> = fds
+            .describe()
+            .into_iter()
+            .map(|p| (p.name, dup(p.fd)))
+            .collect();
+        (state, received)
     };
+    assert_eq!(state.waiting, Some(conn));
+    assert_eq!(received.len(), 2, "listener and waiting connection");
     drop(em);
     drop(old);
     assert!(path.exists());
 
-    let new = ApiServer::from_inherited(listener, path.clone(), Some((waiting, conn))).unwrap();
+    let mut fds = RestoreFds::new(cpr::Inherited::from_owned(received).unwrap());
+    let mut new = ApiServer::restore(&state, (), &mut fds).unwrap();
+    assert!(fds.unclaimed().is_empty());
+    new.respond(conn, ApiResponse::no_content());
+    new.end_handoff();
     let new = Arc::new(Mutex::new(new));
-    new.lock().unwrap().respond(conn, ApiResponse::no_content());
     let stop = Arc::new(AtomicBool::new(false));
     let serving = serve(new.clone(), stop.clone());
     let r = c.response();

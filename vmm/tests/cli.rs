@@ -81,3 +81,53 @@ fn bad_options_are_refused_with_one_clear_error() {
         assert!(out.stdout().is_empty(), "{}", out.describe());
     }
 }
+
+/// Runs molt with `/dev/null` inherited at fd 5 (and nothing else beyond stdio).
+fn molt_with_fd5(args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&null);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_molt"));
+    cmd.args(args).stdin(std::process::Stdio::null());
+    // SAFETY: dup2 in the child between fork and exec only touches the child's fd table.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 5) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn net_fds_must_be_inherited_taps_named_once() {
+    let cases: [(&[&str], &str); 4] = [
+        // Nothing inherited at 3 or 4: molt must not adopt fds of its own.
+        (
+            &["--net", "fd=3"],
+            "--net fd=3: no such open file descriptor",
+        ),
+        (
+            &["--net", "fd=4"],
+            "--net fd=4: no such open file descriptor",
+        ),
+        (&["--net", "fd=5"], "--net fd=5: not a tap interface"),
+        (
+            &["--net", "fd=5", "--net", "fd=5"],
+            "--net fd=5 is named more than once",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = molt_with_fd5(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("molt: error: ") && stderr.contains(expected),
+            "{args:?}: expected {expected:?} in {stderr:?}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: no guest ran");
+    }
+}

@@ -3,17 +3,12 @@
 //! rehearsal for cpr-exec.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arch::regs::msr;
 use vmm::config::{KernelSource, MemoryConfig, SerialConfig, VmConfig};
-use vmm::exit::ExitNotifier;
-use vmm::machine::Shared;
 use vmm::runtime::Vmm;
-use vmm::serial_backend;
 use vmm::state::VmState;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("molt-rebuild-{}-{name}", std::process::id()))
@@ -39,16 +34,7 @@ fn boot(cpus: u8, serial: &Path) -> Vmm {
         rng: false,
         cpu_template: Default::default(),
     };
-    let (out, _input) = serial_backend::open(&config.serial).unwrap();
-    let shared = Shared {
-        exits: Arc::new(ExitNotifier::new().unwrap()),
-        serial_drained: EventFd::new(EFD_NONBLOCK).unwrap(),
-        bus: Arc::default(),
-        serial_counters: Arc::default(),
-        started: Instant::now(),
-        virtio: Arc::new(vmm::virtio::Virtio::open(&config, None).unwrap()),
-    };
-    Vmm::boot(config, out, shared).unwrap()
+    vmm::boot(&config, Instant::now()).unwrap().vmm
 }
 
 /// The serial output so far, whole lines only (the guest may be in the middle of one).
@@ -185,6 +171,46 @@ fn capture_rebuild_capture_is_equal() {
     vmm.resume().unwrap();
     wait_for_tick(&serial, ticks(&serial).last().unwrap() + 2);
     assert_guest_healthy(&serial);
+    vmm.shutdown();
+    let _ = std::fs::remove_file(serial);
+}
+
+#[test]
+fn a_state_that_cannot_describe_a_vm_is_refused_before_kvm() {
+    use vmm::state::InvalidState;
+    let serial = temp_path("invalid");
+    let mut vmm = boot(2, &serial);
+    wait_for_tick(&serial, 1);
+    let good = vmm.capture().unwrap();
+    assert!(good.validate(0).is_ok());
+    let mut s = good.clone();
+    s.vcpus.clear();
+    assert!(matches!(s.validate(0), Err(InvalidState::NoVcpu)));
+    let mut s = good.clone();
+    s.vcpus[1].tsc_khz = 0;
+    assert!(matches!(
+        s.validate(0),
+        Err(InvalidState::NoTscFrequency(1))
+    ));
+    let mut s = good.clone();
+    s.vcpus[1].tsc_khz += 1;
+    assert!(matches!(
+        s.validate(0),
+        Err(InvalidState::TscMismatch { .. })
+    ));
+    let mut s = good.clone();
+    s.vcpus.swap(0, 1);
+    assert!(matches!(
+        s.validate(0),
+        Err(InvalidState::VcpuIndex { position: 0, .. })
+    ));
+    assert!(matches!(
+        good.validate(1),
+        Err(InvalidState::VirtioCount {
+            saved: 0,
+            configured: 1
+        })
+    ));
     vmm.shutdown();
     let _ = std::fs::remove_file(serial);
 }

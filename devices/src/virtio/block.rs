@@ -14,7 +14,7 @@ use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::chain::{self, Activation, Chain, Cursor, Segment};
 use super::{
-    read_config_bytes, DeviceState, GuestMemory, VirtioDevice, VirtioError, F_VERSION_1, TYPE_BLOCK,
+    read_config_bytes, GuestMemory, ModelState, VirtioDevice, VirtioError, F_VERSION_1, TYPE_BLOCK,
 };
 
 /// Bytes per sector, the unit of `capacity` and of request offsets.
@@ -78,6 +78,9 @@ pub struct BlockState {
     pub id: String,
     /// Size in sectors as the guest was told.
     pub capacity: u64,
+    /// Requests the host's file failed (answered `VIRTIO_BLK_S_IOERR`).
+    #[serde(default)]
+    pub io_errors: u64,
 }
 
 /// The backing file and what the guest knows of it.
@@ -86,6 +89,8 @@ struct Disk {
     read_only: bool,
     id: String,
     capacity: u64,
+    /// Requests the file failed.
+    io_errors: std::sync::atomic::AtomicU64,
 }
 
 /// A virtio block device backed by a file.
@@ -102,7 +107,7 @@ impl Block {
         if len % SECTOR_SIZE != 0 {
             log::warn!("virtio-blk: disk size {len} is not a whole number of sectors; tail unused");
         }
-        Self::with_capacity(file, read_only, id, len / SECTOR_SIZE)
+        Self::with_capacity(file, read_only, id, len / SECTOR_SIZE, 0)
     }
 
     /// Rebuilds the device from its state and its (preserved, not reopened) file.
@@ -114,7 +119,13 @@ impl Block {
                 state.capacity
             );
         }
-        Self::with_capacity(file, state.read_only, state.id.clone(), state.capacity)
+        Self::with_capacity(
+            file,
+            state.read_only,
+            state.id.clone(),
+            state.capacity,
+            state.io_errors,
+        )
     }
 
     fn with_capacity(
@@ -122,6 +133,7 @@ impl Block {
         read_only: bool,
         id: String,
         capacity: u64,
+        io_errors: u64,
     ) -> Result<Self, BlockError> {
         if id.len() > VIRTIO_BLK_ID_BYTES as usize {
             return Err(BlockError::IdTooLong(id));
@@ -132,19 +144,10 @@ impl Block {
                 read_only,
                 id,
                 capacity,
+                io_errors: io_errors.into(),
             },
             queues: Activation::default(),
         })
-    }
-
-    /// Size in sectors.
-    pub fn capacity(&self) -> u64 {
-        self.disk.capacity
-    }
-
-    /// The backing file (to preserve its fd across a live update).
-    pub fn file(&self) -> &File {
-        &self.disk.file
     }
 
     fn config(&self) -> [u8; 24] {
@@ -179,7 +182,11 @@ impl Disk {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
             Err(e) => {
                 match &e {
-                    BlockError::Io(_) => log::warn!("virtio-blk: request {}: {e}", chain.head),
+                    BlockError::Io(_) => {
+                        self.io_errors
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        log::warn!("virtio-blk: request {}: {e}", chain.head)
+                    }
                     _ => log::debug!("virtio-blk: request {}: {e}", chain.head),
                 }
                 let status = match e {
@@ -391,11 +398,15 @@ impl VirtioDevice for Block {
         self.queues.is_broken()
     }
 
-    fn state(&self) -> DeviceState {
-        DeviceState::Block(BlockState {
+    fn state(&self) -> ModelState {
+        ModelState::Block(BlockState {
             read_only: self.disk.read_only,
             id: self.disk.id.clone(),
             capacity: self.disk.capacity,
+            io_errors: self
+                .disk
+                .io_errors
+                .load(std::sync::atomic::Ordering::Relaxed),
         })
     }
 }
@@ -410,6 +421,7 @@ mod tests {
             read_only: false,
             id: String::new(),
             capacity,
+            io_errors: 0.into(),
         }
     }
 

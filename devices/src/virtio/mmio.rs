@@ -10,7 +10,7 @@ use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
-use super::{DeviceState, GuestMemory, VirtioDevice, VirtioError, VirtqState, F_VERSION_1};
+use super::{GuestMemory, ModelState, VirtioDevice, VirtioError, VirtqState, F_VERSION_1};
 
 /// Size of each device's MMIO window (the `4K` of `virtio_mmio.device=4K@…`).
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -53,7 +53,7 @@ pub struct MmioState {
     /// The queues, with the device's progress through them.
     pub queues: Vec<VirtqState>,
     /// The device's own state.
-    pub device: DeviceState,
+    pub device: ModelState,
 }
 
 /// A virtio device behind the virtio-mmio version 2 register file.

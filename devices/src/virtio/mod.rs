@@ -54,7 +54,7 @@ use virtio_queue::Queue;
 
 pub use block::{Block, BlockError, BlockState};
 pub use mmio::{MmioState, MmioTransport, MMIO_WINDOW_SIZE};
-pub use net::{open_tap, Net, NetError, NetState};
+pub use net::{open_tap, tap_flags, Net, NetError, NetState};
 pub use rng::{Rng, RngState};
 
 /// Guest memory as the VMM maps it (the same type as `arch::GuestMemory`).
@@ -147,13 +147,13 @@ pub trait VirtioDevice: Send {
         false
     }
     /// Serializable device state (no queues: the transport saves those).
-    fn state(&self) -> DeviceState;
+    fn state(&self) -> ModelState;
 }
 
 /// State of one of this crate's devices, tagged by kind.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "type")]
-pub enum DeviceState {
+pub enum ModelState {
     /// virtio-blk.
     Block(BlockState),
     /// virtio-net.

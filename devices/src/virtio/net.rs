@@ -17,7 +17,7 @@ use virtio_queue::Queue;
 
 use super::chain::{self, Activation, Chain, Cursor, QueueFault};
 use super::{
-    read_config_bytes, DeviceState, GuestMemory, VirtioDevice, VirtioError, F_VERSION_1, TYPE_NET,
+    read_config_bytes, GuestMemory, ModelState, VirtioDevice, VirtioError, F_VERSION_1, TYPE_NET,
 };
 
 /// Receive queue index.
@@ -92,6 +92,18 @@ pub fn open_tap(name: &str) -> io::Result<File> {
         return Err(io::Error::last_os_error());
     }
     Ok(tap)
+}
+
+/// The interface flags of the tap `fd` is open on (`TUNGETIFF`); an error if it is no tap.
+pub fn tap_flags(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<i32> {
+    // SAFETY: an all-zero ifreq is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF fills the ifreq we own; on fds that are not taps it fails harmlessly.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut req) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNGETIFF stored the flags member of the union.
+    Ok(i32::from(unsafe { req.ifr_ifru.ifru_flags }))
 }
 
 /// Refuses taps with a vnet header and makes the fd non-blocking.
@@ -328,8 +340,8 @@ impl VirtioDevice for Net {
         self.queues.is_broken()
     }
 
-    fn state(&self) -> DeviceState {
-        DeviceState::Net(NetState {
+    fn state(&self) -> ModelState {
+        ModelState::Net(NetState {
             mac: self.mac,
             pending_rx_frame: self.port.pending.clone(),
         })

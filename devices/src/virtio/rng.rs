@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 
 use super::chain::{self, Activation, Chain, Cursor};
-use super::{DeviceState, GuestMemory, VirtioDevice, VirtioError, F_VERSION_1, TYPE_RNG};
+use super::{GuestMemory, ModelState, VirtioDevice, VirtioError, F_VERSION_1, TYPE_RNG};
 
 /// Size of the single request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -136,7 +136,7 @@ impl VirtioDevice for Rng {
         self.queues.is_broken()
     }
 
-    fn state(&self) -> DeviceState {
-        DeviceState::Rng(RngState {})
+    fn state(&self) -> ModelState {
+        ModelState::Rng(RngState {})
     }
 }

@@ -312,7 +312,7 @@ impl Driver {
     pub fn rebuild(
         &mut self,
         mem: GuestMemory,
-        device: impl FnOnce(&devices::virtio::DeviceState) -> Box<dyn VirtioDevice>,
+        device: impl FnOnce(&devices::virtio::ModelState) -> Box<dyn VirtioDevice>,
     ) {
         let json = serde_json::to_string(&self.t.state()).unwrap();
         let state: devices::virtio::MmioState = serde_json::from_str(&json).unwrap();

@@ -14,21 +14,25 @@
 //! under the instruction emulator: a few instructions per 64-bit word).
 //!
 //! At boot the driver reads the superblock; if it is valid it reads and
-//! verifies records 1..=last_seq and reports the result. Then it loops:
-//! write record n, read it back and verify it, every 8 records (and before
-//! the disk is full) flush (when FLUSH was negotiated) and write the
-//! superblock, then n + 1. One request is in flight at a time; `poll` takes
+//! verifies records 1..=last_seq and reports the result, then checks the
+//! replay ring at the end of the disk ([`crate::blk_ring`]). Then it loops:
+//! write record n, read it back and verify it, read and rewrite the next ring
+//! slot, every 8 records (and before the records reach the ring) flush (when
+//! FLUSH was negotiated) and write the superblock, then n + 1. One request is in flight at a time; `poll` takes
 //! its completion and submits the next one (a write in the next call).
 //!
 //! ```text
 //! molt-guest: blk capacity=<sectors> ro=<0|1>
 //! molt-guest: blk boot found=0 [FAIL <why>]
 //! molt-guest: blk boot found=<last_seq> verified=<count> ok | FAIL seq=<n> <why>
+//! molt-guest: blk ring found=<seq> ok | blk ring found=? FAIL slot=<i> <why>
 //! molt-guest: blk n=<n> ok | blk n=<n> FAIL <why>
+//! molt-guest: blk ring r=<seq> FAIL replay seq=<older> | lost | …
 //! molt-guest: blk full
 //! molt-guest: blk writes skipped ro=1
 //! ```
 
+use crate::blk_ring::{self, RING};
 use crate::serial::Line;
 use crate::virtio::{Dma, Mmio, Queue, Ring, Why, DESC_NEXT, DESC_WRITE};
 use core::ptr::{addr_of, addr_of_mut};
@@ -44,7 +48,10 @@ const S_OK: u8 = 0;
 /// Status byte value before the device answers.
 const S_NONE: u8 = 0xff;
 
-const WORDS: usize = 64;
+/// 64-bit words in a sector.
+pub const WORDS: usize = 64;
+/// One sector as words.
+pub type Words = [u64; WORDS];
 const SUPER_MAGIC: u64 = u64::from_le_bytes(*b"MOLTBLKS");
 const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"MOLTBLKR");
 /// The superblock is rewritten after every this many records.
@@ -146,6 +153,11 @@ enum Req {
     /// Before the superblock is updated to n.
     Flush(u64),
     WriteSuper(u64),
+    /// Boot check of ring slot i.
+    RingScan(u64),
+    /// Reads the slot ring seq n goes to, before writing it.
+    RingRead(u64),
+    RingWrite(u64),
 }
 
 pub struct Blk {
@@ -165,6 +177,15 @@ pub struct Blk {
     found: u64,
     verified: u64,
     first_bad: Option<(u64, Why)>,
+    /// Records go to sectors below this; the ring fills the rest.
+    record_limit: u64,
+    /// Boot check of the ring: what each slot holds.
+    ring_slots: [Option<u64>; RING as usize],
+    /// The ring seq written next, and the record it follows.
+    ring_next: u64,
+    after: u64,
+    /// Where the records continue once the ring is checked.
+    resume_at: u64,
 }
 
 impl Blk {
@@ -191,6 +212,11 @@ impl Blk {
             found: 0,
             verified: 0,
             first_bad: None,
+            record_limit: capacity.saturating_sub(RING),
+            ring_slots: [None; RING as usize],
+            ring_next: 1,
+            after: 0,
+            resume_at: 1,
         })
     }
 
@@ -221,7 +247,10 @@ impl Blk {
             // the status byte; MEM is owned by this driver.
             let status = unsafe { addr_of!((*self.mem).status).read_volatile() };
             self.complete(req, status);
-            if matches!(self.next, Some(Req::Write(_) | Req::WriteSuper(_))) {
+            if matches!(
+                self.next,
+                Some(Req::Write(_) | Req::WriteSuper(_) | Req::RingWrite(_))
+            ) {
                 return;
             }
         }
@@ -266,6 +295,13 @@ impl Blk {
             Req::WriteSuper(n) => {
                 fill_super(self.data(), n);
                 (T_OUT, 0)
+            }
+            Req::RingScan(i) => (T_IN, self.record_limit + i),
+            Req::RingRead(n) => (T_IN, self.ring_sector(n)),
+            Req::RingWrite(n) => {
+                let sector = self.ring_sector(n);
+                blk_ring::fill(self.data(), n, sector);
+                (T_OUT, sector)
             }
         };
         if kind == T_IN {
@@ -321,7 +357,7 @@ impl Blk {
                     self.next = Some(Req::Verify(n + 1));
                 } else {
                     self.boot_report();
-                    self.continue_at(self.found + 1);
+                    self.check_ring(self.found + 1);
                 }
             }
             Req::Write(n) => {
@@ -354,6 +390,80 @@ impl Blk {
                 }
                 self.continue_at(n + 1);
             }
+            Req::RingScan(i) => self.ring_scanned(i, status),
+            Req::RingRead(n) => {
+                self.ring_read(n, status);
+                self.next = Some(Req::RingWrite(n));
+            }
+            Req::RingWrite(n) => {
+                if status == S_OK {
+                    self.ring_next = n + 1;
+                } else {
+                    ring_fail(n, b"write status", Some(status.into()));
+                }
+                self.finish_record(self.after);
+            }
+        }
+    }
+
+    fn ring_sector(&self, seq: u64) -> u64 {
+        self.record_limit + seq % RING
+    }
+
+    /// At boot, after the records: reads every ring slot, then goes on with record `n`.
+    fn check_ring(&mut self, n: u64) {
+        self.resume_at = n;
+        self.next = Some(Req::RingScan(0));
+    }
+
+    fn ring_scanned(&mut self, i: u64, status: u8) {
+        let sector = self.record_limit + i;
+        let slot = if status == S_OK {
+            blk_ring::read(self.data(), sector)
+        } else {
+            Err("ioerr")
+        };
+        let mut line = Line::new();
+        match slot {
+            Ok(seq) => self.ring_slots[i as usize] = seq,
+            Err(why) => {
+                line.s(b"blk ring FAIL slot=").dec(i).s(b" ").s(why.as_bytes());
+                line.print();
+                self.continue_at(self.resume_at);
+                return;
+            }
+        }
+        if i + 1 < RING {
+            self.next = Some(Req::RingScan(i + 1));
+            return;
+        }
+        line.s(b"blk ring found=");
+        match blk_ring::check_all(&self.ring_slots) {
+            Ok(m) => {
+                self.ring_next = m + 1;
+                line.dec(m).s(b" ok");
+            }
+            Err((slot, why)) => {
+                line.s(b"? FAIL slot=").dec(slot).s(b" ").s(why.as_bytes());
+            }
+        }
+        line.print();
+        self.continue_at(self.resume_at);
+    }
+
+    /// Checks what the slot ring seq `n` goes to holds: exactly the seq written there `RING`
+    /// writes ago.
+    fn ring_read(&mut self, n: u64, status: u8) {
+        if status != S_OK {
+            ring_fail(n, b"read status", Some(status.into()));
+            return;
+        }
+        let sector = self.ring_sector(n);
+        match blk_ring::read(self.data(), sector) {
+            Ok(seq) if seq == blk_ring::expected_before(n) => {}
+            Ok(Some(seq)) => ring_fail(n, b"replay seq", Some(seq)),
+            Ok(None) => ring_fail(n, b"lost", None),
+            Err(why) => ring_fail(n, why.as_bytes(), None),
         }
     }
 
@@ -377,7 +487,7 @@ impl Blk {
             None
         } else if sum != checksum(&[magic, last_seq]) {
             Some("superblock checksum")
-        } else if last_seq >= self.capacity {
+        } else if last_seq >= self.record_limit {
             Some("superblock beyond capacity")
         } else {
             self.found = last_seq;
@@ -393,7 +503,7 @@ impl Blk {
             line.s(b" FAIL ").s(why.as_bytes());
         }
         line.print();
-        self.continue_at(1);
+        self.check_ring(1);
     }
 
     fn boot_report(&self) {
@@ -409,10 +519,16 @@ impl Blk {
         line.print();
     }
 
-    /// After record n: update the superblock every SUPER_EVERY records and
-    /// before the disk is full; else go on with n + 1.
+    /// After record n: the ring step, then [`Self::finish_record`].
     fn after_record(&mut self, n: u64) {
-        if n.is_multiple_of(SUPER_EVERY) || n + 1 >= self.capacity {
+        self.after = n;
+        self.next = Some(Req::RingRead(self.ring_next));
+    }
+
+    /// Updates the superblock every SUPER_EVERY records and before the disk is full; else
+    /// goes on with n + 1.
+    fn finish_record(&mut self, n: u64) {
+        if n.is_multiple_of(SUPER_EVERY) || n + 1 >= self.record_limit {
             self.next = Some(if self.flush {
                 Req::Flush(n)
             } else {
@@ -427,12 +543,21 @@ impl Blk {
     fn continue_at(&mut self, n: u64) {
         if self.read_only {
             Line::new().s(b"blk writes skipped ro=1").print();
-        } else if n >= self.capacity {
+        } else if n >= self.record_limit {
             Line::new().s(b"blk full").print();
         } else {
             self.next = Some(Req::Write(n));
         }
     }
+}
+
+fn ring_fail(n: u64, what: &[u8], value: Option<u64>) {
+    let mut line = Line::new();
+    line.s(b"blk ring r=").dec(n).s(b" FAIL ").s(what);
+    if let Some(v) = value {
+        line.s(b"=").dec(v);
+    }
+    line.print();
 }
 
 fn fail_status(n: u64, what: &[u8], status: u8) {

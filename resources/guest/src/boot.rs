@@ -88,8 +88,12 @@ global_asm!(
     "    .skip {stacks_size}",
     ".popsection",
     // GDT: null, 0x08 64-bit code, 0x10 flat data, 0x18 32-bit code (used by
-    // the AP trampoline only). Accessed bits are preset so the CPU never
-    // writes to the table.
+    // the AP trampoline only), and at 0x28/0x30 the DPL-3 data and 64-bit code
+    // segments that native mode runs on (selectors 0x2b/0x33, as in Linux):
+    // PVM delivers an exception to a native CPU only through a gate whose
+    // selector is 0x33 *and* names such a descriptor in the guest's GDT
+    // (measured: with a 4-entry GDT it triple-faults). Accessed bits are
+    // preset so the CPU never writes to the table.
     ".pushsection .data.gdt, \"aw\"",
     ".balign 16",
     ".global molt_gdt",
@@ -98,6 +102,9 @@ global_asm!(
     "    .quad 0x00af9b000000ffff",
     "    .quad 0x00cf93000000ffff",
     "    .quad 0x00cf9b000000ffff",
+    "    .quad 0",
+    "    .quad 0x00cff3000000ffff",
+    "    .quad 0x00affb000000ffff",
     "molt_gdt_end:",
     ".balign 8",
     "    .word 0, 0, 0",
@@ -185,6 +192,9 @@ global_asm!(
     ".code64",
     ".irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
     "isr_\\v:",
+    ".if \\v == 13",
+    "    jmp isr_gp",
+    ".endif",
     ".if (\\v == 8) || (\\v == 10) || (\\v == 11) || (\\v == 12) || (\\v == 13) || (\\v == 14) || (\\v == 17) || (\\v == 21) || (\\v == 29) || (\\v == 30)",
     ".else",
     "    pushq $0",
@@ -192,6 +202,25 @@ global_asm!(
     "    pushq $\\v",
     "    jmp isr_common",
     ".endr",
+    // #GP: a fault of the probing rdmsr/wrmsr in native.rs resumes at
+    // molt_msr_fault (the probe reports failure); any other #GP is reported.
+    "isr_gp:",
+    "    pushq %rax",
+    "    leaq molt_rdmsr_insn(%rip), %rax",
+    "    cmpq %rax, 16(%rsp)",
+    "    je 1f",
+    "    leaq molt_wrmsr_insn(%rip), %rax",
+    "    cmpq %rax, 16(%rsp)",
+    "    je 1f",
+    "    popq %rax",
+    "    pushq $13",
+    "    jmp isr_common",
+    "1:",
+    "    leaq molt_msr_fault(%rip), %rax",
+    "    movq %rax, 16(%rsp)",
+    "    popq %rax",
+    "    addq $8, %rsp",
+    "    iretq",
     "isr_common:",
     "    movq (%rsp), %rdi",
     "    movq 8(%rsp), %rsi",
@@ -245,39 +274,60 @@ struct IdtEntry {
 #[repr(C, align(16))]
 struct Idt([IdtEntry; 32]);
 
+/// The IDT of emulated mode: gates into our own 64-bit code segment.
 static mut IDT: Idt = Idt([IdtEntry { low: 0, high: 0 }; 32]);
+/// The IDT of native mode (see native.rs): the same stubs, but the gates must
+/// name selector 0x33 (the host's 64-bit user code segment, which native
+/// guest code runs on) with DPL 3; there is no IST or stack switch.
+static mut IDT_NATIVE: Idt = Idt([IdtEntry { low: 0, high: 0 }; 32]);
 
-/// Fills the IDT with the 32 exception stubs. Called once, by the BSP,
+/// Selector of the gates of the native IDT.
+const NATIVE_CS: u16 = 0x33;
+
+fn gate(handler: u64, selector: u16, type_attr: u64) -> IdtEntry {
+    IdtEntry {
+        low: (handler & 0xffff)
+            | (u64::from(selector) << 16)
+            | (type_attr << 40)
+            | ((handler >> 16) & 0xffff) << 48,
+        high: handler >> 32,
+    }
+}
+
+/// Fills both IDTs with the 32 exception stubs. Called once, by the BSP,
 /// before any AP is started.
 pub fn init_idt() {
     for v in 0..32 {
         // SAFETY: isr_table is a read-only table of 32 addresses in .rodata.
         let handler = unsafe { core::ptr::addr_of!(isr_table).cast::<u64>().add(v).read() };
-        let low = (handler & 0xffff)
-            | (u64::from(KERNEL_CS) << 16)
-            | (0x8e << 40) // present, DPL 0, 64-bit interrupt gate, IST 0
-            | ((handler >> 16) & 0xffff) << 48;
-        let high = handler >> 32;
-        // SAFETY: only the BSP writes the IDT, before APs exist and before
-        // any CPU loads it; nothing else references it meanwhile.
+        // SAFETY: only the BSP writes the IDTs, before APs exist and before
+        // any CPU loads them; nothing else references them meanwhile.
         unsafe {
-            core::ptr::addr_of_mut!(IDT.0[v]).write(IdtEntry { low, high });
+            // Present, DPL 0, 64-bit interrupt gate, IST 0.
+            core::ptr::addr_of_mut!(IDT.0[v]).write(gate(handler, KERNEL_CS, 0x8e));
+            // Present, DPL 3, 64-bit interrupt gate, IST 0.
+            core::ptr::addr_of_mut!(IDT_NATIVE.0[v]).write(gate(handler, NATIVE_CS, 0xee));
         }
     }
 }
 
-/// Loads the IDT on the calling CPU.
-pub fn load_idt() {
+/// Loads the IDT of the calling CPU's execution mode.
+pub fn load_idt(native: bool) {
     #[repr(C, packed)]
     struct Pointer {
         limit: u16,
         base: u64,
     }
+    let base = if native {
+        core::ptr::addr_of!(IDT_NATIVE) as u64
+    } else {
+        core::ptr::addr_of!(IDT) as u64
+    };
     let ptr = Pointer {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,
-        base: core::ptr::addr_of!(IDT) as u64,
+        base,
     };
-    // SAFETY: the IDT is fully initialised (init_idt ran) and static.
+    // SAFETY: both IDTs are fully initialised (init_idt ran) and static.
     unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
 }
 

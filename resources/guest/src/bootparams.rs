@@ -99,6 +99,16 @@ pub enum Crash {
     Panic,
 }
 
+/// `molt.native=on|off`, or the test hook `test-unavailable`: probe an MSR
+/// that does not exist instead of PVM's signature (so the #GP recovery and the
+/// fallback to emulation run on a host that has the control).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NativeArg {
+    Off,
+    On,
+    TestUnavailable,
+}
+
 /// Most `virtio_mmio.device=` entries the guest looks at.
 pub const MAX_VIRTIO: usize = 8;
 
@@ -116,6 +126,13 @@ pub enum NetArg {
 /// words; everything else ignored).
 pub struct Config {
     pub memtest_mib: u64,
+    /// `molt.memtest_share=<1..100>`: percent of every page the memtest
+    /// covers (default: one word per page).
+    pub memtest_share: u64,
+    /// `molt.native=`: run natively on a PVM host (see native.rs).
+    pub native: NativeArg,
+    /// `molt.dirty=<MiB/s>`: dirty RAM at this rate (0 = off).
+    pub dirty_mib_s: u64,
     pub tick_ms: u64,
     /// End the VM after this many ticks (0 = never).
     pub ticks: u64,
@@ -193,6 +210,9 @@ impl Config {
     pub fn parse(cmdline: &[u8]) -> Config {
         let mut config = Config {
             memtest_mib: 0,
+            memtest_share: 0,
+            native: NativeArg::Off,
+            dirty_mib_s: 0,
             tick_ms: 100,
             ticks: 0,
             exit: ExitAction::Code(0),
@@ -210,6 +230,16 @@ impl Config {
         for word in words {
             if let Some(v) = value_of(word, b"molt.memtest=").and_then(parse_num) {
                 config.memtest_mib = v;
+            } else if let Some(v) = value_of(word, b"molt.memtest_share=").and_then(parse_num) {
+                config.memtest_share = v.min(100);
+            } else if let Some(v) = value_of(word, b"molt.native=") {
+                config.native = match v {
+                    b"on" => NativeArg::On,
+                    b"test-unavailable" => NativeArg::TestUnavailable,
+                    _ => NativeArg::Off,
+                };
+            } else if let Some(v) = value_of(word, b"molt.dirty=").and_then(parse_num) {
+                config.dirty_mib_s = v;
             } else if let Some(v) = value_of(word, b"molt.tick_ms=").and_then(parse_num) {
                 if v > 0 {
                     config.tick_ms = v;

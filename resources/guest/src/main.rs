@@ -4,10 +4,12 @@
 //! reports on the serial port, one machine-parseable line per event:
 //!
 //! ```text
-//! molt-guest: boot cpus=<n> mem_mib=<n> tsc_khz=<n> memtest_mib=<n>
-//! molt-guest: tick n=<n> gap_max_us=<us>
-//! molt-guest: memtest pass=<n> ok | memtest pass=<n> FAIL addr=<hex>
-//! molt-guest: cpu id=<i> up | cpu id=<i> n=<n>
+//! molt-guest: boot cpus=<n> mem_mib=<n> tsc_khz=<n> memtest_mib=<n> memtest_share=<%>
+//!             mode=native|emulated [native=unavailable|refused] loops_per_s=<n>
+//! molt-guest: tick n=<n> gap_max_us=<us> loops_per_s=<n>
+//! molt-guest: memtest pass=<n> ok mib_s=<n> | memtest pass=<n> FAIL addr=<hex> …
+//! molt-guest: cpu id=<i> up mode=… | cpu id=<i> n=<n> loops_per_s=<n>
+//! molt-guest: dirty mib_s=<n> target=<n> mib=<n>      (see dirty.rs)
 //! molt-guest: exit code=<c> | reset
 //! molt-guest: cpu id=<i> timeout                      (an AP did not start)
 //! molt-guest: exception vector=<v> error=<hex> rip=<hex> | panic at <file>:<line>
@@ -16,8 +18,15 @@
 //! molt-guest: blk … | net … | rng …                 (see blk.rs, net.rs, rng.rs)
 //! ```
 //!
+//! `loops_per_s` is the rate of a two-instruction loop, measured at boot and at
+//! every tick: ~1e9 when the CPU runs natively, ~1e6 in KVM's emulator.
+//!
 //! Command line words (others are ignored): `molt.memtest=<MiB>` (0 = off),
-//! `molt.tick_ms=<ms>` (default 100), `molt.ticks=<n>` (end the VM after tick
+//! `molt.memtest_share=<1..100>` (percent of every page tested; default one
+//! word), `molt.native=on` (run natively on a PVM host, see native.rs; the
+//! VMM adds it where the host can; the test hook `molt.native=test-unavailable`
+//! exercises the fallback), `molt.dirty=<MiB/s>` (a memory load, see
+//! dirty.rs), `molt.tick_ms=<ms>` (default 100), `molt.ticks=<n>` (end the VM after tick
 //! n), `molt.exit=<0..255>|reset` (how to end it), `molt.tsc_khz=<kHz>` (used
 //! when the hypervisor does not report the TSC frequency), the test hook
 //! `molt.crash=ud|pf|panic` (fail right after boot), the virtio drivers
@@ -26,7 +35,8 @@
 //! adds for each virtio-mmio device as it does for Linux.
 //!
 //! KVM on the development hosts (PVM) runs this code in its instruction
-//! emulator, which cannot execute SSE/AVX/x87: the build disables them and
+//! emulator (all of it without `molt.native=on`, the first steps of every CPU
+//! with it), which cannot execute SSE/AVX/x87: the build disables them and
 //! `vmm/tests/guest_image.rs` checks the image. For the same reason nothing
 //! here uses `core::fmt` or floating point, and every main-loop iteration does
 //! only a little work. The guest never enables interrupts; it only polls.
@@ -35,11 +45,14 @@
 #![no_main]
 
 mod blk;
+mod blk_ring;
 mod boot;
 mod bootparams;
 mod devices;
+mod dirty;
 mod mem;
 mod memtest;
+mod native;
 mod net;
 mod rng;
 mod serial;
@@ -47,7 +60,7 @@ mod smp;
 mod virtio;
 
 use bootparams::{Config, Crash, ExitAction, ZeroPage};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use serial::Line;
 
 /// TSC frequency in kHz, set once by the BSP before APs start.
@@ -56,6 +69,17 @@ static TSC_KHZ: AtomicU64 = AtomicU64::new(0);
 static TICKS: AtomicU64 = AtomicU64::new(0);
 /// Number of CPUs (the per-CPU lines are printed only if > 1).
 static CPU_COUNT: AtomicU64 = AtomicU64::new(1);
+/// Whether the BSP runs natively (the APs follow it).
+static NATIVE: AtomicBool = AtomicBool::new(false);
+
+/// The BSP's execution mode, for the APs.
+pub fn bsp_mode() -> native::Mode {
+    if NATIVE.load(Ordering::Acquire) {
+        native::Mode::Native
+    } else {
+        native::Mode::Off
+    }
+}
 
 const DEFAULT_TSC_KHZ: u64 = 2_000_000;
 const CPU_LINE_MS: u64 = 500;
@@ -148,11 +172,14 @@ impl CpuTicker {
     pub fn poll(&mut self, now: u64) {
         if self.deadline.expired(now) {
             self.n += 1;
+            let loops_per_s = native::loop_rate(TSC_KHZ.load(Ordering::Relaxed));
             Line::new()
                 .s(b"cpu id=")
                 .dec(self.index.into())
                 .s(b" n=")
                 .dec(self.n)
+                .s(b" loops_per_s=")
+                .dec(loops_per_s)
                 .print();
         }
     }
@@ -161,15 +188,33 @@ impl CpuTicker {
 /// Rust entry of the BSP, called by `_start` on CPU 0's stack.
 pub extern "C" fn bsp_main(zero_page: u64) -> ! {
     boot::init_idt();
-    boot::load_idt();
+    boot::load_idt(false);
 
     let zero_page = ZeroPage::new(zero_page);
     let config = Config::parse(zero_page.cmdline());
+    // CPUID first: natively it is not intercepted and shows the host's.
     let (khz, tsc_source) = tsc_khz(&config);
     TSC_KHZ.store(khz, Ordering::Relaxed);
-    let cpus = smp::Cpus::discover();
+    let apic_id = (boot::cpuid(1).1 >> 24) as u8;
+    let mode = native::switch_bsp(config.native);
+    NATIVE.store(mode.is_native(), Ordering::Release);
+    let cpus = smp::Cpus::discover(apic_id);
     CPU_COUNT.store(cpus.count as u64, Ordering::Relaxed);
-    let mut memtest = memtest::Memtest::new(zero_page, boot::image_end(), config.memtest_mib);
+    let mut memtest = memtest::Memtest::new(
+        zero_page,
+        boot::image_end(),
+        config.memtest_mib,
+        config.memtest_share,
+        mode.is_native(),
+        khz,
+    );
+    let mut dirty = dirty::Dirty::new(
+        zero_page,
+        memtest.end(boot::image_end()),
+        config.dirty_mib_s,
+        khz,
+        boot::rdtsc(),
+    );
 
     boot::marker(2);
     let mut line = Line::new();
@@ -180,7 +225,13 @@ pub extern "C" fn bsp_main(zero_page: u64) -> ! {
         .s(b" tsc_khz=")
         .dec(khz)
         .s(b" memtest_mib=")
-        .dec(memtest.bytes >> 20);
+        .dec(memtest.bytes >> 20)
+        .s(b" memtest_share=")
+        .dec(memtest.share())
+        .s(b" ")
+        .s(mode.describe())
+        .s(b" loops_per_s=")
+        .dec(native::loop_rate(khz));
     if tsc_source == TscSource::Assumed {
         line.s(b" tsc=assumed");
     }
@@ -201,16 +252,24 @@ pub extern "C" fn bsp_main(zero_page: u64) -> ! {
         gap_max = gap_max.max(now.saturating_sub(prev));
         prev = now;
 
-        memtest.step();
+        memtest.step(now);
+        dirty.step(now);
         devices.poll(now);
 
         if tick.expired(now) {
             let n = TICKS.fetch_add(1, Ordering::Relaxed) + 1;
+            // The measurement is not a gap of the loop (the line, as before,
+            // counts in the next tick's gap).
+            let before = boot::rdtsc();
+            let loops_per_s = native::loop_rate(khz);
+            prev += boot::rdtsc() - before;
             Line::new()
                 .s(b"tick n=")
                 .dec(n)
                 .s(b" gap_max_us=")
                 .dec(cycles_to_us(gap_max, khz))
+                .s(b" loops_per_s=")
+                .dec(loops_per_s)
                 .print();
             gap_max = 0;
             if config.ticks != 0 && n >= config.ticks {
@@ -242,11 +301,11 @@ fn crash(kind: Crash) {
 fn finish(action: ExitAction) -> ! {
     match action {
         ExitAction::Code(code) => {
-            Line::new().s(b"exit code=").dec(code.into()).print();
+            Line::new().s(b"exit code=").dec(code.into()).print_last();
             boot::exit(code)
         }
         ExitAction::Reset => {
-            Line::new().s(b"reset").print();
+            Line::new().s(b"reset").print_last();
             boot::reset()
         }
     }

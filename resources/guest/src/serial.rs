@@ -26,7 +26,9 @@ fn put_byte(byte: u8) {
 /// Writes `bytes` to the UART while holding the serial lock. With `force`, the
 /// lock is taken after a bounded wait even if someone else holds it (for the
 /// exception and panic paths, which may interrupt a holder on this CPU).
-fn write_locked(bytes: &[u8], force: bool) {
+/// With `keep`, the lock stays taken: nothing can follow this line (the VM
+/// is about to end, and a CPU's line cut short by the exit would be garbled).
+fn write_locked(bytes: &[u8], force: bool, keep: bool) {
     let mut spins: u32 = 0;
     while LOCK
         .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -40,7 +42,9 @@ fn write_locked(bytes: &[u8], force: bool) {
     for &b in bytes {
         put_byte(b);
     }
-    LOCK.store(false, Ordering::Release);
+    if !keep {
+        LOCK.store(false, Ordering::Release);
+    }
 }
 
 const LINE_CAP: usize = 160;
@@ -137,12 +141,19 @@ impl Line {
     /// Terminates the line and writes it out atomically.
     pub fn print(&mut self) {
         self.buf[self.len] = b'\n';
-        write_locked(&self.buf[..self.len + 1], false);
+        write_locked(&self.buf[..self.len + 1], false, false);
     }
 
-    /// Like `print`, for the exception and panic paths.
+    /// Like `print`, for the last line before the VM ends: no other line
+    /// follows it.
+    pub fn print_last(&mut self) {
+        self.buf[self.len] = b'\n';
+        write_locked(&self.buf[..self.len + 1], false, true);
+    }
+
+    /// Like `print_last`, for the exception and panic paths.
     pub fn print_forced(&mut self) {
         self.buf[self.len] = b'\n';
-        write_locked(&self.buf[..self.len + 1], true);
+        write_locked(&self.buf[..self.len + 1], true, true);
     }
 }

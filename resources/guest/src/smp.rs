@@ -4,7 +4,7 @@
 
 use crate::boot::{self, MAX_CPUS, TRAMPOLINE_ADDR};
 use crate::serial::Line;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 /// The CPUs found in the MP table.
 pub struct Cpus {
@@ -90,7 +90,9 @@ fn find_floating_pointer() -> Option<u64> {
 }
 
 impl Cpus {
-    pub fn discover() -> Cpus {
+    /// Reads the MP table; `bsp_apic_id` is our own APIC ID (from CPUID,
+    /// which the caller reads before the CPU may run natively).
+    pub fn discover(bsp_apic_id: u8) -> Cpus {
         let mut cpus = Cpus {
             count: 1,
             apic_ids: [0; MAX_CPUS],
@@ -142,7 +144,7 @@ impl Cpus {
         }
         if !have_bsp {
             // No CPU flagged as BSP: trust our own APIC ID for index 0.
-            cpus.apic_ids[0] = (boot::cpuid(1).1 >> 24) as u8;
+            cpus.apic_ids[0] = bsp_apic_id;
             if let Some(i) = (1..count).find(|&i| cpus.apic_ids[i] == cpus.apic_ids[0]) {
                 cpus.apic_ids.copy_within(i + 1..count, i);
                 count -= 1;
@@ -178,6 +180,8 @@ fn send_ipi(lapic: u64, apic_id: u8, command: u32) {
 
 /// Index of the last AP that reached `ap_main`.
 static ARRIVED: AtomicU32 = AtomicU32::new(0);
+/// Set once the BSP has started every AP it could.
+static ALL_UP: AtomicBool = AtomicBool::new(false);
 
 /// Waits until AP `index` has arrived or `ms` milliseconds passed.
 fn wait_arrival(index: u32, ms: u64, tsc_khz: u64) -> bool {
@@ -190,8 +194,14 @@ fn wait_arrival(index: u32, ms: u64, tsc_khz: u64) -> bool {
     false
 }
 
-/// Copies the trampoline to 0x8000 and starts the APs one at a time.
+/// Copies the trampoline to 0x8000 and starts the APs one at a time, then
+/// lets them go on.
 pub fn start_aps(cpus: &Cpus, tsc_khz: u64) {
+    start_each(cpus, tsc_khz);
+    ALL_UP.store(true, Ordering::Release);
+}
+
+fn start_each(cpus: &Cpus, tsc_khz: u64) {
     let code = boot::trampoline();
     let (cr3_slot, efer_slot) = boot::trampoline_slots();
     let dst = TRAMPOLINE_ADDR as *mut u8;
@@ -241,12 +251,20 @@ pub fn start_aps(cpus: &Cpus, tsc_khz: u64) {
 
 /// Rust entry of an AP (called by `ap_entry64` on its own stack).
 pub extern "C" fn ap_main(index: u32) -> ! {
-    boot::load_idt();
+    boot::load_idt(false);
     ARRIVED.store(index, Ordering::Release);
+    // Measured: while an AP runs natively, KVM's emulator fails (internal
+    // error) on the far jump of the next AP's trampoline. So the APs switch
+    // only once all of them are up.
+    while !ALL_UP.load(Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
+    let mode = crate::native::switch_ap(crate::bsp_mode());
     Line::new()
         .s(b"cpu id=")
         .dec(index.into())
-        .s(b" up")
+        .s(b" up ")
+        .s(mode.describe())
         .print();
     let mut ticker = crate::CpuTicker::new(index);
     loop {

@@ -146,6 +146,11 @@ impl Conn {
         self.stream.as_raw_fd()
     }
 
+    /// The socket (kept across a handoff).
+    pub(super) fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
     pub(super) fn is_done(&self) -> bool {
         self.phase == Phase::Done
     }

@@ -1,32 +1,49 @@
-//! Handing the API server over a live update: refuse concurrent updates, and carry every
-//! client connection (with the input not processed yet) to the next image.
+//! Handing the API server over: refuse concurrent updates, and carry the listener and every
+//! client connection (with the input not processed yet) to the next keeper of the VM.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
 
 use super::super::conn::Conn;
 use super::super::socket::{check_socket, set_cloexec};
 use super::super::{ApiError, ConnId};
 use super::ApiServer;
+use crate::persist::{FdRole, Persist, PersistError, RestoreFds, SaveFds};
 
 /// A client connection carried over a live update.
 #[derive(Debug)]
-pub struct CarriedConn<F> {
+struct CarriedConn<F> {
     /// Its id (kept by the next image).
-    pub id: ConnId,
+    id: ConnId,
     /// Its socket.
-    pub fd: F,
+    fd: F,
     /// Input received but not processed yet (e.g. a request that arrived during the update).
-    pub unread: Vec<u8>,
+    unread: Vec<u8>,
 }
 
 impl ApiServer {
+    /// Starts handing the server over: `waiting` is the connection whose request started it
+    /// (the next keeper answers it). Until [`end_handoff`](Self::end_handoff), every other
+    /// update request is refused with 409.
+    pub fn begin_handoff(&mut self, waiting: ConnId) {
+        self.handoff = Some(waiting);
+        self.refuse_updates();
+    }
+
+    /// The handoff did not happen: the server stays here.
+    pub fn end_handoff(&mut self) {
+        self.handoff = None;
+    }
+
     /// While a live update runs: accepts the clients waiting in the backlog, reads what every
     /// client sent, and answers each complete `vm.cpr-exec` request with 409 (one update at
     /// a time). Other requests stay buffered and are answered after the update.
-    pub fn refuse_updates(&mut self) {
+    fn refuse_updates(&mut self) {
         let now = Instant::now();
         loop {
             match self.listener.accept() {
@@ -56,30 +73,9 @@ impl ApiServer {
         let _ = self.waker.write(1);
     }
 
-    /// The connections to carry over a live update: every one between requests, except
-    /// `waiting` (whose request started the update and which travels separately).
-    pub fn carried(&self, waiting: ConnId) -> Vec<CarriedConn<RawFd>> {
-        self.conns
-            .iter()
-            .filter(|(id, _)| **id != waiting)
-            .filter_map(|(id, c)| {
-                c.carry().map(|unread| CarriedConn {
-                    id: *id,
-                    fd: c.fd(),
-                    unread,
-                })
-            })
-            .collect()
-    }
-
-    /// The next connection id.
-    pub fn next_id(&self) -> ConnId {
-        self.next_id
-    }
-
     /// Adopts connections carried over a live update; their buffered input is processed on
     /// the next event-loop turn. Ids continue after the largest one.
-    pub fn adopt(&mut self, conns: Vec<CarriedConn<OwnedFd>>) -> Result<(), ApiError> {
+    fn adopt(&mut self, conns: Vec<CarriedConn<OwnedFd>>) -> Result<(), ApiError> {
         let now = Instant::now();
         for c in conns {
             check_socket(c.fd.as_raw_fd(), false)?;
@@ -94,5 +90,86 @@ impl ApiServer {
         }
         self.waker.write(1).map_err(ApiError::Setup)?;
         Ok(())
+    }
+}
+
+/// A connection as saved: its id and the input it had not processed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnState {
+    /// Its id (kept by the next keeper).
+    pub id: ConnId,
+    /// Bytes received but not processed yet.
+    #[serde(default)]
+    pub unread: Vec<u8>,
+}
+
+/// The API server as saved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiState {
+    /// Socket path (kept in place throughout).
+    pub path: PathBuf,
+    /// The connection whose request started the handoff; the next keeper answers it.
+    pub waiting: Option<ConnId>,
+    /// Other open connections between requests.
+    #[serde(default)]
+    pub conns: Vec<ConnState>,
+    /// Next connection id.
+    #[serde(default)]
+    pub next_id: ConnId,
+}
+
+/// The server keeps its listener, the waiting connection and every connection between
+/// requests (with what it had read of the next one).
+impl Persist for ApiServer {
+    type State = ApiState;
+    type Args = ();
+    type Error = ApiError;
+
+    fn save(&self, fds: &mut SaveFds) -> Result<ApiState, PersistError> {
+        fds.keep(FdRole::ApiListener, &self.listener)?;
+        let waiting = self.handoff.filter(|id| self.conns.contains_key(id));
+        if let Some(id) = waiting {
+            fds.keep(FdRole::ApiConn(id), self.conns[&id].stream())?;
+        }
+        let mut conns = Vec::new();
+        for (&id, c) in self.conns.iter().filter(|(id, _)| Some(**id) != waiting) {
+            if let Some(unread) = c.carry() {
+                fds.keep(FdRole::ApiConn(id), c.stream())?;
+                conns.push(ConnState { id, unread });
+            }
+        }
+        Ok(ApiState {
+            path: self.path.clone(),
+            waiting,
+            conns,
+            next_id: self.next_id,
+        })
+    }
+
+    fn restore(state: &ApiState, _: (), fds: &mut RestoreFds) -> Result<Self, ApiError> {
+        let listener = fds.take(FdRole::ApiListener)?;
+        let waiting = match state.waiting {
+            Some(id) => Some((fds.take(FdRole::ApiConn(id))?, id)),
+            None => None,
+        };
+        let mut server = ApiServer::from_inherited(listener, state.path.clone(), waiting)?;
+        let conns = state
+            .conns
+            .iter()
+            .map(|c| {
+                Ok(CarriedConn {
+                    id: c.id,
+                    fd: fds.take(FdRole::ApiConn(c.id))?,
+                    unread: c.unread.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, PersistError>>()?;
+        server.adopt(conns)?;
+        server.next_id = server.next_id.max(state.next_id);
+        server.handoff = state.waiting;
+        // The path stays until the new keeper commits: a rollback serves it again.
+        server.remove_on_drop = false;
+        server.refuse_updates();
+        Ok(server)
     }
 }

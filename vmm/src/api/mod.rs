@@ -25,13 +25,13 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use routes::{Route, API_PREFIX, ROUTES};
-pub use server::{ApiServer, CarriedConn};
+pub use server::{ApiServer, ApiState, ConnState};
 
 /// Identifies one client connection of an [`ApiServer`]. Ids are never reused within a
-/// server (nor across a live update: [`ApiServer::from_inherited`] continues the sequence).
+/// server (nor across a live update: the restored server continues the sequence).
 pub type ConnId = u64;
 
 /// A parsed and routed request waiting for the VMM.
@@ -78,9 +78,12 @@ pub struct ApiResponse {
 }
 
 impl ApiResponse {
-    /// 200 with `body`.
-    pub fn ok(body: serde_json::Value) -> Self {
-        Self { status: 200, body }
+    /// `status` with `body` serialized as JSON.
+    pub fn json(status: u16, body: &impl Serialize) -> Self {
+        match serde_json::to_value(body) {
+            Ok(body) => Self { status, body },
+            Err(e) => Self::error(500, format!("cannot encode the answer: {e}")),
+        }
     }
 
     /// 204, no body.
@@ -93,11 +96,33 @@ impl ApiResponse {
 
     /// `status` with the body `{"error": message}`.
     pub fn error(status: u16, message: impl Into<String>) -> Self {
-        Self {
+        Self::json(
             status,
-            body: serde_json::json!({ "error": message.into() }),
-        }
+            &ErrorReply::<()> {
+                error: message.into(),
+                report: None,
+            },
+        )
     }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorReply<R: Serialize = ()> {
+    /// What went wrong, with its causes.
+    pub error: String,
+    /// Details, when the failed request still did something (a rolled-back update's report).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<R>,
+}
+
+/// `GET /api/v1/vmm.ping`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PingReply {
+    /// molt's version.
+    pub version: &'static str,
+    /// Process id.
+    pub pid: u32,
 }
 
 /// Resource limits and timeouts of an [`ApiServer`].
@@ -164,4 +189,7 @@ pub enum ApiError {
     /// Creating the server's eventfd or timerfd, or setting fd flags, failed.
     #[error("API server setup")]
     Setup(#[source] io::Error),
+    /// The server cannot be taken over from a handoff.
+    #[error("cannot take over the API server")]
+    Persist(#[from] crate::persist::PersistError),
 }

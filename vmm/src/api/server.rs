@@ -26,7 +26,7 @@ use super::{http, ApiError, ApiRequest, ApiResponse, ConnId, Limits};
 #[path = "handover.rs"]
 mod handover;
 
-pub use handover::CarriedConn;
+pub use handover::{ApiState, ConnState};
 
 /// Connections accepted per listener event.
 const ACCEPT_BATCH: usize = 16;
@@ -53,6 +53,8 @@ pub struct ApiServer {
     next_id: ConnId,
     ready: Vec<(ConnId, ApiRequest)>,
     dirty: BTreeSet<ConnId>,
+    /// The connection whose request started a handoff in progress.
+    handoff: Option<ConnId>,
 }
 
 impl ApiServer {
@@ -68,7 +70,7 @@ impl ApiServer {
     /// `path`) and, optionally, one connection whose request awaits its response as
     /// connection `conn`; answer it with [`respond`](Self::respond). Connection ids continue
     /// after `conn`. The fds are made non-blocking and close-on-exec again.
-    pub fn from_inherited(
+    fn from_inherited(
         listener: OwnedFd,
         path: PathBuf,
         waiting: Option<(OwnedFd, ConnId)>,
@@ -120,6 +122,7 @@ impl ApiServer {
             next_id: 1,
             ready: Vec::new(),
             dirty: BTreeSet::new(),
+            handoff: None,
         })
     }
 
@@ -165,21 +168,6 @@ impl ApiServer {
         }
     }
 
-    /// The listening socket, to preserve across a live update.
-    pub fn listener_fd(&self) -> RawFd {
-        self.listener.as_raw_fd()
-    }
-
-    /// `conn`'s socket, to preserve across a live update, if it is open.
-    pub fn connection_fd(&self, conn: ConnId) -> Option<RawFd> {
-        self.conns.get(&conn).map(Conn::fd)
-    }
-
-    /// Number of open connections.
-    pub fn connections(&self) -> usize {
-        self.conns.len()
-    }
-
     fn accept(&mut self, now: Instant, ops: &mut EventOps) {
         for _ in 0..ACCEPT_BATCH {
             match self.listener.accept() {
@@ -209,8 +197,8 @@ impl ApiServer {
                 "API: refusing a client: {} connections open",
                 self.conns.len()
             );
-            let body = serde_json::json!({ "error": "too many connections" });
-            let _ = (&stream).write(&http::format_response(503, &body, false, None));
+            let refusal = ApiResponse::error(503, "too many connections");
+            let _ = (&stream).write(&http::format_response(503, &refusal.body, false, None));
             let _ = stream.shutdown(std::net::Shutdown::Write);
             return;
         }

@@ -1,4 +1,5 @@
-//! The handoff record: what the old image tells the new one.
+//! The handoff record: what the old keeper of a VM tells the new one. The same record travels
+//! by every transport.
 
 use std::path::PathBuf;
 
@@ -6,60 +7,10 @@ use cpr::PreservedFd;
 use serde::{Deserialize, Serialize};
 
 use super::UpdateHistory;
+use crate::components::PartsState;
 use crate::config::VmConfig;
 use crate::runtime::Counters;
 use crate::state::VmState;
-
-/// Fd names in the handoff's registry.
-pub mod fd_names {
-    /// The previous molt binary (for rollback).
-    pub const PREVIOUS_EXE: &str = "previous-exe";
-    /// Serial output file (`--serial file=`).
-    pub const SERIAL_FILE: &str = "serial-file";
-    /// Serial socket listener (`--serial socket=`).
-    pub const SERIAL_LISTENER: &str = "serial-listener";
-    /// Serial socket client, when one is attached.
-    pub const SERIAL_CLIENT: &str = "serial-client";
-    /// API listening socket.
-    pub const API_LISTENER: &str = "api-listener";
-    /// Prefix of API client connections (`api-conn-<id>`).
-    pub const API_CONN_PREFIX: &str = "api-conn-";
-    /// Backing file (disk image or tap) of virtio device `i`.
-    pub fn virtio(i: usize) -> String {
-        format!("virtio{i}")
-    }
-    /// Guest RAM memfd `i` is `ram<i>`.
-    pub fn ram(i: usize) -> String {
-        format!("ram{i}")
-    }
-}
-
-/// An API connection carried across the update.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApiConnHandoff {
-    /// Connection id (continues in the new image).
-    pub id: u64,
-    /// Fd name in the registry.
-    pub fd: String,
-    /// Bytes received but not yet processed.
-    #[serde(default)]
-    pub unread: Vec<u8>,
-}
-
-/// The API server's state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApiHandoff {
-    /// Socket path (kept in place throughout).
-    pub path: PathBuf,
-    /// The connection whose `vm.cpr-exec` request the new image answers.
-    pub waiting: Option<ApiConnHandoff>,
-    /// Other open connections.
-    #[serde(default)]
-    pub others: Vec<ApiConnHandoff>,
-    /// Next connection id.
-    #[serde(default)]
-    pub next_id: u64,
-}
 
 /// The update in flight.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -86,30 +37,37 @@ pub struct InFlight {
     pub carried_requests: u64,
 }
 
-/// Everything the new image needs.
+/// What the VMM keeps about itself, as the record carries it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BookkeepingState {
+    /// The argv the VM was started with (the default for later updates, and what a rollback
+    /// starts the previous binary with).
+    pub argv: Vec<String>,
+    /// Wall-clock ns when the VM booted (for uptime).
+    pub booted_at_ns: u64,
+    /// Counters for `vm.info`.
+    pub counters: Counters,
+    /// Earlier updates.
+    pub history: UpdateHistory,
+}
+
+/// Everything the new keeper needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Handoff {
-    /// The VM.
+    /// The KVM machine: vCPUs, VM-wide state, device models.
     pub vm: VmState,
     /// How the VM was configured (the record describes the VM, never the new command line).
     pub config: VmConfig,
-    /// The argv the VM was started with (default for later updates).
-    pub argv: Vec<String>,
-    /// Preserved fds by name.
+    /// Every other part's state.
+    pub parts: PartsState,
+    /// The fds the parts declared, by role.
     pub fds: Vec<PreservedFd>,
-    /// API server, if one runs.
-    pub api: Option<ApiHandoff>,
+    /// Counters, history, identity.
+    #[serde(default)]
+    pub book: BookkeepingState,
     /// The update in flight.
     pub update: InFlight,
-    /// Earlier updates.
-    #[serde(default)]
-    pub history: UpdateHistory,
-    /// Counters for `vm.info`.
-    #[serde(default)]
-    pub counters: Counters,
-    /// Wall-clock ns when the VM booted (for uptime).
-    #[serde(default)]
-    pub booted_at_ns: u64,
     /// A field only the tests' "next version" build knows: older images ignore it, and it
     /// takes its default when that build reads an older image's record.
     #[cfg(feature = "test-next")]
@@ -125,9 +83,13 @@ pub struct NextOnly {
     pub writer: String,
 }
 
-impl Handoff {
-    /// The fd number registered under `name`.
-    pub fn fd(&self, name: &str) -> Option<i32> {
-        self.fds.iter().find(|f| f.name == name).map(|f| f.fd)
-    }
+/// The argv the VM was started with, read from an encoded record (to start the previous
+/// binary with the same command line on a rollback).
+pub fn record_argv(bytes: &[u8]) -> Option<Vec<String>> {
+    let argv = cpr::decode_kind::<Handoff>(bytes, super::HANDOFF_KIND)
+        .ok()?
+        .state
+        .book
+        .argv;
+    (!argv.is_empty()).then_some(argv)
 }

@@ -9,7 +9,12 @@
 //! kernel tears both down in the holder's exit, beside the resumed guest.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use nix::fcntl::OFlag;
+
+use super::sys;
 
 /// Stack of the holder: it only calls close, read and _exit.
 const STACK_SIZE: usize = 64 << 10;
@@ -18,7 +23,7 @@ const STACK_SIZE: usize = 64 << 10;
 pub struct Holder {
     pid: i32,
     /// Our end of the pipe; execve closes it (CLOEXEC), which lets the holder go.
-    release: RawFd,
+    release: OwnedFd,
     stack: *mut libc::c_void,
 }
 
@@ -41,19 +46,7 @@ extern "C" fn hold(arg: *mut libc::c_void) -> libc::c_int {
 impl Holder {
     /// Starts a holder sharing this process's address space and holding copies of its fds.
     pub fn start() -> io::Result<Self> {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two fds into the array.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let [read_end, write_end] = fds;
-        let close_pipe = || {
-            // SAFETY: closing the pipe we just created.
-            unsafe {
-                libc::close(read_end);
-                libc::close(write_end);
-            }
-        };
+        let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
         // SAFETY: a fresh anonymous mapping for the holder's stack.
         let stack = unsafe {
             libc::mmap(
@@ -66,11 +59,10 @@ impl Holder {
             )
         };
         if stack == libc::MAP_FAILED {
-            let e = io::Error::last_os_error();
-            close_pipe();
-            return Err(e);
+            return Err(io::Error::last_os_error());
         }
-        let arg = ((read_end as u32 as u64) << 32 | write_end as u32 as u64) as usize;
+        let arg = ((read_end.as_raw_fd() as u32 as u64) << 32 | write_end.as_raw_fd() as u32 as u64)
+            as usize;
         // SAFETY: the child runs `hold` on its own stack (top of the mapping, 16-byte aligned)
         // in our address space; `hold` only makes raw system calls. SIGCHLD is ignored by
         // molt, so the kernel reaps it.
@@ -82,15 +74,12 @@ impl Holder {
                 arg as *mut libc::c_void,
             )
         };
-        // SAFETY: our copy of the read end is not needed: the holder has its own.
-        unsafe { libc::close(read_end) };
+        // Our copy of the read end is not needed: the holder has its own.
+        drop(read_end);
         if pid < 0 {
             let e = io::Error::last_os_error();
-            // SAFETY: unmapping the unused stack and closing our end of the pipe.
-            unsafe {
-                libc::munmap(stack, STACK_SIZE);
-                libc::close(write_end);
-            }
+            // SAFETY: unmapping the stack no child runs on.
+            unsafe { libc::munmap(stack, STACK_SIZE) };
             return Err(e);
         }
         Ok(Self {
@@ -102,22 +91,11 @@ impl Holder {
 
     /// The update did not happen (execve failed): lets the holder exit and frees its stack.
     pub fn release(self) {
-        // SAFETY: closing our end makes the holder's read return; then wait (bounded) until it
-        // is gone before unmapping the stack it runs on.
-        unsafe { libc::close(self.release) };
-        // SAFETY: pidfd_open of our child.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) } as RawFd;
-        if pidfd >= 0 {
-            let mut pfd = libc::pollfd {
-                fd: pidfd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            let exited = unsafe { libc::poll(&mut pfd, 1, 1000) } > 0;
-            // SAFETY: closing the pidfd we opened.
-            unsafe { libc::close(pidfd) };
-            if !exited {
+        let pidfd = sys::pidfd_open(self.pid);
+        // Closing our end makes the holder's read return.
+        drop(self.release);
+        if let Ok(pidfd) = pidfd {
+            if !sys::wait_readable(&pidfd, Duration::from_secs(1)).unwrap_or(false) {
                 // Never unmap a stack that may still be in use.
                 log::warn!("update holder {} did not exit; leaking its stack", self.pid);
                 return;

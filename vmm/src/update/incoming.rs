@@ -1,40 +1,22 @@
-//! The new image's side of cpr-exec: rebuild the VM from the handoff record and the inherited
-//! fds, resume it, dismiss the guardian and answer the waiting request. If that fails, exec
-//! the previous binary (inherited as an fd), which restores the same record.
+//! The new image's side of a live update: take the record and the inherited fds, restore
+//! every part and the machine on the same assembly path as a boot, resume, dismiss the
+//! guardian and answer the waiting request. If that fails, execute the previous binary
+//! (inherited as an fd), which restores the same record.
 
-use std::fs::File;
-use std::os::fd::{BorrowedFd, RawFd};
-use std::sync::Arc;
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use cpr::{CommitPage, ExecEnv, Received, ReceivedFds};
 
-use super::adopt::{self, Inherited};
-use super::guardian::exec_fd;
-use super::handoff::{fd_names, Handoff};
-use super::{
-    Phases, UpdateReport, ENV_EXEC_NS, ENV_GUARDIAN_PID, ENV_PREVIOUS_EXE_FD, ENV_RECORD_FD,
-    ENV_ROLLBACK_REASON, ENV_TAKEOVER, HANDOFF_KIND, PROTOCOL_ENV,
-};
-use crate::api::ApiResponse;
-use crate::control::{self, Control};
-use crate::exit::{ExitNotifier, VmExit};
-use crate::machine::{Machine, Shared};
-use crate::memory::RamRegion;
-use crate::runtime::{Identity, Restored, Vmm};
+use super::handoff::{record_argv, Handoff};
+use super::{Phases, UpdateError, UpdateReport, HANDOFF_KIND};
+use crate::api::{ApiResponse, ErrorReply};
+use crate::assembly::{assemble, MachineSource, Runtime};
+use crate::components;
+use crate::fault::{self, Step};
+use crate::persist::RestoreFds;
+use crate::runtime::{Bookkeeping, Identity};
 use crate::state::now_ns;
-use crate::virtio::Virtio;
-
-/// What the previous image passed in the environment.
-#[derive(Debug, Clone)]
-pub struct Incoming {
-    record_fd: RawFd,
-    previous_exe_fd: Option<RawFd>,
-    exec_ns: Option<u64>,
-    rollback: Option<String>,
-    takeover: bool,
-    guardian_pid: Option<i32>,
-}
 
 /// Errors restoring in the new image (they lead to a rollback).
 #[derive(Debug, thiserror::Error)]
@@ -45,18 +27,15 @@ pub enum IncomingError {
     /// The record cannot be decoded.
     #[error("cannot decode the handoff record")]
     Decode(#[source] cpr::RecordError),
-    /// A preserved fd is missing or unusable.
-    #[error("preserved fd {0} ({1}) is not usable")]
-    Fd(RawFd, String, #[source] std::io::Error),
-    /// An fd named in the record is absent.
-    #[error("the record names no fd '{0}'")]
-    MissingFd(String),
-    /// Rebuilding the VM failed.
-    #[error(transparent)]
+    /// The inherited fds do not match the record.
+    #[error("the inherited fds do not match the record")]
+    Fds(#[source] cpr::FdError),
+    /// Fds the record lists that no part took.
+    #[error("the record hands over fds no part claims: {0:?}")]
+    Unclaimed(Vec<String>),
+    /// Rebuilding the VMM failed.
+    #[error("cannot rebuild the VMM")]
     Vmm(#[from] crate::Error),
-    /// Rebuilding the virtio devices failed.
-    #[error(transparent)]
-    Virtio(#[from] crate::virtio::VirtioSetupError),
     /// A fault injected by the tests' "next version" build.
     #[cfg(feature = "test-next")]
     #[error("injected fault: {0}")]
@@ -67,124 +46,270 @@ pub enum IncomingError {
 /// while restoring), `error` (a startup error), `major` (the record's major version is one
 /// this image does not read), `exit` (die before restoring).
 #[cfg(feature = "test-next")]
-mod test_fault {
-    use super::IncomingError;
-
-    pub fn inject(bytes: &mut [u8]) -> Result<(), IncomingError> {
-        match std::env::var("MOLT_TEST_FAULT").as_deref() {
-            Ok("panic") => panic!("injected panic while restoring"),
-            Ok("error") => Err(IncomingError::Injected("startup error".into())),
-            Ok("exit") => std::process::exit(3),
-            Ok("major") => {
-                // What an image that reads only another major version sees.
-                if let Some(b) = bytes.get_mut(8) {
-                    *b = 99;
-                }
-                Ok(())
+fn inject_fault(bytes: &mut [u8]) -> Result<(), IncomingError> {
+    // `<step>:<kind>` faults are injected by `crate::fault` at their step.
+    match std::env::var("MOLT_TEST_FAULT").as_deref() {
+        Ok("panic") => panic!("injected panic while restoring"),
+        Ok("error") => Err(IncomingError::Injected("startup error".into())),
+        Ok("exit") => std::process::exit(3),
+        Ok("major") => {
+            // What an image that reads only another major version sees.
+            if let Some(b) = bytes.get_mut(8) {
+                *b = 99;
             }
-            _ => Ok(()),
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether this process was started by a live update (the protocol's variables are removed
+/// from the environment: children must not inherit them).
+pub fn detect() -> Option<ExecEnv> {
+    ExecEnv::take()
+}
+
+fn record_bytes(record_fd: RawFd) -> Result<Vec<u8>, cpr::MemfdError> {
+    // SAFETY: the record fd number comes from the previous image, which kept it open across
+    // exec; it is only borrowed for reading here and stays open for a rollback.
+    cpr::read_record(unsafe { BorrowedFd::borrow_raw(record_fd) })
+}
+
+/// The handoff's commit page, from the number the environment names (a duplicate: the
+/// original stays for a rollback).
+fn commit_page(env: &ExecEnv) -> Option<CommitPage> {
+    let fd = env.commit_fd?;
+    // SAFETY: the number was inherited for this process and stays open (it is only borrowed
+    // to duplicate it).
+    let original = unsafe { BorrowedFd::borrow_raw(fd) };
+    match original.try_clone_to_owned().and_then(CommitPage::from_fd) {
+        Ok(page) => Some(page),
+        Err(e) => {
+            log::error!("the handoff's commit page is unusable: {e}");
+            None
         }
     }
 }
 
-fn env_parse<T: std::str::FromStr>(name: &str) -> Option<T> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
-/// Whether this process was started by a live update; removes the protocol's variables from
-/// the environment (children must not inherit them).
-pub fn detect() -> Option<Incoming> {
-    let record_fd = env_parse(ENV_RECORD_FD)?;
-    let inc = Incoming {
-        record_fd,
-        previous_exe_fd: env_parse(ENV_PREVIOUS_EXE_FD),
-        exec_ns: env_parse(ENV_EXEC_NS),
-        rollback: std::env::var(ENV_ROLLBACK_REASON).ok(),
-        takeover: std::env::var(ENV_TAKEOVER).is_ok(),
-        guardian_pid: env_parse(ENV_GUARDIAN_PID),
-    };
-    for v in PROTOCOL_ENV {
-        std::env::remove_var(v);
-    }
-    Some(inc)
-}
-
-/// Restores the VM and runs it; returns the process exit code.
-pub fn run(inc: Incoming, started: Instant) -> i32 {
+/// Restores the VM handed over by exec. On failure, the reason (a rollback follows, unless
+/// the handoff was committed).
+pub fn restore(env: &ExecEnv, started: Instant) -> Result<Runtime, String> {
     let main_ns = now_ns();
+    let Some(commit) = commit_page(env) else {
+        return Err("the handoff has no usable commit page".into());
+    };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        restore(&inc, main_ns, started)
+        take_over(env, &commit, main_ns, started)
     }));
-    let reason = match result {
-        Ok(Ok(control)) => {
-            let end = control.run();
-            return match end {
-                VmExit::Error(e) => {
-                    eprintln!("molt: error: {e}");
-                    1
-                }
-                end => {
-                    log::info!("{end}");
-                    end.exit_code()
-                }
-            };
-        }
-        Ok(Err(e)) => crate::error_chain(&e),
+    match result {
+        Ok(Ok(runtime)) => Ok(runtime),
+        Ok(Err(e)) => Err(crate::error_chain(&e)),
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            format!("panic while restoring: {msg}")
+            Err(format!("panic while restoring: {msg}"))
+        }
+    }
+}
+
+fn take_over(
+    env: &ExecEnv,
+    commit: &CommitPage,
+    main_ns: u64,
+    started: Instant,
+) -> Result<Runtime, IncomingError> {
+    #[allow(unused_mut)]
+    let mut bytes = record_bytes(env.record_fd).map_err(IncomingError::Read)?;
+    #[cfg(feature = "test-next")]
+    inject_fault(&mut bytes)?;
+    fault::inject(Step::Record)?;
+    #[cfg(feature = "test-next")]
+    if std::env::var("MOLT_TEST_FAULT").as_deref() == Ok("kill-guardian") {
+        if let Some(fd) = env.guardian_pidfd {
+            // SAFETY: the inherited pidfd is only borrowed for the signal.
+            let _ = super::sys::kill_pidfd(unsafe { BorrowedFd::borrow_raw(fd) });
+        }
+    }
+    let h = cpr::decode_kind::<Handoff>(&bytes, HANDOFF_KIND)
+        .map_err(IncomingError::Decode)?
+        .state;
+    warn_about_ignored_options(&h.config);
+    #[cfg(feature = "test-next")]
+    log::info!("record extra field from the next build: {:?}", h.next_only);
+    let received = Received {
+        record: bytes,
+        fds: ReceivedFds::AtNumbers,
+    };
+    // SAFETY: the fds the record lists were preserved across exec by the previous image for
+    // this one, and nothing in this process has taken them.
+    let inherited = unsafe { received.inherited(&h.fds) }.map_err(IncomingError::Fds)?;
+    let mut fds = RestoreFds::new(inherited);
+    let (ram, parts) = components::restore(&h.parts, &h.config, &mut fds)?;
+    let unclaimed = fds.unclaimed();
+    if !unclaimed.is_empty() {
+        return Err(IncomingError::Unclaimed(unclaimed));
+    }
+    let book = Bookkeeping {
+        counters: h.book.counters.clone(),
+        identity: Identity {
+            argv: h.book.argv.clone(),
+            booted_at_ns: h.book.booted_at_ns,
+            ..Identity::current()
+        },
+        history: h.book.history.clone(),
+    };
+    let source = MachineSource::Restore { state: &h.vm, ram };
+    let mut runtime = assemble(h.config.clone(), parts, source, book, started)?;
+    // Restore runs from this image's main() to the rebuilt, still paused machine.
+    let restore_ms = now_ns().saturating_sub(main_ns) as f64 / 1e6;
+    fault::inject(Step::BeforeResume)?;
+    let t_resume = Instant::now();
+    take_ownership(commit, &mut runtime);
+    if !h.update.was_paused {
+        runtime.vmm.resume()?;
+    }
+    let resume_ms = t_resume.elapsed().as_secs_f64() * 1e3;
+    fault::inject(Step::AfterResume)?;
+    let phases = Phases {
+        pause: h.update.pause_ms,
+        save: h.update.save_ms,
+        exec: main_ns.saturating_sub(h.update.saved_at_ns) as f64 / 1e6,
+        restore: restore_ms,
+        resume: resume_ms,
+    };
+    finish(env, &h, &mut runtime, phases);
+    // The guest runs here now: let go of the inherited originals.
+    fds.release_originals();
+    close_original(env.record_fd);
+    for fd in [env.previous_exe_fd, env.commit_fd].into_iter().flatten() {
+        close_original(fd);
+    }
+    Ok(runtime)
+}
+
+/// The commit point: from here on this image owns the guest, nothing may restore the record
+/// any more, and the socket paths are this image's to remove when it ends.
+fn take_ownership(commit: &CommitPage, runtime: &mut Runtime) {
+    commit.commit(std::process::id());
+    if let Some(api) = runtime.api.as_mut() {
+        api.set_remove_on_drop(true);
+    }
+    runtime.vmm.serial_out().set_remove_on_drop(true);
+}
+
+/// Closes an fd the previous image passed by number, once no rollback can need it.
+fn close_original(fd: RawFd) {
+    // SAFETY: `fd` was inherited for this process, which never wrapped it elsewhere (it only
+    // borrowed it or worked on duplicates).
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+}
+
+/// The guest runs: dismiss the guardian, write the report into the history and answer the
+/// request that started the update.
+fn finish(env: &ExecEnv, h: &Handoff, runtime: &mut Runtime, phases_ms: Phases) {
+    if let Some(fd) = env.guardian_pidfd.filter(|_| !env.takeover) {
+        // SAFETY: the guardian's pidfd was inherited for this process, which owns it from
+        // here on. The kernel reaps the guardian: molt ignores SIGCHLD.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if let Err(e) = super::sys::kill_pidfd(&pidfd) {
+            log::warn!("cannot dismiss the update guardian: {e}");
+        }
+    }
+    let vmm = &mut runtime.vmm;
+    if vmm.config().memory.prefault {
+        vmm.populate_in_background();
+    }
+    let report = UpdateReport {
+        pause_ms: now_ns().saturating_sub(h.update.paused_at_ns) as f64 / 1e6,
+        phases_ms,
+        from_version: h.update.from_version.clone(),
+        to_version: crate::VERSION.to_string(),
+        pid: std::process::id(),
+        binary: vmm.identity.exe.clone(),
+        rolled_back: env.rollback.clone(),
+        carried_requests: h.update.carried_requests,
+    };
+    match env.rollback {
+        None => vmm.history.updates += 1,
+        Some(_) => vmm.history.rollbacks += 1,
+    }
+    vmm.history.last = Some(report.clone());
+    log::info!(
+        "live update done: guest paused {:.3} ms ({:?})",
+        report.pause_ms,
+        report.phases_ms
+    );
+    let response = match &env.rollback {
+        None => ApiResponse::json(200, &report),
+        Some(reason) => {
+            let err = UpdateError::RolledBack {
+                target: h.update.target.clone(),
+                reason: reason.clone(),
+                previous: vmm.identity.exe.clone(),
+                version: crate::VERSION,
+            };
+            let reply = ErrorReply {
+                error: err.to_string(),
+                report: Some(report),
+            };
+            ApiResponse::json(err.status(), &reply)
         }
     };
-    roll_back(&inc, &reason)
+    if let Some(api) = runtime.api.as_mut() {
+        if let Some(waiting) = h.parts.api.as_ref().and_then(|a| a.waiting) {
+            api.respond(waiting, response);
+        }
+        api.end_handoff();
+    }
 }
 
-/// The argv the VM was started with, from the record in `fd` (to start the previous binary
-/// with the same command line on a rollback).
-pub fn record_argv(fd: RawFd) -> Option<Vec<String>> {
-    // SAFETY: `fd` is the inherited record memfd, only borrowed for reading.
-    let bytes = cpr::read_record(unsafe { BorrowedFd::borrow_raw(fd) }).ok()?;
-    let argv = cpr::decode_kind::<Handoff>(&bytes, HANDOFF_KIND)
-        .ok()?
-        .state
-        .argv;
-    (!argv.is_empty()).then_some(argv)
-}
-
-/// Executes the previous binary with the same record; returns only if that is impossible.
-fn roll_back(inc: &Incoming, reason: &str) -> i32 {
-    if let Some(first) = &inc.rollback {
+/// Executes the previous binary with the same record; returns the exit code only if that is
+/// impossible.
+pub fn roll_back(env: &ExecEnv, reason: &str) -> i32 {
+    if let Some(owner) = commit_page(env).and_then(|c| c.owner()) {
+        eprintln!(
+            "molt: error: the VM was lost: {reason} after process {owner} had taken the guest \
+             over; nothing is restored from the record taken before the update"
+        );
+        return 1;
+    }
+    if let Some(first) = &env.rollback {
         eprintln!(
             "molt: error: cannot restore the guest after a failed update ({first}): {reason}"
         );
         return 1;
     }
-    let Some(exe) = inc.previous_exe_fd else {
+    let Some(exe) = env.previous_exe_fd else {
         eprintln!("molt: error: update failed ({reason}) and no previous binary is known");
         return 1;
     };
     log::error!("update failed: {reason}; rolling back to the previous binary");
-    let mut env: Vec<(String, String)> = std::env::vars().collect();
-    env.push((ENV_RECORD_FD.into(), inc.record_fd.to_string()));
-    env.push((ENV_PREVIOUS_EXE_FD.into(), exe.to_string()));
-    env.push((ENV_ROLLBACK_REASON.into(), reason.to_string()));
-    if let Some(pid) = inc.guardian_pid {
-        env.push((ENV_GUARDIAN_PID.into(), pid.to_string()));
-    }
-    if inc.takeover {
-        env.push((ENV_TAKEOVER.into(), "1".into()));
-    }
-    if let Some(ns) = inc.exec_ns {
-        env.push((ENV_EXEC_NS.into(), ns.to_string()));
-    }
-    // The previous binary's argv is the one the VM was started with; if this image cannot
-    // read the record, the previous binary still reads it and does not need argv.
-    let argv = record_argv(inc.record_fd).unwrap_or_else(|| vec!["molt".to_string()]);
-    let err = exec_fd(exe, &argv, &env);
-    eprintln!("molt: error: update failed ({reason}) and the rollback failed: {err}");
+    let next = ExecEnv {
+        rollback: Some(reason.to_string()),
+        ..env.clone()
+    };
+    exec_previous(&next, exe)
+}
+
+/// Executes the previous binary (open at `exe`) with `env`; returns only on failure, with the
+/// exit code. Its argv is the one the VM was started with; if the record cannot be read here,
+/// the previous binary still reads it and needs no argv.
+pub fn exec_previous(env: &ExecEnv, exe: RawFd) -> i32 {
+    let argv = record_bytes(env.record_fd)
+        .ok()
+        .and_then(|b| record_argv(&b))
+        .unwrap_or_else(|| vec!["molt".to_string()]);
+    // SAFETY: `exe` is the previous binary's fd, inherited for this purpose and still open.
+    let exe_fd = unsafe { BorrowedFd::borrow_raw(exe) };
+    let vars = env.apply(cpr::exec::clean_env());
+    let Err(e) = cpr::exec::exec_fd(exe_fd, &argv, vars);
+    eprintln!(
+        "molt: error: the rollback to the previous binary failed: {}",
+        crate::error_chain(&e)
+    );
     1
 }
 
@@ -196,178 +321,31 @@ fn warn_about_ignored_options(running: &crate::config::VmConfig) {
         return;
     };
     let asked = cli.vm.vm_config();
-    let mut ignored = Vec::new();
-    if asked.memory != running.memory {
-        ignored.push("--memory");
-    }
-    if asked.cpus != running.cpus {
-        ignored.push("--cpus");
-    }
-    if asked.kernel != running.kernel || asked.cmdline != running.cmdline {
-        ignored.push("--kernel/--cmdline");
-    }
-    if asked.disks != running.disks || asked.nets != running.nets || asked.rng != running.rng {
-        ignored.push("--disk/--net/--rng");
-    }
-    if asked.serial != running.serial || asked.api_socket != running.api_socket {
-        ignored.push("--serial/--api-socket");
-    }
+    let differs = [
+        (asked.memory != running.memory, "--memory"),
+        (asked.cpus != running.cpus, "--cpus"),
+        (
+            asked.kernel != running.kernel || asked.cmdline != running.cmdline,
+            "--kernel/--cmdline",
+        ),
+        (
+            asked.disks != running.disks || asked.nets != running.nets || asked.rng != running.rng,
+            "--disk/--net/--rng",
+        ),
+        (
+            asked.serial != running.serial || asked.api_socket != running.api_socket,
+            "--serial/--api-socket",
+        ),
+    ];
+    let ignored: Vec<&str> = differs
+        .iter()
+        .filter(|(d, _)| *d)
+        .map(|(_, n)| *n)
+        .collect();
     if !ignored.is_empty() {
         log::warn!(
             "live update: ignoring {} on the new command line: the running VM keeps its own",
             ignored.join(", ")
         );
     }
-}
-
-fn restore(inc: &Incoming, main_ns: u64, started: Instant) -> Result<Control, IncomingError> {
-    // SAFETY: the record fd number comes from the previous image, which kept it open across
-    // exec; it is only borrowed for reading here.
-    let record_fd = unsafe { BorrowedFd::borrow_raw(inc.record_fd) };
-    #[allow(unused_mut)]
-    let mut bytes = cpr::read_record(record_fd).map_err(IncomingError::Read)?;
-    #[cfg(feature = "test-next")]
-    test_fault::inject(&mut bytes)?;
-    let record =
-        cpr::decode_kind::<Handoff>(&bytes, HANDOFF_KIND).map_err(IncomingError::Decode)?;
-    let h = record.state;
-    warn_about_ignored_options(&h.config);
-    #[cfg(feature = "test-next")]
-    log::info!("record extra field from the next build: {:?}", h.next_only);
-    let mut fds = Inherited::dup_all(&h.fds)?;
-    let regions =
-        h.vm.memory
-            .iter()
-            .map(|m| {
-                Ok(RamRegion {
-                    guest_addr: m.guest_addr,
-                    size: m.size,
-                    memfd: File::from(fds.take(&m.memfd)?),
-                    hugepages: m.hugepages,
-                })
-            })
-            .collect::<Result<Vec<_>, IncomingError>>()?;
-    // Disk images and taps come from the preserved fds, never reopened.
-    let virtio_backing: Vec<Option<File>> = (0..h.vm.virtio.len())
-        .map(|i| fds.take_optional(&fd_names::virtio(i)).map(File::from))
-        .collect();
-    let (serial_out, serial_in) = adopt::serial_backend(&h.config.serial, &mut fds)?;
-    let event_err = |e: std::io::Error| crate::Error::EventLoop(e.to_string());
-    let shared = Shared {
-        exits: Arc::new(ExitNotifier::new().map_err(event_err)?),
-        serial_drained: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(event_err)?,
-        bus: Arc::default(),
-        serial_counters: Arc::default(),
-        started,
-        virtio: Arc::new(Virtio::open(&h.config, Some(virtio_backing))?),
-    };
-    let serial_listener = serial_in.listener_fd();
-    let em = control::event_loop(&shared, serial_in)?;
-    let kvm = crate::vm::open_kvm().map_err(crate::Error::from)?;
-    let out = serial_out.try_clone().map_err(crate::Error::SerialClone)?;
-    let machine = Machine::restore(&kvm, &h.vm, regions, out, &shared)?;
-    // Restore runs from this image's main() to the rebuilt, still paused machine.
-    let restore_ms = now_ns().saturating_sub(main_ns) as f64 / 1e6;
-    if let Some(ns) = inc.exec_ns {
-        log::debug!(
-            "execve to main: {:.3} ms",
-            main_ns.saturating_sub(ns) as f64 / 1e6
-        );
-    }
-    let mut identity = Identity::current();
-    identity.argv = h.argv.clone();
-    identity.booted_at_ns = h.booted_at_ns;
-    let api = h
-        .api
-        .as_ref()
-        .map(|a| adopt::api_server(a, &mut fds))
-        .transpose()?;
-    let mut vmm = Vmm::from_restored(
-        kvm,
-        Restored {
-            machine,
-            config: h.config.clone(),
-            serial_out,
-            serial_listener,
-            shared,
-            counters: h.counters.clone(),
-            identity,
-            history: h.history.clone(),
-        },
-    );
-    let t_resume = Instant::now();
-    if !h.update.was_paused {
-        vmm.resume()?;
-    }
-    let resume_ms = t_resume.elapsed().as_secs_f64() * 1e3;
-    if h.config.memory.prefault {
-        vmm.populate_in_background();
-    }
-    let done_ns = now_ns();
-
-    // The guest runs here now: dismiss the guardian and let go of the inherited originals.
-    if !inc.takeover {
-        if let Some(pid) = inc.guardian_pid {
-            dismiss_guardian(pid);
-        }
-    }
-    for p in &h.fds {
-        // SAFETY: closing the inherited originals, which nothing in this process uses (it
-        // works on the duplicates made above).
-        unsafe { libc::close(p.fd) };
-    }
-    // SAFETY: as above, for the record memfd.
-    unsafe { libc::close(inc.record_fd) };
-
-    let report = UpdateReport {
-        pause_ms: done_ns.saturating_sub(h.update.paused_at_ns) as f64 / 1e6,
-        phases_ms: Phases {
-            pause: h.update.pause_ms,
-            save: h.update.save_ms,
-            exec: main_ns.saturating_sub(h.update.saved_at_ns) as f64 / 1e6,
-            restore: restore_ms,
-            resume: resume_ms,
-        },
-        from_version: h.update.from_version.clone(),
-        to_version: crate::VERSION.to_string(),
-        pid: std::process::id(),
-        binary: vmm.identity.exe.clone(),
-        rolled_back: inc.rollback.clone(),
-        carried_requests: h.update.carried_requests,
-    };
-    if inc.rollback.is_some() {
-        vmm.history.rollbacks += 1;
-    } else {
-        vmm.history.updates += 1;
-    }
-    vmm.history.last = Some(report.clone());
-    log::info!(
-        "live update done: guest paused {:.3} ms ({:?})",
-        report.pause_ms,
-        report.phases_ms
-    );
-    let response = match &inc.rollback {
-        None => ApiResponse::ok(serde_json::to_value(&report).unwrap_or_default()),
-        Some(reason) => ApiResponse {
-            status: 500,
-            body: serde_json::json!({
-                "error": format!(
-                    "update to {} failed: {reason}; the guest was resumed on the previous binary ({} {})",
-                    h.update.target.display(), vmm.identity.exe.display(), crate::VERSION
-                ),
-                "report": report,
-            }),
-        },
-    };
-    let control = Control::new(vmm, em, api);
-    if let Some(w) = h.api.as_ref().and_then(|a| a.waiting.as_ref()) {
-        control.respond(w.id, response);
-    }
-    Ok(control)
-}
-
-/// Ends the guardian (the kernel reaps it: molt ignores SIGCHLD).
-fn dismiss_guardian(pid: i32) {
-    // SAFETY: kill(2) of our own child, whose pid the previous image passed.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
 }

@@ -1,79 +1,70 @@
-//! Live update by `execve` (cpr-exec): the running molt replaces its own binary under a
-//! running guest, keeping its PID.
+//! Live update (cpr-exec): the running molt replaces its own binary under a running guest,
+//! keeping its PID. This module only sequences; the parts save and restore themselves
+//! ([`crate::components`]), the machine is assembled on the same path as a boot
+//! ([`crate::assembly`]), and the handoff's protocol is the `cpr` crate's.
 //!
-//! 1. [`outgoing`] (old image): validate the target, pause, capture [`VmState`], write a
-//!    [`handoff::Handoff`] record into a sealed memfd, clear CLOEXEC on exactly the fds to
-//!    keep, start a [`guardian`], `execve`. If `execve` fails, everything is undone and the
-//!    guest resumes here.
-//! 2. [`incoming`] (new image, first thing in `main`): read the record named by
-//!    `MOLT_CPR_RECORD_FD`, rebuild the VM over inherited fds, resume, dismiss the guardian,
-//!    answer the waiting API request. If it cannot, it execs the previous binary (kept open as
-//!    an fd) which restores the same record and reports a rollback.
+//! pause → save → hand over → restore → resume:
+//!
+//! 1. [`outgoing`] (old image): validate the target, pause, capture the machine and save
+//!    every part into a [`handoff::Handoff`] record, and hand it over with the [`exec`]
+//!    transport. If that fails, everything is undone and the guest resumes here.
+//! 2. [`incoming`] (new image, first thing in `main`): take the record and the inherited fds,
+//!    restore, resume, dismiss the guardian, answer the waiting API request. If it cannot, it
+//!    executes the previous binary (kept open as an fd), which restores the same record and
+//!    reports a rollback.
 //! 3. [`guardian`]: a small process holding copies of the preserved fds; if the new image
 //!    dies (or hangs) before it resumes the guest, the guardian restores the guest on the
 //!    previous binary.
-//!
-//! [`VmState`]: crate::state::VmState
 
-mod adopt;
-mod fdpass;
+pub mod exec;
 pub mod guardian;
 pub mod handoff;
 pub mod holder;
 pub mod incoming;
 pub mod outgoing;
+mod sys;
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Names the fd of the handoff record (set by the old image for the new one).
-pub const ENV_RECORD_FD: &str = "MOLT_CPR_RECORD_FD";
-/// Names an fd of the previous molt binary, for rollback.
-pub const ENV_PREVIOUS_EXE_FD: &str = "MOLT_CPR_PREVIOUS_EXE_FD";
-/// Wall-clock ns when the old image called execve.
-pub const ENV_EXEC_NS: &str = "MOLT_CPR_EXEC_NS";
-/// Set when the image is started to roll an update back; the value is the reason.
-pub const ENV_ROLLBACK_REASON: &str = "MOLT_CPR_ROLLBACK_REASON";
-/// Set when the guardian, not the original process, performs the rollback.
-pub const ENV_TAKEOVER: &str = "MOLT_CPR_TAKEOVER";
-/// PID of the process the guardian watches.
-pub const ENV_GUARDIAN_PARENT: &str = "MOLT_CPR_GUARDIAN_PARENT";
-/// The guardian's end of its socket to the old image.
-pub const ENV_GUARDIAN_SOCK: &str = "MOLT_CPR_GUARDIAN_SOCK";
-/// PID of the guardian (for the new image to dismiss it).
-pub const ENV_GUARDIAN_PID: &str = "MOLT_CPR_GUARDIAN_PID";
 /// First argument that makes molt run as a guardian.
 pub const GUARDIAN_ARG: &str = "__cpr-guardian";
 /// Record kind of a handoff.
 pub const HANDOFF_KIND: &str = "molt-cpr-exec";
 
-/// Every environment variable of the update protocol (removed from the environment the
-/// guest's next binary or a child would otherwise inherit).
-pub const PROTOCOL_ENV: &[&str] = &[
-    ENV_RECORD_FD,
-    ENV_PREVIOUS_EXE_FD,
-    ENV_EXEC_NS,
-    ENV_ROLLBACK_REASON,
-    ENV_TAKEOVER,
-    ENV_GUARDIAN_PARENT,
-    ENV_GUARDIAN_PID,
-    ENV_GUARDIAN_SOCK,
-];
-
-/// Errors refusing or failing an update in the old image (the guest keeps running there).
+/// Errors refusing or failing an update (the guest keeps running on the previous binary).
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
     /// The target binary is not usable.
     #[error("binary {0}: {1}")]
     BadTarget(PathBuf, &'static str),
+    /// The fd limit is too small for the new image to take the fds over.
+    #[error(
+        "RLIMIT_NOFILE {limit} is too small for a live update: {open} fds are open and the new \
+         image needs about {needed} (raise the limit, e.g. with prlimit or LimitNOFILE=)"
+    )]
+    FdLimit {
+        /// Fds open now.
+        open: usize,
+        /// What the update needs.
+        needed: usize,
+        /// The soft limit.
+        limit: u64,
+    },
     /// Another update is running.
     #[error("an update is already in progress")]
     Busy,
-    /// Capturing the VM failed.
-    #[error("capture failed: {0}")]
-    Capture(String),
-    /// Writing the record failed.
+    /// Updates are requested through the API server; there is none.
+    #[error("no API server")]
+    NoApi,
+    /// Pausing or capturing the VM failed.
+    #[error("cannot capture the VM")]
+    Capture(#[source] crate::Error),
+    /// A part cannot be saved.
+    #[error("cannot save the VMM's parts")]
+    Save(#[source] crate::persist::PersistError),
+    /// Encoding the record failed.
     #[error("cannot write the handoff record")]
     Record(#[source] cpr::RecordError),
     /// Creating the record memfd failed.
@@ -82,15 +73,36 @@ pub enum UpdateError {
     /// Preserving fds failed.
     #[error("cannot preserve fds")]
     Fds(#[source] cpr::FdError),
-    /// The guardian could not be started.
-    #[error("cannot start the update guardian")]
-    Guardian(#[source] std::io::Error),
+    /// The commit page cannot be created.
+    #[error("cannot create the handoff's commit page")]
+    CommitPage(#[source] std::io::Error),
     /// execve returned.
-    #[error("execve {0} failed")]
-    Exec(PathBuf, #[source] std::io::Error),
-    /// Building the argument or environment vectors failed.
-    #[error("invalid argument or environment string")]
-    Nul,
+    #[error("cannot execute {0}")]
+    Exec(PathBuf, #[source] cpr::ExecError),
+    /// The new binary could not take over; the previous one resumed the guest.
+    #[error("update to {target} failed: {reason}; the guest was resumed on the previous binary ({previous} {version})")]
+    RolledBack {
+        /// The binary that failed.
+        target: PathBuf,
+        /// Why it failed.
+        reason: String,
+        /// The binary running the guest now.
+        previous: PathBuf,
+        /// Its version.
+        version: &'static str,
+    },
+}
+
+impl UpdateError {
+    /// The HTTP status answering this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            UpdateError::BadTarget(..) => 400,
+            UpdateError::Exec(_, cpr::ExecError::Nul) => 400,
+            UpdateError::Busy | UpdateError::FdLimit { .. } => 409,
+            _ => 500,
+        }
+    }
 }
 
 /// Checks that `path` is an absolute path to an executable regular file, before anything is
@@ -110,11 +122,7 @@ pub fn validate_target(path: &Path) -> Result<PathBuf, UpdateError> {
     if !meta.is_file() {
         return bad("is not a regular file");
     }
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return bad("contains a NUL byte");
-    };
-    // SAFETY: `c` is a valid NUL-terminated path; access() only reads it.
-    if unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 {
+    if nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_err() {
         return bad("is not executable");
     }
     Ok(path.to_path_buf())

@@ -25,17 +25,20 @@ pub fn temp_dir() -> PathBuf {
 /// The fake VMM: answers each request from its own state.
 fn handle(req: ApiRequest, paused: &mut bool) -> ApiResponse {
     match req {
-        ApiRequest::Ping => ApiResponse::ok(json!({ "version": "test" })),
-        ApiRequest::Info => {
-            ApiResponse::ok(json!({ "state": if *paused { "paused" } else { "running" } }))
-        }
+        ApiRequest::Ping => ApiResponse::json(200, &json!({ "version": "test" })),
+        ApiRequest::Info => ApiResponse::json(
+            200,
+            &json!({ "state": if *paused { "paused" } else { "running" } }),
+        ),
         ApiRequest::Pause if *paused => ApiResponse::error(409, "already paused"),
         ApiRequest::Pause | ApiRequest::Resume => {
             *paused = matches!(req, ApiRequest::Pause);
             ApiResponse::no_content()
         }
         ApiRequest::Shutdown => ApiResponse::no_content(),
-        ApiRequest::CprExec(r) => ApiResponse::ok(json!({ "binary": r.binary, "args": r.args })),
+        ApiRequest::CprExec(r) => {
+            ApiResponse::json(200, &json!({ "binary": r.binary, "args": r.args }))
+        }
     }
 }
 

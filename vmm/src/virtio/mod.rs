@@ -6,21 +6,25 @@
 //! after an in-process rebuild or a live update. Device `i` sits at
 //! `VIRTIO_MMIO_BASE + i * 0x1000` with interrupt `VIRTIO_FIRST_GSI + i`, announced on the
 //! kernel command line as `virtio_mmio.device=4K@<base>:<irq>`.
+//!
+//! [`backends`] opens the backends a configuration names, or takes them over after a
+//! handoff.
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+mod backends;
+
+pub use backends::BackendsState;
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use devices::virtio::{
-    open_tap, Block, DeviceState, MmioState, MmioTransport, Net, Rng, VirtioDevice,
-    MMIO_WINDOW_SIZE,
+    Block, MmioState, MmioTransport, ModelState, Net, Rng, VirtioDevice, MMIO_WINDOW_SIZE,
 };
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-use crate::config::{NetBackend, VmConfig};
 
 /// Guest physical address of the first virtio-mmio window (in the 32-bit MMIO hole).
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
@@ -41,12 +45,15 @@ pub enum VirtioSetupError {
     /// A tap cannot be opened.
     #[error("cannot open tap {0}")]
     Tap(String, #[source] std::io::Error),
-    /// An inherited net fd is not open.
-    #[error("--net fd={0}: not an open file descriptor")]
-    NetFd(RawFd),
     /// The device model refused its backend or state.
-    #[error("virtio device {0}: {1}")]
-    Device(usize, String),
+    #[error("virtio device {0}")]
+    Device(usize, #[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A saved device state is for another kind of device.
+    #[error("virtio device {0}: saved state is for a {1:?} device, the slot holds a {2:?}")]
+    WrongKind(usize, VirtioKind, VirtioKind),
+    /// The backends cannot be taken over from a handoff.
+    #[error("cannot take over the virtio backends")]
+    Persist(#[from] crate::persist::PersistError),
     /// eventfd creation.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
@@ -104,11 +111,21 @@ pub struct VirtioSlot {
 
 /// State of one device in a `VmState`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VirtioDeviceState {
+pub struct SlotState {
     /// Kind (checked on restore).
     pub kind: VirtioKind,
     /// Transport, queues and device state.
     pub mmio: MmioState,
+}
+
+/// One device in `vm.info`.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceInfo {
+    /// Its kind.
+    pub kind: VirtioKind,
+    /// Requests its host backend failed (disks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io_errors: Option<u64>,
 }
 
 /// All virtio devices of the VMM.
@@ -122,104 +139,7 @@ fn eventfd() -> Result<EventFd, VirtioSetupError> {
     EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VirtioSetupError::EventFd)
 }
 
-/// A locally administered MAC for net device `i` when none is configured.
-fn default_mac(i: usize) -> [u8; 6] {
-    let pid = std::process::id().to_be_bytes();
-    [0x02, 0x6d, pid[2], pid[3], 0x00, i as u8]
-}
-
-/// Adopts `--net fd=N`: checks it is open and makes it close-on-exec.
-fn adopt_net_fd(fd: RawFd) -> Result<File, VirtioSetupError> {
-    // SAFETY: F_GETFD only queries the flags of a descriptor number.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(VirtioSetupError::NetFd(fd));
-    }
-    // SAFETY: as above; setting FD_CLOEXEC touches no memory.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    // SAFETY: the user handed this fd to molt (--net fd=N); molt owns it from here on.
-    Ok(unsafe { File::from_raw_fd(fd) })
-}
-
 impl Virtio {
-    /// Opens the backends `config` names (or, after a live update, takes `inherited` backing
-    /// files in slot order) and creates the eventfds.
-    pub fn open(
-        config: &VmConfig,
-        inherited: Option<Vec<Option<File>>>,
-    ) -> Result<Self, VirtioSetupError> {
-        let total = config.disks.len() + config.nets.len() + usize::from(config.rng);
-        if total > MAX_VIRTIO_DEVICES {
-            return Err(VirtioSetupError::TooMany(total));
-        }
-        let mut inherited = inherited.map(|v| v.into_iter());
-        let mut next_inherited = || inherited.as_mut().and_then(|i| i.next()).flatten();
-        let mut slots = Vec::with_capacity(total);
-        let mut add = |kind: VirtioKind,
-                       backing: Option<File>,
-                       read_only: bool,
-                       id: String,
-                       mac: [u8; 6]|
-         -> Result<(), VirtioSetupError> {
-            let i = slots.len();
-            slots.push(VirtioSlot {
-                kind,
-                base: VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW_SIZE,
-                gsi: VIRTIO_FIRST_GSI + i as u32,
-                irq: eventfd()?,
-                notify: (0..kind.queues())
-                    .map(|_| eventfd())
-                    .collect::<Result<_, _>>()?,
-                backing,
-                read_only,
-                id,
-                mac,
-                transport: Mutex::new(None),
-            });
-            Ok(())
-        };
-        for d in &config.disks {
-            let file = match next_inherited() {
-                Some(f) => f,
-                None => OpenOptions::new()
-                    .read(true)
-                    .write(!d.readonly)
-                    .open(&d.path)
-                    .map_err(|e| VirtioSetupError::Disk(d.path.display().to_string(), e))?,
-            };
-            let id = d.id.clone().unwrap_or_else(|| {
-                let name = d.path.file_name().map(|n| n.to_string_lossy().into_owned());
-                name.unwrap_or_default().chars().take(20).collect()
-            });
-            add(VirtioKind::Block, Some(file), d.readonly, id, [0; 6])?;
-        }
-        for (i, n) in config.nets.iter().enumerate() {
-            let file = match next_inherited() {
-                Some(f) => f,
-                None => match &n.backend {
-                    NetBackend::Tap(name) => {
-                        open_tap(name).map_err(|e| VirtioSetupError::Tap(name.clone(), e))?
-                    }
-                    NetBackend::Fd(fd) => adopt_net_fd(*fd)?,
-                },
-            };
-            add(
-                VirtioKind::Net,
-                Some(file),
-                false,
-                String::new(),
-                n.mac.unwrap_or_else(|| default_mac(i)),
-            )?;
-        }
-        if config.rng {
-            let _ = next_inherited();
-            add(VirtioKind::Rng, None, false, String::new(), [0; 6])?;
-        }
-        Ok(Self {
-            slots,
-            quiesced: AtomicBool::new(false),
-        })
-    }
-
     /// The kernel command-line words announcing the devices.
     pub fn cmdline(&self) -> String {
         self.slots
@@ -232,34 +152,41 @@ impl Virtio {
     fn device(
         &self,
         i: usize,
-        state: Option<&DeviceState>,
+        state: Option<&ModelState>,
     ) -> Result<Box<dyn VirtioDevice>, VirtioSetupError> {
         let slot = &self.slots[i];
-        let err = |e: String| VirtioSetupError::Device(i, e);
-        let backing = || {
-            slot.backing
+        let err = |e: Box<dyn std::error::Error + Send + Sync>| VirtioSetupError::Device(i, e);
+        let backing = || -> Result<File, VirtioSetupError> {
+            let file = slot
+                .backing
                 .as_ref()
-                .ok_or_else(|| err("no backing file".into()))?
-                .try_clone()
-                .map_err(|e| err(e.to_string()))
+                .ok_or_else(|| err("the device has no backend".into()))?;
+            file.try_clone().map_err(|e| err(e.into()))
         };
         Ok(match (slot.kind, state) {
             (VirtioKind::Block, None) => Box::new(
                 Block::new(backing()?, slot.read_only, slot.id.clone())
-                    .map_err(|e| err(e.to_string()))?,
+                    .map_err(|e| err(e.into()))?,
             ),
-            (VirtioKind::Block, Some(DeviceState::Block(s))) => {
-                Box::new(Block::from_state(s, backing()?).map_err(|e| err(e.to_string()))?)
+            (VirtioKind::Block, Some(ModelState::Block(s))) => {
+                Box::new(Block::from_state(s, backing()?).map_err(|e| err(e.into()))?)
             }
             (VirtioKind::Net, None) => {
-                Box::new(Net::new(backing()?, slot.mac).map_err(|e| err(e.to_string()))?)
+                Box::new(Net::new(backing()?, slot.mac).map_err(|e| err(e.into()))?)
             }
-            (VirtioKind::Net, Some(DeviceState::Net(s))) => {
-                Box::new(Net::from_state(s, backing()?).map_err(|e| err(e.to_string()))?)
+            (VirtioKind::Net, Some(ModelState::Net(s))) => {
+                Box::new(Net::from_state(s, backing()?).map_err(|e| err(e.into()))?)
             }
             (VirtioKind::Rng, None) => Box::new(Rng::new()),
-            (VirtioKind::Rng, Some(DeviceState::Rng(s))) => Box::new(Rng::from_state(s)),
-            (kind, Some(_)) => return Err(err(format!("saved state is not a {kind:?} device"))),
+            (VirtioKind::Rng, Some(ModelState::Rng(s))) => Box::new(Rng::from_state(s)),
+            (kind, Some(s)) => {
+                let saved = match s {
+                    ModelState::Block(_) => VirtioKind::Block,
+                    ModelState::Net(_) => VirtioKind::Net,
+                    ModelState::Rng(_) => VirtioKind::Rng,
+                };
+                return Err(VirtioSetupError::WrongKind(i, saved, kind));
+            }
         })
     }
 
@@ -269,7 +196,7 @@ impl Virtio {
         &self,
         vm: &VmFd,
         mem: &arch::GuestMemory,
-        states: Option<&[VirtioDeviceState]>,
+        states: Option<&[SlotState]>,
     ) -> Result<(), VirtioSetupError> {
         if let Some(states) = states {
             if states.len() != self.slots.len() {
@@ -289,17 +216,14 @@ impl Virtio {
             let state = states.map(|s| &s[i]);
             if let Some(s) = state {
                 if s.kind != slot.kind {
-                    return Err(VirtioSetupError::Device(
-                        i,
-                        format!("saved state is a {:?}, not a {:?}", s.kind, slot.kind),
-                    ));
+                    return Err(VirtioSetupError::WrongKind(i, s.kind, slot.kind));
                 }
             }
             let device = self.device(i, state.map(|s| &s.mmio.device))?;
             let transport = match state {
                 None => MmioTransport::new(device, mem.clone(), raise),
                 Some(s) => MmioTransport::from_state(&s.mmio, device, mem.clone(), raise)
-                    .map_err(|e| VirtioSetupError::Device(i, e.to_string()))?,
+                    .map_err(|e| VirtioSetupError::Device(i, e.into()))?,
             };
             vm.register_irqfd(&slot.irq, slot.gsi)
                 .map_err(|e| VirtioSetupError::Kvm(i, e))?;
@@ -321,14 +245,28 @@ impl Virtio {
     }
 
     /// The devices' state (call with the vCPUs paused and the devices quiesced).
-    pub fn states(&self) -> Vec<VirtioDeviceState> {
+    pub fn states(&self) -> Vec<SlotState> {
         self.slots
             .iter()
             .filter_map(|s| {
-                lock(&s.transport).as_ref().map(|t| VirtioDeviceState {
+                lock(&s.transport).as_ref().map(|t| SlotState {
                     kind: s.kind,
                     mmio: t.state(),
                 })
+            })
+            .collect()
+    }
+
+    /// Each device as `vm.info` shows it.
+    pub fn info(&self) -> Vec<DeviceInfo> {
+        self.slots
+            .iter()
+            .map(|s| DeviceInfo {
+                kind: s.kind,
+                io_errors: match lock(&s.transport).as_ref().map(|t| t.state().device) {
+                    Some(ModelState::Block(b)) => Some(b.io_errors),
+                    _ => None,
+                },
             })
             .collect()
     }
@@ -419,7 +357,7 @@ impl Virtio {
 
 /// Requests the guest has made available but the devices have not taken yet: what a live
 /// update carries over in the queue state.
-pub fn pending_requests(states: &[VirtioDeviceState], mem: &arch::GuestMemory) -> u64 {
+pub fn pending_requests(states: &[SlotState], mem: &arch::GuestMemory) -> u64 {
     use vm_memory::{Bytes, GuestAddress};
     states
         .iter()

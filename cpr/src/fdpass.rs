@@ -1,0 +1,129 @@
+//! Passing fds with a short text over a unix `SOCK_SEQPACKET` socket (SCM_RIGHTS): how the
+//! update guardian receives its copies today, and how a transfer to a separately started
+//! molt carries the VM's fds.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+/// Most fds one message carries (the kernel's SCM_MAX_FD).
+pub const MAX_FDS: usize = 253;
+/// Largest text one message carries.
+pub const MAX_TEXT: usize = 64 << 10;
+
+/// Sends `text` and `fds` in one message.
+pub fn send(sock: impl AsFd, text: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    if fds.len() > MAX_FDS || text.len() > MAX_TEXT {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "message too large",
+        ));
+    }
+    let iov = [IoSlice::new(text)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    sendmsg::<()>(
+        sock.as_fd().as_raw_fd(),
+        &iov,
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    Ok(())
+}
+
+/// Receives one message; `Ok(None)` at end of stream. Received fds are close-on-exec.
+pub fn recv(sock: impl AsFd) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+    let mut text = vec![0u8; MAX_TEXT];
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (n, fds) = loop {
+        let mut iov = [IoSliceMut::new(&mut text)];
+        match recvmsg::<()>(
+            sock.as_fd().as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for c in msg.cmsgs()? {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        // SAFETY: the kernel just installed these fds in this process for
+                        // us alone.
+                        fds.extend(
+                            raw.into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
+                    }
+                }
+                break (msg.bytes, fds);
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if n == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    text.truncate(n);
+    Ok(Some((text, fds)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::net::UnixDatagram;
+
+    fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn text_and_fds_arrive_together() {
+        let (a, b) = seqpacket_pair();
+        let mut file = tempfile();
+        file.write_all(b"passed").unwrap();
+        send(&a, b"one\ntwo", &[file.as_raw_fd(), file.as_raw_fd()]).unwrap();
+        let (text, fds) = recv(&b).unwrap().unwrap();
+        assert_eq!(text, b"one\ntwo");
+        assert_eq!(fds.len(), 2);
+        assert!(crate::is_cloexec(fds[0].as_raw_fd()).unwrap());
+        let mut got = std::fs::File::from(fds.into_iter().next().unwrap());
+        got.rewind().unwrap();
+        let mut s = String::new();
+        got.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "passed");
+        drop(a);
+        assert!(recv(&b).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_messages_are_refused() {
+        let (a, _b) = UnixDatagram::pair().unwrap();
+        let too_many = vec![0; MAX_FDS + 1];
+        assert!(send(&a, b"x", &too_many).is_err());
+        assert!(send(&a, &vec![0; MAX_TEXT + 1], &[]).is_err());
+    }
+
+    fn tempfile() -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("molt-fdpass-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+}

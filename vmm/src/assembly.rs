@@ -1,0 +1,78 @@
+//! One assembly path: a boot and a restore both end in [`assemble`], which wires the parts,
+//! the event loop and the KVM machine into a [`Runtime`]; `main` runs that runtime with
+//! [`crate::control::Control`] whichever way it started.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use event_manager::EventManager;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::api::ApiServer;
+use crate::components::Parts;
+use crate::config::VmConfig;
+use crate::event_loop::{self, Subscriber};
+use crate::exit::ExitNotifier;
+use crate::machine::{Machine, Shared};
+use crate::memory::GuestRam;
+use crate::runtime::{Bookkeeping, Vmm};
+use crate::state::VmState;
+use crate::Error;
+
+/// A VMM ready to run: the machine with its bookkeeping, its event loop and its API server.
+pub struct Runtime {
+    /// The VMM.
+    pub vmm: Vmm,
+    /// Its event loop.
+    pub em: EventManager<Subscriber>,
+    /// Its API server, not yet subscribed to the event loop.
+    pub api: Option<ApiServer>,
+}
+
+/// Where the KVM machine comes from.
+pub enum MachineSource<'a> {
+    /// Boot the configured kernel: the vCPUs start running.
+    Boot,
+    /// Restore captured state over taken-over RAM: the vCPUs start paused (the caller resumes
+    /// them when the rest of the handoff is done).
+    Restore {
+        /// The captured machine.
+        state: &'a VmState,
+        /// Its RAM, mapped.
+        ram: GuestRam,
+    },
+}
+
+/// Wires `parts` and the machine from `source` into a runtime.
+pub fn assemble(
+    config: VmConfig,
+    parts: Parts,
+    source: MachineSource<'_>,
+    book: Bookkeeping,
+    started: Instant,
+) -> Result<Runtime, Error> {
+    let shared = Shared {
+        exits: Arc::new(ExitNotifier::new().map_err(Error::EventLoop)?),
+        serial_drained: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventLoop)?,
+        bus: Arc::default(),
+        serial_counters: Arc::default(),
+        started,
+        virtio: Arc::new(parts.virtio),
+    };
+    // Before any vCPU thread exists: it blocks SIGINT/SIGTERM for them.
+    let em = event_loop::build(&shared, parts.serial.input())?;
+    let kvm = crate::vm::open_kvm()?;
+    let out = parts.serial.try_clone().map_err(Error::SerialClone)?;
+    let (machine, paused) = match source {
+        MachineSource::Boot => (Machine::boot(&kvm, &config, out, &shared)?, false),
+        MachineSource::Restore { state, ram } => {
+            (Machine::restore(&kvm, state, ram, out, &shared)?, true)
+        }
+    };
+    let vmm = Vmm::new(kvm, config, machine, parts.serial, shared, book, paused);
+    Ok(Runtime {
+        vmm,
+        em,
+        api: parts.api,
+    })
+}

@@ -1,0 +1,93 @@
+//! The few system calls of the update path that `nix` does not cover (pidfd, `clone` with a
+//! shared address space lives in [`super::holder`]), each wrapped once.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+/// Sets or clears close-on-exec on `fd`.
+pub fn set_cloexec(fd: impl AsFd, on: bool) -> io::Result<()> {
+    let flags = if on {
+        FdFlag::FD_CLOEXEC
+    } else {
+        FdFlag::empty()
+    };
+    fcntl(fd, FcntlArg::F_SETFD(flags))?;
+    Ok(())
+}
+
+/// A pidfd for process `pid` (readable once it exits).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd for us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Waits until `fd` is readable or `timeout` passes: `Ok(true)` if it became readable,
+/// `Ok(false)` on the timeout, an error if it cannot be waited for.
+pub fn wait_readable(fd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(n) if n > 0 => return Ok(true),
+            Ok(_) => return Ok(false),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// SIGKILL to the process `pidfd` refers to (never to a recycled pid).
+pub fn kill_pidfd(pidfd: impl AsFd) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with a pidfd we hold, no siginfo, no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_fd().as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Puts each fd at the number given with it (inheritable), whatever this process had there:
+/// first every fd moves out of the way (to numbers ≥ 1000), then onto its number. Returns the
+/// names and numbers, or the name of the fd that could not be placed.
+pub fn place_at_numbers(
+    fds: Vec<(String, RawFd, OwnedFd)>,
+) -> Result<Vec<(String, RawFd)>, (String, io::Error)> {
+    let mut staged = Vec::with_capacity(fds.len());
+    for (name, at, fd) in fds {
+        match fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(1000)) {
+            // SAFETY: F_DUPFD_CLOEXEC returned a new fd owned by nobody else.
+            Ok(high) => staged.push((name, at, unsafe { OwnedFd::from_raw_fd(high) })),
+            Err(e) => return Err((name, e.into())),
+        }
+    }
+    let mut placed = Vec::with_capacity(staged.len());
+    for (name, at, high) in staged {
+        // SAFETY: dup2 onto a number this process does not use for anything of its own any
+        // more (its own copies were moved above); the copy at `at` is inheritable on purpose
+        // and owned by the image executed next.
+        if unsafe { libc::dup2(high.as_raw_fd(), at) } < 0 {
+            return Err((name, io::Error::last_os_error()));
+        }
+        placed.push((name, at));
+    }
+    Ok(placed)
+}
