@@ -183,11 +183,30 @@ mod tests {
     }
 
     #[test]
+    fn cpu_template_resolves() {
+        use arch::cpu_template::{CpuTemplate, CpuTemplateChoice};
+        for (arg, want) in [
+            ("host", CpuTemplate::Host),
+            ("emulated", CpuTemplate::Emulated),
+            ("auto", CpuTemplateChoice::Auto.resolve()),
+        ] {
+            let cli = Cli::try_parse_from(["molt", "--cpu-template", arg]).unwrap();
+            assert_eq!(cli.vm.vm_config().cpu_template, want, "{arg}");
+        }
+        let cli = Cli::try_parse_from(["molt"]).unwrap();
+        assert_eq!(
+            cli.vm.vm_config().cpu_template,
+            CpuTemplate::for_this_host()
+        );
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         for args in [
             &["molt", "--cpus", "0"][..],
             &["molt", "--memory", "size=lots"],
             &["molt", "--serial", "tcp"],
+            &["molt", "--cpu-template", "t2"],
             &["molt", "--bogus"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
