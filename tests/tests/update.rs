@@ -85,6 +85,26 @@ impl Vm {
         target
     }
 
+    /// The parsed tick lines read at or after `since`.
+    fn ticks_read_since(&self, since: Instant) -> Vec<GuestLine> {
+        stdout_read_since(self.molt.lines(), since)
+            .filter(|g| g.kind == "tick")
+            .collect()
+    }
+
+    /// Waits until `count` tick lines have been read after `after`.
+    fn wait_ticks_read_after(&mut self, after: Instant, count: usize) {
+        while self
+            .ticks_read_since(after)
+            .iter()
+            .filter(|g| g.get("n").is_some())
+            .count()
+            < count
+        {
+            self.wait_ticks(1);
+        }
+    }
+
     /// Waits until vCPU 1 prints a progress line (`cpu id=1 n=<n>`, one per 500 ms of its
     /// time) that it printed after the update sent at `sent` and answered at `answered`: one
     /// read after the answer and counting at least two above every such line read before the
@@ -158,6 +178,14 @@ impl Vm {
 
 fn exe_of(pid: u32) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/exe")).expect("read /proc/PID/exe")
+}
+
+/// The parsed guest lines of `lines` that were read at or after `since`.
+fn stdout_read_since(lines: &[Line], since: Instant) -> impl Iterator<Item = GuestLine> + '_ {
+    lines
+        .iter()
+        .filter(move |l| l.stream == Stream::Stdout && l.at >= since)
+        .filter_map(|l| GuestLine::parse(&l.text))
 }
 
 /// The open fds of `pid` as a multiset of what they refer to: the `/proc/PID/fd` link target
@@ -612,5 +640,198 @@ fn a_paused_guest_stays_paused_across_an_update() {
     assert_eq!(vm.last_tick(), at_pause, "the guest ran while paused");
     assert_eq!(api::put(&vm.socket, "vm.resume", "").status, 204);
     vm.wait_ticks(2);
+    vm.assert_guest_continuous();
+}
+
+/// How long [`holding_wrapper`] holds an update's exec phase, which lies between the capture
+/// of the VM and its restore.
+const HOLD_MS: f64 = 500.0;
+/// Tolerance of the guest-time checks across an update held for `HOLD_MS`. A restore that
+/// forgets to advance the guest's clocks leaves the guest about `HOLD_MS` behind (its clocks
+/// stand still while no VM exists); one that advances them twice puts it about `HOLD_MS`
+/// ahead; a clock that goes backwards is further off still. What the tolerance has to absorb
+/// does not grow with the hold: the pause and resume phases (the vCPUs stop a little after
+/// the pause begins and run a little before it ends), the guest's own loop (a few ms per
+/// iteration, tens when the host is loaded), the time between reading a clock and stamping
+/// the capture, and the test's reading of the console.
+const CLOCK_TOLERANCE_MS: f64 = 150.0;
+
+/// A stand-in for molt as an update's target: it keeps a copy of the state record in
+/// `dir/record` (found by its memfd's name), sleeps `HOLD_MS`, then execs molt, whose new
+/// image restores the VM as usual, in the same process with the same fds.
+fn holding_wrapper(dir: &TempDir) -> PathBuf {
+    let script = dir.join("hold-then-molt");
+    let text = format!(
+        r#"#!/bin/sh
+for fd in /proc/$$/fd/*; do
+    case "$(readlink "$fd")" in
+        */memfd:molt-cpr-record*) cat "$fd" > '{record}' || exit 1 ;;
+    esac
+done
+[ -s '{record}' ] || {{ echo "hold-then-molt: no molt-cpr-record memfd among the fds" >&2; exit 1; }}
+sleep {hold}
+exec '{molt}' "$@"
+"#,
+        record = dir.join("record").display(),
+        hold = HOLD_MS / 1000.0,
+        molt = molt_bin().display(),
+    );
+    std::fs::write(&script, text).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+/// The guest clocks as a state record captured them.
+#[derive(Debug)]
+struct RecordClocks {
+    /// Host wall clock of the capture, ns.
+    captured_at_ns: u64,
+    /// kvmclock, ns.
+    kvmclock_ns: u64,
+    /// IA32_TSC of each vCPU.
+    tsc: Vec<u64>,
+    tsc_khz: u64,
+}
+
+/// Reads the clocks from a copy of a state record: the 28-byte header, then JSON whose VM
+/// state is the object with `captured_at_ns` (wherever the record nests it).
+fn record_clocks(path: &Path) -> RecordClocks {
+    fn find<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+        match v {
+            Value::Object(m) if m.contains_key(key) => Some(v),
+            Value::Object(m) => m.values().find_map(|c| find(c, key)),
+            Value::Array(a) => a.iter().find_map(|c| find(c, key)),
+            _ => None,
+        }
+    }
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let json: Value = serde_json::from_slice(bytes.get(28..).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("the state record's payload is not JSON: {e}"));
+    let vm = find(&json, "captured_at_ns").expect("no VM state in the record");
+    let why = || format!("unexpected VM state in the record: {vm}");
+    // kvm_clock_data as hex bytes: its first field is the clock, a little-endian u64.
+    let hex = vm["kvm"]["clock"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}", why()));
+    let le: Vec<u8> = (0..16)
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap_or_else(|_| panic!("{}", why())))
+        .collect();
+    let vcpus = vm["vcpus"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}", why()));
+    RecordClocks {
+        captured_at_ns: vm["captured_at_ns"].as_u64().unwrap(),
+        kvmclock_ns: u64::from_le_bytes(le.try_into().unwrap()),
+        tsc: vcpus
+            .iter()
+            .map(|v| {
+                v["msrs"]
+                    .as_array()
+                    .and_then(|m| m.iter().find(|m| m["index"] == 0x10))
+                    .and_then(|m| m["data"].as_u64())
+                    .unwrap_or_else(|| panic!("no IA32_TSC in {v}"))
+            })
+            .collect(),
+        tsc_khz: vcpus[0]["tsc_khz"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{}", why())),
+    }
+}
+
+/// Across a live update the guest's time advances by the time that passed: the guest sees
+/// the update as a gap of about `pause_ms` (in its TSC), and from one update's capture to the
+/// next the kvmclock and TSC the VMM saved advanced by the host time between the captures,
+/// the earlier update's hold included. Each update is held `HOLD_MS` in its exec phase (see
+/// [`holding_wrapper`]) so that a forgotten or doubled advance shows (see
+/// [`CLOCK_TOLERANCE_MS`]).
+///
+/// On a PVM host the guest reads the host's TSC whatever the VMM sets, so only the kvmclock
+/// check can catch a wrong advance there; on other KVM hosts all three can.
+#[test]
+fn guest_time_advances_by_the_pause_across_updates() {
+    let dir = TempDir::new("update-time-files");
+    let wrapper = holding_wrapper(&dir);
+    let record = dir.join("record");
+    let mut vm = Vm::start("update-time", &[], &[]);
+    let pid = vm.pid();
+    vm.wait_ticks(3);
+    let mut records = Vec::new();
+    for i in 1..=3 {
+        let sent = Instant::now();
+        let r = vm.update(&format!(r#"{{"binary": "{}"}}"#, wrapper.display()));
+        let answered = Instant::now();
+        assert_report(&r, pid, VERSION);
+        let b = &r.body;
+        let pause_ms = b["pause_ms"].as_f64().unwrap();
+        assert!(
+            b["phases_ms"]["exec"].as_f64().unwrap() >= HOLD_MS,
+            "update {i}: the wrapper's hold is not in the exec phase: {b}"
+        );
+        records.push(record_clocks(&record));
+        std::fs::remove_file(&record).unwrap();
+        // The tick after the update reports the gap; a tick line the pause cut in two
+        // carries the gap before it, so the next one has it.
+        vm.wait_ticks_read_after(answered, 2);
+        let gaps: Vec<u64> = vm
+            .ticks_read_since(sent)
+            .iter()
+            .map(|t| t.num("gap_max_us"))
+            .collect();
+        let gap_ms = *gaps.iter().max().unwrap() as f64 / 1000.0;
+        assert!(
+            (gap_ms - pause_ms).abs() <= CLOCK_TOLERANCE_MS,
+            "update {i}: the guest saw a gap of {gap_ms:.3} ms in its time, pause_ms is \
+             {pause_ms:.3} ms (tolerance {CLOCK_TOLERANCE_MS} ms; gap_max_us of the ticks since \
+             the request: {gaps:?}): {b}"
+        );
+    }
+    for (i, w) in records.windows(2).enumerate() {
+        let (a, b) = (&w[0], &w[1]);
+        let wall_ms = (b.captured_at_ns as f64 - a.captured_at_ns as f64) / 1e6;
+        let clock_ms = (b.kvmclock_ns as f64 - a.kvmclock_ns as f64) / 1e6;
+        let n = i + 1;
+        assert!(
+            (clock_ms - wall_ms).abs() <= CLOCK_TOLERANCE_MS,
+            "kvmclock advanced {clock_ms:.3} ms from update {n}'s capture to update {}'s, while \
+             {wall_ms:.3} ms passed (tolerance {CLOCK_TOLERANCE_MS} ms)\n{a:?}\n{b:?}",
+            n + 1
+        );
+        assert!(a.tsc_khz != 0, "TSC frequency unknown: {a:?}");
+        for (cpu, (ta, tb)) in a.tsc.iter().zip(&b.tsc).enumerate() {
+            let tsc_ms = (*tb as f64 - *ta as f64) / a.tsc_khz as f64;
+            assert!(
+                (tsc_ms - wall_ms).abs() <= CLOCK_TOLERANCE_MS,
+                "vcpu{cpu}: TSC advanced {tsc_ms:.3} ms from update {n}'s capture to update \
+                 {}'s, while {wall_ms:.3} ms passed (tolerance {CLOCK_TOLERANCE_MS} ms)",
+                n + 1
+            );
+        }
+    }
+    // After the updates the guest's time runs at the host's pace: ten ticks (100 ms of guest
+    // time each) take about a second. A tick can come late by its loop gap (and a gap over
+    // 100 ms shifts the ticks after it), never early, so the upper bound adds the gaps.
+    let start = vm.wait_ticks(1);
+    vm.wait_ticks(10);
+    let ticks: Vec<(u64, Instant, u64)> = vm
+        .molt
+        .lines()
+        .iter()
+        .filter(|l| l.stream == Stream::Stdout)
+        .filter_map(|l| GuestLine::parse(&l.text).map(|g| (g, l.at)))
+        .filter(|(g, _)| g.kind == "tick" && (start..=start + 10).contains(&g.num("n")))
+        .map(|(g, at)| (g.num("n"), at, g.num("gap_max_us")))
+        .collect();
+    assert_eq!(ticks.len(), 11, "{ticks:?}");
+    let host_ms = (ticks[10].1 - ticks[0].1).as_secs_f64() * 1e3;
+    let gaps_ms = ticks[1..].iter().map(|t| t.2).sum::<u64>() as f64 / 1000.0;
+    assert!(
+        host_ms >= 1000.0 - CLOCK_TOLERANCE_MS && host_ms <= 1000.0 + gaps_ms + CLOCK_TOLERANCE_MS,
+        "ticks {start}..={} (1000 ms of guest time) took {host_ms:.3} ms of host time (gaps \
+         {gaps_ms:.3} ms, tolerance {CLOCK_TOLERANCE_MS} ms)",
+        start + 10
+    );
+    assert_eq!(vm.info()["updates"]["count"], 3);
     vm.assert_guest_continuous();
 }
