@@ -211,13 +211,7 @@ fn close_original(fd: RawFd) {
 
 /// The guest runs: dismiss the guardian, write the report into the history and answer the
 /// request that started the update.
-fn finish(
-    env: &ExecEnv,
-    h: &Handoff,
-    runtime: &mut Runtime,
-    phases_ms: Phases,
-    resumed_ns: u64,
-) {
+fn finish(env: &ExecEnv, h: &Handoff, runtime: &mut Runtime, phases_ms: Phases, resumed_ns: u64) {
     if let Some(fd) = env.guardian_pidfd.filter(|_| !env.takeover) {
         // SAFETY: the guardian's pidfd was inherited for this process, which owns it from
         // here on. The kernel reaps the guardian: molt ignores SIGCHLD.
