@@ -316,3 +316,64 @@ fn sigint_while_the_new_image_restores_ends_the_vm_cleanly() {
         Duration::from_millis(300),
     );
 }
+
+/// The process group of `pid`, from /proc.
+fn pgid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name in parentheses: state, ppid, pgrp.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
+/// The children of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect()
+}
+
+/// A Ctrl-C in molt's terminal goes to its whole process group: the update guardian is not in
+/// it, so it survives to protect the guest while the new image restores.
+#[test]
+fn the_guardian_is_out_of_reach_of_a_terminal_ctrl_c() {
+    let vm = Vm::start("guardian-pgrp", &[("MOLT_TEST_FAULT", "record:sleep")]);
+    let pid = vm.molt.pid();
+    let api = vm.api.clone();
+    let update = std::thread::spawn(move || {
+        let body = format!(r#"{{"binary": "{NEXT_BIN}"}}"#);
+        api::request(&api, "PUT", "/api/v1/vm.cpr-exec", Some(&body), WAIT)
+    });
+    // The new image sleeps a second in its restore: the guardian exists meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let guardian = loop {
+        let is_guardian = |c: &u32| {
+            std::fs::read(format!("/proc/{c}/cmdline"))
+                .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("__cpr-guardian"))
+        };
+        if let Some(g) = children(pid).into_iter().find(is_guardian) {
+            break g;
+        }
+        assert!(Instant::now() < deadline, "no guardian appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (molt_group, guardian_group) = (pgid(pid), pgid(guardian));
+    assert!(molt_group.is_some() && guardian_group.is_some());
+    assert_ne!(
+        molt_group, guardian_group,
+        "the guardian shares molt's process group"
+    );
+    assert_eq!(
+        guardian_group,
+        Some(guardian),
+        "the guardian leads its own group"
+    );
+    let r = update.join().unwrap().expect("answer");
+    assert_eq!(r.status, 200, "{r:?}");
+    vm.shutdown();
+}

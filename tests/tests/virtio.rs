@@ -189,6 +189,7 @@ fn disk_io_across_ten_live_updates_loses_and_repeats_nothing() {
         for _ in 0..10 {
             let r = api::put(&socket, "vm.cpr-exec", "{}");
             assert_eq!(r.status, 200, "{r:?}");
+            api::assert_phases_add_up(&r.body);
             let n = blk_ns(&molt).last().copied().unwrap_or(0);
             wait_blk(&mut molt, n + 3);
         }
@@ -283,6 +284,7 @@ fn network_answers_before_during_and_after_updates() {
         std::thread::sleep(Duration::from_millis(400));
         let r = api::put(&socket, "vm.cpr-exec", "{}");
         assert_eq!(r.status, 200, "{r:?}");
+        api::assert_phases_add_up(&r.body);
     }
     let during = pinger.join().unwrap();
     let lost = during.iter().filter(|r| r.is_none()).count();

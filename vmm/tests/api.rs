@@ -402,6 +402,9 @@ fn handover_to_an_inherited_server() {
     assert!(fds.unclaimed().is_empty());
     new.respond(conn, ApiResponse::no_content());
     new.end_handoff();
+    // A taken-over server keeps the socket path until its keeper commits (a rollback would
+    // serve it again); from then on it is the new server's to remove.
+    new.set_remove_on_drop(true);
     let new = Arc::new(Mutex::new(new));
     let stop = Arc::new(AtomicBool::new(false));
     let serving = serve(new.clone(), stop.clone());

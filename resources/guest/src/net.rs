@@ -143,6 +143,12 @@ impl Net {
         let mut reposted = false;
         let mut sent = false;
         for _ in 0..FRAMES_PER_POLL {
+            // A frame is taken only when its answer can be queued: with every transmit
+            // buffer still with the device, it waits in the ring (the device, and then the
+            // host's tap queue, hold what comes after it) instead of losing its answer.
+            if self.tx_free == 0 {
+                break;
+            }
             let Some((id, len)) = self.rx.pop_used() else {
                 break;
             };

@@ -172,6 +172,8 @@ fn take_over(
         runtime.vmm.resume()?;
     }
     let resume_ms = t_resume.elapsed().as_secs_f64() * 1e3;
+    // The pause ends here: the guest runs.
+    let resumed_ns = now_ns();
     fault::inject(Step::AfterResume)?;
     let phases = Phases {
         pause: h.update.pause_ms,
@@ -180,7 +182,7 @@ fn take_over(
         restore: restore_ms,
         resume: resume_ms,
     };
-    finish(env, &h, &mut runtime, phases);
+    finish(env, &h, &mut runtime, phases, resumed_ns);
     // The guest runs here now: let go of the inherited originals.
     fds.release_originals();
     close_original(env.record_fd);
@@ -209,7 +211,7 @@ fn close_original(fd: RawFd) {
 
 /// The guest runs: dismiss the guardian, write the report into the history and answer the
 /// request that started the update.
-fn finish(env: &ExecEnv, h: &Handoff, runtime: &mut Runtime, phases_ms: Phases) {
+fn finish(env: &ExecEnv, h: &Handoff, runtime: &mut Runtime, phases_ms: Phases, resumed_ns: u64) {
     if let Some(fd) = env.guardian_pidfd.filter(|_| !env.takeover) {
         // SAFETY: the guardian's pidfd was inherited for this process, which owns it from
         // here on. The kernel reaps the guardian: molt ignores SIGCHLD.
@@ -223,7 +225,7 @@ fn finish(env: &ExecEnv, h: &Handoff, runtime: &mut Runtime, phases_ms: Phases) 
         vmm.populate_in_background();
     }
     let report = UpdateReport {
-        pause_ms: now_ns().saturating_sub(h.update.paused_at_ns) as f64 / 1e6,
+        pause_ms: resumed_ns.saturating_sub(h.update.paused_at_ns) as f64 / 1e6,
         phases_ms,
         from_version: h.update.from_version.clone(),
         to_version: crate::VERSION.to_string(),

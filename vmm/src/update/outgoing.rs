@@ -77,6 +77,9 @@ pub fn perform(
     let guardian = Guardian::spawn()
         .map_err(|e| log::warn!("live update without a guardian: {e}"))
         .ok();
+    // One update at a time: clients that ask for another meanwhile get 409 now; everything
+    // else they sent is carried over and answered by the new image.
+    api.begin_handoff(conn);
     let was_paused = vmm.run_state() == RunState::Paused;
     let t0 = Instant::now();
     let mut flight = InFlight {
@@ -88,12 +91,10 @@ pub fn perform(
         ..InFlight::default()
     };
     if let Err(e) = vmm.pause() {
+        api.end_handoff();
         return UpdateError::Capture(e);
     }
     flight.pause_ms = ms(t0.elapsed());
-    // One update at a time: clients that ask for another meanwhile get 409 now; everything
-    // else they sent is carried over and answered by the new image.
-    api.begin_handoff(conn);
     let err = match save(vmm, api, flight) {
         Ok((handoff, fds)) => hand_over(vmm, plan, &handoff, fds, guardian),
         Err(e) => {
