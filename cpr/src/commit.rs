@@ -21,6 +21,8 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 const PAGE: usize = 4096;
 /// Marks a committed page (high half), with the owner's pid in the low half.
 const COMMITTED: u64 = 0x4d4f_4c54 << 32; // "MOLT"
+/// Marks a page whose sender took the VM back: nobody may commit it any more.
+const ABORTED: u64 = 0x4142_4f52_5445_4421; // "ABORTED!"
 
 /// The commit page of one handoff.
 #[derive(Debug)]
@@ -86,9 +88,25 @@ impl CommitPage {
     }
 
     /// Marks the handoff committed by `owner`: call before the owner's first `KVM_RUN`.
-    pub fn commit(&self, owner: u32) {
+    /// False when the handoff was aborted (or committed by another) first: then `owner` must
+    /// not run the guest.
+    pub fn try_commit(&self, owner: u32) -> bool {
         self.word()
-            .store(COMMITTED | u64::from(owner), Ordering::SeqCst);
+            .compare_exchange(
+                0,
+                COMMITTED | u64::from(owner),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
+    /// Takes the VM back for the sender: false when a receiver committed first (it owns the
+    /// guest now, and the sender must never resume it).
+    pub fn try_abort(&self) -> bool {
+        self.word()
+            .compare_exchange(0, ABORTED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     }
 
     /// The pid that committed, or `None` while the handoff is open.
@@ -116,9 +134,21 @@ mod tests {
         let page = CommitPage::create().unwrap();
         assert_eq!(page.owner(), None);
         let other = CommitPage::from_fd(page.fd().try_clone_to_owned().unwrap()).unwrap();
-        page.commit(4242);
+        assert!(page.try_commit(4242));
+        assert!(!page.try_commit(1), "committed once");
+        assert!(
+            !other.try_abort(),
+            "a committed handoff cannot be taken back"
+        );
         drop(page);
         assert_eq!(other.owner(), Some(4242));
+        let open = CommitPage::create().unwrap();
+        assert!(open.try_abort());
+        assert!(
+            !open.try_commit(7),
+            "an aborted handoff cannot be committed"
+        );
+        assert_eq!(open.owner(), None);
     }
 
     #[test]

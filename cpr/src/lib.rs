@@ -35,6 +35,7 @@ pub mod fds;
 pub mod inherit;
 pub mod memfd;
 pub mod record;
+pub mod transfer;
 pub mod transport;
 
 pub use commit::CommitPage;

@@ -13,7 +13,7 @@ use crate::components::Parts;
 use crate::config::VmConfig;
 use crate::event_loop::{self, Subscriber};
 use crate::exit::ExitNotifier;
-use crate::machine::{Machine, Shared};
+use crate::machine::{Machine, Prebuilt, Shared};
 use crate::memory::GuestRam;
 use crate::runtime::{Bookkeeping, Vmm};
 use crate::state::VmState;
@@ -41,6 +41,13 @@ pub enum MachineSource<'a> {
         /// Its RAM, mapped.
         ram: GuestRam,
     },
+    /// Restore captured state into a machine built beforehand: the vCPUs start paused.
+    RestoreInto {
+        /// The captured machine.
+        state: &'a VmState,
+        /// The KVM VM over its RAM, with its vCPUs.
+        prebuilt: Prebuilt,
+    },
 }
 
 /// Wires `parts` and the machine from `source` into a runtime.
@@ -67,6 +74,9 @@ pub fn assemble(
         MachineSource::Boot => (Machine::boot(&kvm, &config, out, &shared)?, false),
         MachineSource::Restore { state, ram } => {
             (Machine::restore(&kvm, state, ram, out, &shared)?, true)
+        }
+        MachineSource::RestoreInto { state, prebuilt } => {
+            (Machine::restore_into(prebuilt, state, out, &shared)?, true)
         }
     };
     let vmm = Vmm::new(kvm, config, machine, parts.serial, shared, book, paused);

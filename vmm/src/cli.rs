@@ -41,6 +41,12 @@ pub enum Command {
 /// Options of a VM.
 #[derive(Debug, clap::Args)]
 pub struct VmArgs {
+    /// Start without a VM and receive one from a running molt (`vm.cpr-transfer`): listen on
+    /// a unix socket at PATH (mode 0600, removed once a sender connects) for one sender. The
+    /// VM's options come from the sender; VM options given here are ignored with a warning.
+    #[arg(long, value_name = "PATH")]
+    pub incoming: Option<PathBuf>,
+
     /// Kernel to boot: a bzImage or an ELF vmlinux (PVH entry used when present).
     /// Default: the embedded test guest.
     #[arg(long, value_name = "PATH")]

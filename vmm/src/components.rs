@@ -88,6 +88,15 @@ pub fn restore(
 ) -> Result<(GuestRam, Parts), Error> {
     let ram = GuestRam::restore(&state.ram, (), fds)?;
     fault::inject(Step::Memory)?;
+    Ok((ram, restore_parts(state, config, fds)?))
+}
+
+/// Takes every part but guest RAM over (a transfer has taken RAM over before the pause).
+pub fn restore_parts(
+    state: &PartsState,
+    config: &VmConfig,
+    fds: &mut RestoreFds,
+) -> Result<Parts, Error> {
     let parts = Parts {
         serial: SerialOut::restore(&state.serial, (), fds)?,
         virtio: Virtio::restore(&state.devices, config.clone(), fds)?,
@@ -98,5 +107,5 @@ pub fn restore(
             .transpose()?,
     };
     fault::inject(Step::Api)?;
-    Ok((ram, parts))
+    Ok(parts)
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
 
-use crate::api::{ApiRequest, ApiResponse, ApiServer, ConnId, CprExecRequest, PingReply};
+use crate::api::{ApiRequest, ApiResponse, ApiServer, ConnId, PingReply};
 use crate::assembly::Runtime;
 use crate::event_loop::Subscriber;
 use crate::exit::VmExit;
@@ -99,14 +99,16 @@ impl Control {
     }
 
     fn handle_batch(&mut self, requests: Vec<(ConnId, ApiRequest)>) {
-        let mut update: Option<(ConnId, CprExecRequest)> = None;
+        let mut update: Option<(ConnId, ApiRequest)> = None;
         for (conn, req) in requests {
             let resp = match req {
-                ApiRequest::CprExec(r) if update.is_none() => {
-                    update = Some((conn, r));
+                ApiRequest::CprExec(_) | ApiRequest::CprTransfer(_) if update.is_none() => {
+                    update = Some((conn, req));
                     continue;
                 }
-                ApiRequest::CprExec(_) => RequestError::from(UpdateError::Busy).response(),
+                ApiRequest::CprExec(_) | ApiRequest::CprTransfer(_) => {
+                    RequestError::from(UpdateError::Busy).response()
+                }
                 other => self.handle(other),
             };
             self.respond(conn, resp);
@@ -142,7 +144,7 @@ impl Control {
                     .end(VmExit::Stopped("vm.shutdown request".into()));
                 Ok(())
             }
-            ApiRequest::CprExec(_) => Err(UpdateError::Busy.into()),
+            ApiRequest::CprExec(_) | ApiRequest::CprTransfer(_) => Err(UpdateError::Busy.into()),
         };
         match result {
             Ok(()) => ApiResponse::no_content(),
@@ -151,11 +153,19 @@ impl Control {
     }
 
     /// Runs a live update; returns only if it failed (the guest runs on here).
-    fn cpr_exec(&mut self, conn: ConnId, req: CprExecRequest) -> RequestError {
+    fn cpr_exec(&mut self, conn: ConnId, req: ApiRequest) -> RequestError {
         let Some(api) = self.api.clone() else {
             return UpdateError::NoApi.into();
         };
         let mut api = lock(&api);
-        update::outgoing::perform(&mut self.vmm, &mut api, conn, &req).into()
+        match req {
+            ApiRequest::CprTransfer(r) => {
+                update::transfer_out::perform(&mut self.vmm, &mut api, conn, &r.socket).into()
+            }
+            ApiRequest::CprExec(r) => {
+                update::outgoing::perform(&mut self.vmm, &mut api, conn, &r).into()
+            }
+            _ => UpdateError::Busy.into(),
+        }
     }
 }

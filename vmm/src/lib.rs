@@ -74,6 +74,14 @@ pub enum Error {
     /// The serial device refused its saved state.
     #[error("cannot restore the serial device")]
     SerialDevice(#[source] devices::serial::SerialError),
+    /// A machine built beforehand does not fit the state.
+    #[error("the machine built beforehand has {built} vCPUs, the state {saved}")]
+    PrebuiltMismatch {
+        /// vCPUs built.
+        built: usize,
+        /// vCPUs in the state.
+        saved: usize,
+    },
     /// A vCPU thread ended before it could be captured.
     #[error("vcpu{0}: its thread has ended")]
     VcpuGone(u8),

@@ -41,6 +41,30 @@ pub struct Shared {
     pub virtio: Arc<Virtio>,
 }
 
+/// A KVM VM over guest RAM (memory slots, irqchip, PIT) with its vCPUs created but not set:
+/// everything of a restore that grows with RAM, built before the state is known.
+pub struct Prebuilt {
+    vm_fd: VmFd,
+    vcpus: Vec<VcpuFd>,
+    ram: GuestRam,
+}
+
+impl Prebuilt {
+    /// Creates the VM over `ram` and `vcpus` vCPUs.
+    pub fn new(kvm: &Kvm, ram: GuestRam, vcpus: usize) -> Result<Self, Error> {
+        let vm_fd = vm::create_vm(kvm, &ram)?;
+        fault::inject(Step::Vm)?;
+        let vcpus = (0..vcpus as u64)
+            .map(|i| {
+                vm_fd
+                    .create_vcpu(i)
+                    .map_err(|e| vm::VmError::Kvm("KVM_CREATE_VCPU", e).into())
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(Self { vm_fd, vcpus, ram })
+    }
+}
+
 /// The KVM VM and everything running in it.
 pub struct Machine {
     vm_fd: VmFd,
@@ -152,21 +176,34 @@ impl Machine {
         shared: &Shared,
     ) -> Result<Self, Error> {
         state.validate(shared.virtio.slots.len())?;
-        let t1 = Instant::now();
-        let vm_fd = vm::create_vm(kvm, &ram)?;
-        fault::inject(Step::Vm)?;
+        let prebuilt = Prebuilt::new(kvm, ram, state.vcpus.len())?;
+        Self::restore_into(prebuilt, state, out, shared)
+    }
+
+    /// Restores `state` into a machine built beforehand (a transfer builds it while the
+    /// guest still runs elsewhere). The vCPUs start paused; call [`Machine::resume`].
+    pub fn restore_into(
+        prebuilt: Prebuilt,
+        state: &VmState,
+        out: SerialOut,
+        shared: &Shared,
+    ) -> Result<Self, Error> {
+        state.validate(shared.virtio.slots.len())?;
+        let Prebuilt { vm_fd, vcpus, ram } = prebuilt;
+        if vcpus.len() != state.vcpus.len() {
+            return Err(Error::PrebuiltMismatch {
+                built: vcpus.len(),
+                saved: state.vcpus.len(),
+            });
+        }
         let t2 = Instant::now();
         let has_xsave = vcpu_state::xsave_usable(&vm_fd);
         let elapsed = state.elapsed_ns();
         let tsc_advance = state.tsc_ticks(elapsed);
-        let mut fds = Vec::with_capacity(state.vcpus.len());
-        for v in &state.vcpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(v.index))
-                .map_err(|e| vm::VmError::Kvm("KVM_CREATE_VCPU", e))?;
-            vcpu_state::restore(&fd, v, tsc_advance, has_xsave)?;
-            fds.push(fd);
+        for (fd, v) in vcpus.iter().zip(&state.vcpus) {
+            vcpu_state::restore(fd, v, tsc_advance, has_xsave)?;
         }
+        let fds = vcpus;
         fault::inject(Step::Vcpus)?;
         let t3 = Instant::now();
         vm_state::restore(&vm_fd, &state.kvm, elapsed)?;
@@ -186,8 +223,7 @@ impl Machine {
         let vcpus = spawn_all(fds, &bus, shared, VcpuRunState::Paused)?;
         fault::inject(Step::Devices)?;
         log::debug!(
-            "restore: create VM {:?}, vCPUs {:?}, VM state + devices {:?}",
-            t2 - t1,
+            "restore: vCPUs {:?}, VM state + devices {:?}",
             t3 - t2,
             t3.elapsed()
         );

@@ -49,6 +49,24 @@ fn main() {
     if let Some(Command::Ctl(args)) = cli.command {
         std::process::exit(vmm::api::ctl::ctl_main(args));
     }
+    if let Some(path) = &cli.vm.incoming {
+        init_logging(cli.vm.log_level);
+        reap_children_automatically();
+        let ignored = std::env::args().skip(1).filter(|a| {
+            a.starts_with("--")
+                && !["--incoming", "--log-level"]
+                    .iter()
+                    .any(|k| a.starts_with(k))
+        });
+        let ignored: Vec<String> = ignored.collect();
+        if !ignored.is_empty() {
+            log::warn!(
+                "--incoming: ignoring {}: the VM and its options come from the sender",
+                ignored.join(", ")
+            );
+        }
+        std::process::exit(update::transfer_in::run(path, started));
+    }
     let config = cli.vm.vm_config();
     // Before molt opens anything of its own: fds named on the command line must be the
     // parent's.

@@ -19,6 +19,8 @@ const LINGER: Duration = Duration::from_secs(1);
 
 /// Route of the live-update request.
 const CPR_EXEC_PATH: &str = "/api/v1/vm.cpr-exec";
+/// Route of the transfer request.
+const CPR_TRANSFER_PATH: &str = "/api/v1/vm.cpr-transfer";
 
 /// Bytes read per read() call.
 const READ_CHUNK: usize = 16 << 10;
@@ -126,7 +128,8 @@ impl Conn {
         };
         let total = stray + head_len + head.content_length;
         let path = head.target.split('?').next().unwrap_or_default();
-        if head.method != "PUT" || path != CPR_EXEC_PATH || self.input.len() < total {
+        let update = path == CPR_EXEC_PATH || path == CPR_TRANSFER_PATH;
+        if head.method != "PUT" || !update || self.input.len() < total {
             return false;
         }
         self.input.drain(..total);

@@ -48,6 +48,12 @@ pub enum CtlCommand {
         #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Hand the VM to a separately started `molt --incoming PATH` (PUT vm.cpr-transfer).
+    CprTransfer {
+        /// The receiver's socket (absolute path).
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+    },
     /// GET any endpoint, e.g. `vm.info` or `/api/v1/vm.info`.
     Get {
         /// Endpoint name or absolute path.
@@ -138,6 +144,10 @@ impl CtlCommand {
                 }
                 let body = serde_json::Value::Object(body).to_string();
                 ("PUT", api("vm.cpr-exec"), Some(body))
+            }
+            Self::CprTransfer { socket } => {
+                let body = serde_json::json!({ "socket": socket }).to_string();
+                ("PUT", api("vm.cpr-transfer"), Some(body))
             }
             Self::Get { endpoint } => ("GET", api(endpoint), None),
             Self::Put { endpoint, body } => {

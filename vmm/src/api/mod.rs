@@ -53,6 +53,17 @@ pub enum ApiRequest {
     /// `PUT /api/v1/vm.cpr-exec` → 200 with the update report, sent by the new process once it
     /// runs the VM.
     CprExec(CprExecRequest),
+    /// `PUT /api/v1/vm.cpr-transfer` → 200 with the update report, sent by the receiving
+    /// process once it runs the VM.
+    CprTransfer(CprTransferRequest),
+}
+
+/// Body of `PUT /api/v1/vm.cpr-transfer`: the socket a `molt --incoming` listens on.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CprTransferRequest {
+    /// Absolute path of the receiver's unix socket.
+    pub socket: PathBuf,
 }
 
 /// Body of `PUT /api/v1/vm.cpr-exec`: `{}` (or empty) re-executes the running binary with its

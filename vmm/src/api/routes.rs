@@ -2,7 +2,7 @@
 
 use serde::de::DeserializeOwned;
 
-use super::{ApiRequest, CprExecRequest};
+use super::{ApiRequest, CprExecRequest, CprTransferRequest};
 
 /// Prefix of every API path.
 pub const API_PREFIX: &str = "/api/v1/";
@@ -56,6 +56,12 @@ pub const ROUTES: &[Route] = &[
         method: "PUT",
         success: 200,
         parse: cpr_exec,
+    },
+    Route {
+        path: "/api/v1/vm.cpr-transfer",
+        method: "PUT",
+        success: 200,
+        parse: cpr_transfer,
     },
 ];
 
@@ -139,6 +145,16 @@ fn empty_body(body: &[u8]) -> Result<(), RouteError> {
             "this endpoint takes no parameters; send {} or nothing".into(),
         )),
     }
+}
+
+fn cpr_transfer(body: &[u8]) -> Result<ApiRequest, RouteError> {
+    let req: CprTransferRequest = json_body(body)?;
+    if !req.socket.is_absolute() || req.socket.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(RouteError::Body(
+            "\"socket\" must be an absolute path without NUL bytes".into(),
+        ));
+    }
+    Ok(ApiRequest::CprTransfer(req))
 }
 
 fn cpr_exec(body: &[u8]) -> Result<ApiRequest, RouteError> {

@@ -166,6 +166,8 @@ fn still_open(fds: &[(String, RawFd, OwnedFd)]) -> Result<(), String> {
         .try_clone()
         .and_then(cpr::CommitPage::from_fd)
         .map_err(|e| format!("its commit page is unusable ({e}); nothing is restored"))?;
+    // The process that could have committed is dead (the guardian waited for its exit):
+    // an open page stays open, and the previous binary commits it when it resumes the guest.
     match page.owner() {
         None => Ok(()),
         Some(owner) => Err(format!(

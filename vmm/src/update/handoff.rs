@@ -35,6 +35,10 @@ pub struct InFlight {
     pub was_paused: bool,
     /// virtio requests queued but not yet taken at the pause.
     pub carried_requests: u64,
+    /// The process that ran the guest.
+    pub from_pid: u32,
+    /// `exec` or `transfer`.
+    pub mode: String,
 }
 
 /// What the VMM keeps about itself, as the record carries it.

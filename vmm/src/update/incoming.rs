@@ -30,6 +30,9 @@ pub enum IncomingError {
     /// The inherited fds do not match the record.
     #[error("the inherited fds do not match the record")]
     Fds(#[source] cpr::FdError),
+    /// The handoff was taken back (aborted) before this image could commit it.
+    #[error("the handoff was taken back before this image could commit it")]
+    TakenBack,
     /// Fds the record lists that no part took.
     #[error("the record hands over fds no part claims: {0:?}")]
     Unclaimed(Vec<String>),
@@ -167,7 +170,7 @@ fn take_over(
     let restore_ms = now_ns().saturating_sub(main_ns) as f64 / 1e6;
     fault::inject(Step::BeforeResume)?;
     let t_resume = Instant::now();
-    take_ownership(commit, &mut runtime);
+    take_ownership(commit, &mut runtime)?;
     if !h.update.was_paused {
         runtime.vmm.resume()?;
     }
@@ -182,7 +185,8 @@ fn take_over(
         restore: restore_ms,
         resume: resume_ms,
     };
-    finish(env, &h, &mut runtime, phases, resumed_ns);
+    dismiss_guardian(env);
+    finish(&h, &mut runtime, phases, resumed_ns, env.rollback.clone());
     // The guest runs here now: let go of the inherited originals.
     fds.release_originals();
     close_original(env.record_fd);
@@ -194,12 +198,18 @@ fn take_over(
 
 /// The commit point: from here on this image owns the guest, nothing may restore the record
 /// any more, and the socket paths are this image's to remove when it ends.
-fn take_ownership(commit: &CommitPage, runtime: &mut Runtime) {
-    commit.commit(std::process::id());
+pub(super) fn take_ownership(
+    commit: &CommitPage,
+    runtime: &mut Runtime,
+) -> Result<(), IncomingError> {
+    if !commit.try_commit(std::process::id()) {
+        return Err(IncomingError::TakenBack);
+    }
     if let Some(api) = runtime.api.as_mut() {
         api.set_remove_on_drop(true);
     }
     runtime.vmm.serial_out().set_remove_on_drop(true);
+    Ok(())
 }
 
 /// Closes an fd the previous image passed by number, once no rollback can need it.
@@ -209,9 +219,8 @@ fn close_original(fd: RawFd) {
     drop(unsafe { OwnedFd::from_raw_fd(fd) });
 }
 
-/// The guest runs: dismiss the guardian, write the report into the history and answer the
-/// request that started the update.
-fn finish(env: &ExecEnv, h: &Handoff, runtime: &mut Runtime, phases_ms: Phases, resumed_ns: u64) {
+/// Ends the guardian of an exec handoff (not when the guardian itself took over).
+fn dismiss_guardian(env: &ExecEnv) {
     if let Some(fd) = env.guardian_pidfd.filter(|_| !env.takeover) {
         // SAFETY: the guardian's pidfd was inherited for this process, which owns it from
         // here on. The kernel reaps the guardian: molt ignores SIGCHLD.
@@ -220,21 +229,36 @@ fn finish(env: &ExecEnv, h: &Handoff, runtime: &mut Runtime, phases_ms: Phases, 
             log::warn!("cannot dismiss the update guardian: {e}");
         }
     }
+}
+
+/// The guest runs: writes the report into the history and answers the request that started
+/// the handoff (`rollback` says why the guest runs on the previous binary, if it does).
+pub(super) fn finish(
+    h: &Handoff,
+    runtime: &mut Runtime,
+    phases_ms: Phases,
+    resumed_ns: u64,
+    rollback: Option<String>,
+) {
     let vmm = &mut runtime.vmm;
     if vmm.config().memory.prefault {
         vmm.populate_in_background();
     }
+    let pause_ms = resumed_ns.saturating_sub(h.update.paused_at_ns) as f64 / 1e6;
     let report = UpdateReport {
-        pause_ms: resumed_ns.saturating_sub(h.update.paused_at_ns) as f64 / 1e6,
+        pause_ms,
+        stopped_ms: pause_ms - phases_ms.pause,
+        mode: h.update.mode.clone(),
+        from_pid: h.update.from_pid,
         phases_ms,
         from_version: h.update.from_version.clone(),
         to_version: crate::VERSION.to_string(),
         pid: std::process::id(),
         binary: vmm.identity.exe.clone(),
-        rolled_back: env.rollback.clone(),
+        rolled_back: rollback.clone(),
         carried_requests: h.update.carried_requests,
     };
-    match env.rollback {
+    match rollback {
         None => vmm.history.updates += 1,
         Some(_) => vmm.history.rollbacks += 1,
     }
@@ -244,7 +268,7 @@ fn finish(env: &ExecEnv, h: &Handoff, runtime: &mut Runtime, phases_ms: Phases, 
         report.pause_ms,
         report.phases_ms
     );
-    let response = match &env.rollback {
+    let response = match &rollback {
         None => ApiResponse::json(200, &report),
         Some(reason) => {
             let err = UpdateError::RolledBack {

@@ -23,6 +23,8 @@ pub mod holder;
 pub mod incoming;
 pub mod outgoing;
 mod sys;
+pub mod transfer_in;
+pub mod transfer_out;
 
 use std::path::{Path, PathBuf};
 
@@ -76,6 +78,9 @@ pub enum UpdateError {
     /// The commit page cannot be created.
     #[error("cannot create the handoff's commit page")]
     CommitPage(#[source] std::io::Error),
+    /// The transfer to another process failed before it committed (the guest runs here).
+    #[error("transfer to {0} failed")]
+    Transfer(PathBuf, #[source] cpr::transfer::TransferError),
     /// execve returned.
     #[error("cannot execute {0}")]
     Exec(PathBuf, #[source] cpr::ExecError),
@@ -100,6 +105,7 @@ impl UpdateError {
             UpdateError::BadTarget(..) => 400,
             UpdateError::Exec(_, cpr::ExecError::Nul) => 400,
             UpdateError::Busy | UpdateError::FdLimit { .. } => 409,
+            UpdateError::Transfer(..) => 502,
             _ => 500,
         }
     }
@@ -148,8 +154,16 @@ pub struct Phases {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct UpdateReport {
-    /// How long the guest was paused.
+    /// How long the guest was paused, from the request to stop the vCPUs to the guest
+    /// running again.
     pub pause_ms: f64,
+    /// The stopped span: from all vCPUs stopped to the guest running again (`pause_ms` less
+    /// the kick, the `pause` phase).
+    pub stopped_ms: f64,
+    /// `exec` (same process) or `transfer` (to a separately started process).
+    pub mode: String,
+    /// The process that ran the guest before.
+    pub from_pid: u32,
     /// Where the time went.
     pub phases_ms: Phases,
     /// Version of the image that started the update.

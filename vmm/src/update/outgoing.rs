@@ -21,7 +21,7 @@ fn ms(d: std::time::Duration) -> f64 {
 }
 
 /// What an update executes, decided before anything is paused.
-struct Plan {
+pub(super) struct Plan {
     target: PathBuf,
     argv: Vec<String>,
 }
@@ -88,6 +88,8 @@ pub fn perform(
         previous: vmm.identity.exe.clone(),
         paused_at_ns: now_ns(),
         was_paused,
+        from_pid: std::process::id(),
+        mode: "exec".into(),
         ..InFlight::default()
     };
     if let Err(e) = vmm.pause() {
@@ -115,7 +117,7 @@ pub fn perform(
 
 /// Captures the machine and saves every part; the fds the parts declared come back with the
 /// record.
-fn save(
+pub(super) fn save(
     vmm: &Vmm,
     api: &ApiServer,
     mut flight: InFlight,

@@ -1,0 +1,287 @@
+//! cpr-transfer: a running VM handed to a separately started `molt --incoming PATH`. The
+//! guest continues with no tick lost or doubled, the API socket path is answered by the new
+//! process, the old one exits 0; every failure before the commit leaves the guest running on
+//! the sender with a JSON error.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use molt_tests::api::{self, Reply};
+use molt_tests::{guest_lines, molt_bin, Molt, TempDir};
+
+const NEXT_BIN: &str = env!("MOLT_NEXT_BIN");
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A VM whose console goes to a file (the file travels with the VM), with an API socket.
+struct Vm {
+    first: Molt,
+    receivers: Vec<Molt>,
+    api: PathBuf,
+    console: PathBuf,
+    dir: TempDir,
+}
+
+impl Vm {
+    fn start(tag: &str, extra: &[&str]) -> Vm {
+        let dir = TempDir::new(tag);
+        let api = dir.join("api.sock");
+        let console = dir.join("console.log");
+        let mut args = vec![
+            "--api-socket".to_string(),
+            api.display().to_string(),
+            "--serial".into(),
+            format!("file={}", console.display()),
+            "--cmdline".into(),
+            "molt.memtest=4".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let first = Molt::spawn(&args);
+        api::wait_ready(&api, WAIT);
+        let vm = Vm {
+            first,
+            receivers: Vec::new(),
+            api,
+            console,
+            dir,
+        };
+        vm.wait_ticks(2);
+        vm
+    }
+
+    /// Whole console lines so far.
+    fn console(&self) -> String {
+        let mut text = std::fs::read_to_string(&self.console).unwrap_or_default();
+        text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
+        text
+    }
+
+    fn ticks(&self) -> Vec<u64> {
+        guest_lines(self.console().lines())
+            .iter()
+            .filter(|l| l.kind == "tick")
+            .map(|l| l.num("n"))
+            .collect()
+    }
+
+    fn wait_ticks(&self, more: u64) {
+        let target = self.ticks().last().copied().unwrap_or(0) + more;
+        let deadline = Instant::now() + WAIT;
+        while self.ticks().last().copied().unwrap_or(0) < target {
+            assert!(
+                Instant::now() < deadline,
+                "no tick {target}:\n{}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn assert_continuous(&self) {
+        let text = self.console();
+        let lines = guest_lines(text.lines());
+        assert_eq!(
+            lines.iter().filter(|l| l.kind == "boot").count(),
+            1,
+            "{text}"
+        );
+        for (kind, key) in [("tick", "n"), ("memtest", "pass")] {
+            let ns: Vec<u64> = lines
+                .iter()
+                .filter(|l| l.kind == kind && l.get(key).is_some())
+                .map(|l| l.num(key))
+                .collect();
+            for (i, n) in ns.iter().enumerate() {
+                assert_eq!(*n, i as u64 + 1, "{kind} sequence broken: {ns:?}");
+            }
+        }
+        assert!(!text.contains("FAIL"), "{text}");
+    }
+
+    /// Starts a receiver (`bin`) and transfers the VM to it.
+    fn transfer_to(&mut self, bin: &Path, env: &[(&str, &str)]) -> Reply {
+        let socket = self.dir.join(&format!("in{}.sock", self.receivers.len()));
+        let args = [
+            "--incoming".to_string(),
+            socket.display().to_string(),
+            "--log-level".into(),
+            "info".into(),
+        ];
+        let receiver = Molt::spawn_env(bin, &args, env);
+        let deadline = Instant::now() + WAIT;
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the receiver never listened");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.receivers.push(receiver);
+        self.transfer(&socket)
+    }
+
+    fn transfer(&self, socket: &Path) -> Reply {
+        let body = format!(r#"{{"socket": "{}"}}"#, socket.display());
+        api::put(&self.api, "vm.cpr-transfer", &body)
+    }
+
+    fn info(&self) -> serde_json::Value {
+        let r = api::get(&self.api, "vm.info");
+        assert_eq!(r.status, 200, "{r:?}");
+        r.body
+    }
+
+    fn pid(&self) -> u64 {
+        self.info()["pid"].as_u64().unwrap()
+    }
+
+    /// Stops the VM wherever it runs and checks every process ended well.
+    fn shutdown(self) {
+        assert_eq!(api::put(&self.api, "vm.shutdown", "{}").status, 204);
+        let out = self.first.finish(WAIT);
+        assert_eq!(out.code(), Some(0), "{}", out.describe());
+        for r in self.receivers {
+            let out = r.finish(WAIT);
+            assert!(out.code().is_some(), "{}", out.describe());
+        }
+    }
+}
+
+fn assert_transferred(r: &Reply, from_pid: u64, to_version: &str) {
+    assert_eq!(r.status, 200, "{r:?}");
+    let b = &r.body;
+    assert_eq!(b["mode"], "transfer", "{b}");
+    assert_eq!(b["from_pid"], from_pid, "{b}");
+    assert_ne!(b["pid"], from_pid, "{b}");
+    assert_eq!(b["to_version"], to_version, "{b}");
+    assert!(b["rolled_back"].is_null(), "{b}");
+    let (pause, stopped) = (
+        b["pause_ms"].as_f64().unwrap(),
+        b["stopped_ms"].as_f64().unwrap(),
+    );
+    let kick = b["phases_ms"]["pause"].as_f64().unwrap();
+    assert!((pause - kick - stopped).abs() < 0.01, "{b}");
+    api::assert_phases_add_up(b);
+}
+
+#[test]
+fn a_transfer_keeps_the_guest_and_the_api_path_and_the_sender_exits_0() {
+    let mut vm = Vm::start("transfer-basic", &["--cpus", "2"]);
+    let from = vm.pid();
+    let r = vm.transfer_to(&molt_bin(), &[]);
+    assert_transferred(&r, from, VERSION);
+    let to = vm.pid();
+    assert_eq!(
+        r.body["pid"], to,
+        "the API path is answered by the new process"
+    );
+    vm.wait_ticks(3);
+    let info = vm.info();
+    assert_eq!(info["updates"]["count"], 1, "{info}");
+    assert_eq!(info["vcpus"], 2, "{info}");
+    // The sender is gone, with exit code 0.
+    let deadline = Instant::now() + WAIT;
+    while Path::new(&format!("/proc/{from}/status")).exists()
+        && !std::fs::read_to_string(format!("/proc/{from}/status"))
+            .unwrap_or_default()
+            .contains("zombie")
+    {
+        assert!(Instant::now() < deadline, "the sender did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm.assert_continuous();
+    vm.shutdown();
+}
+
+#[test]
+fn transfers_to_the_next_version_and_back_and_mixed_with_cpr_exec() {
+    let mut vm = Vm::start("transfer-chain", &[]);
+    let pid = vm.pid();
+    let r = vm.transfer_to(Path::new(NEXT_BIN), &[]);
+    assert_transferred(&r, pid, &format!("{VERSION}+next"));
+    vm.wait_ticks(2);
+    let pid = vm.pid();
+    let r = api::put(
+        &vm.api,
+        "vm.cpr-exec",
+        &format!(r#"{{"binary": "{}"}}"#, molt_bin().display()),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["mode"], "exec");
+    assert_eq!(r.body["pid"], pid);
+    vm.wait_ticks(2);
+    let r = vm.transfer_to(&molt_bin(), &[]);
+    assert_transferred(&r, pid, VERSION);
+    vm.wait_ticks(2);
+    assert_eq!(vm.info()["updates"]["count"], 3);
+    vm.assert_continuous();
+    vm.shutdown();
+}
+
+/// Every failure before the commit: the guest runs on in the sender, which answers with a JSON
+/// error saying why.
+fn assert_kept(vm: &Vm, r: &Reply, pid: u64, why: &str) {
+    assert_eq!(r.status, 502, "{r:?}");
+    let error = r.body["error"].as_str().unwrap_or_default();
+    assert!(error.contains(why), "expected {why:?} in {r:?}");
+    assert_eq!(vm.pid(), pid, "the sender keeps the guest");
+    assert_eq!(vm.info()["state"], "running");
+    vm.wait_ticks(2);
+}
+
+#[test]
+fn failed_transfers_leave_the_guest_running_on_the_sender() {
+    let mut vm = Vm::start("transfer-fail", &[]);
+    let pid = vm.pid();
+    // Nobody listens.
+    let r = vm.transfer(&vm.dir.join("nobody.sock"));
+    assert_kept(&vm, &r, pid, "transfer to");
+    // A receiver that dies in the middle of its restore, after the pause.
+    let r = vm.transfer_to(Path::new(NEXT_BIN), &[("MOLT_TEST_FAULT", "vcpus:exit")]);
+    assert_kept(&vm, &r, pid, "closed");
+    // A receiver that fails its restore refuses, and says why.
+    let r = vm.transfer_to(Path::new(NEXT_BIN), &[("MOLT_TEST_FAULT", "devices:error")]);
+    assert_kept(&vm, &r, pid, "injected fault at devices");
+    // Something that speaks garbage, and something that never answers.
+    for garbage in [true, false] {
+        let path = vm.dir.join(&format!("fake-{garbage}.sock"));
+        let listener = fake_receiver(&path);
+        let talker = std::thread::spawn(move || {
+            let conn = nix::sys::socket::accept(listener.as_raw_fd()).unwrap();
+            if garbage {
+                let _ = nix::unistd::write(
+                    // SAFETY: the accepted fd is owned here until the thread ends.
+                    unsafe { std::os::fd::BorrowedFd::borrow_raw(conn) },
+                    b"HTTP/1.1 200 OK\r\n\r\n",
+                );
+            }
+            std::thread::sleep(Duration::from_secs(7));
+            let _ = nix::unistd::close(conn);
+        });
+        let r = vm.transfer(&path);
+        let why = if garbage {
+            "not a molt transfer message"
+        } else {
+            "no answer"
+        };
+        assert_kept(&vm, &r, pid, why);
+        talker.join().unwrap();
+    }
+    assert_eq!(vm.info()["updates"]["count"], 0);
+    vm.assert_continuous();
+    vm.shutdown();
+}
+
+fn fake_receiver(path: &Path) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{
+        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(sock.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+    listen(&sock, Backlog::new(1).unwrap()).unwrap();
+    sock
+}

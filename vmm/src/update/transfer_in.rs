@@ -1,0 +1,226 @@
+//! The receiver's side of cpr-transfer: `molt --incoming PATH` starts without a VM, waits for
+//! one sender on a unix socket at PATH, builds the machine over the sender's RAM while the
+//! guest still runs there, then takes the paused VM over, commits, resumes it and answers
+//! the request that started the transfer. Before it commits, any failure sends the sender a
+//! refusal (it resumes the guest itself) and exits non-zero.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cpr::transfer::{expect, Channel, Message, TransferError};
+use cpr::{CommitPage, Inherited};
+use nix::sys::socket::{
+    accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+};
+use serde::Deserialize;
+
+use super::handoff::Handoff;
+use super::{Phases, HANDOFF_KIND};
+use crate::assembly::{assemble, MachineSource, Runtime};
+use crate::components;
+use crate::machine::Prebuilt;
+use crate::memory::GuestRam;
+use crate::memory_persist::MemoryRegionState;
+use crate::persist::{FdRole, Persist, RestoreFds};
+use crate::runtime::{Bookkeeping, Identity};
+use crate::state::now_ns;
+
+/// How long the sender may take between messages before the pause.
+const BEFORE_PAUSE: Duration = Duration::from_secs(60);
+/// How long from Ready to the record (the sender pauses, captures and sends).
+const HANDOFF: Duration = Duration::from_secs(60);
+
+/// Errors receiving a VM (before the commit: the sender keeps the guest).
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// The listening socket cannot be set up.
+    #[error("cannot listen on {0}")]
+    Listen(std::path::PathBuf, #[source] std::io::Error),
+    /// The exchange failed.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// The machine description is unusable.
+    #[error("unusable machine description")]
+    Machine(#[source] serde_json::Error),
+    /// The record cannot be decoded.
+    #[error("cannot decode the handoff record")]
+    Decode(#[source] cpr::RecordError),
+    /// The received fds do not fit.
+    #[error("the received fds do not fit")]
+    Fds(#[source] cpr::FdError),
+    /// Fds no part claims.
+    #[error("the sender handed over fds no part claims: {0:?}")]
+    Unclaimed(Vec<String>),
+    /// The commit page is unusable.
+    #[error("unusable commit page")]
+    CommitPage(#[source] std::io::Error),
+    /// Building or restoring the VMM failed.
+    #[error("cannot rebuild the VMM")]
+    Vmm(#[from] crate::Error),
+    /// RAM cannot be taken over.
+    #[error("cannot take over guest RAM")]
+    Memory(#[from] crate::memory::MemoryError),
+    /// The sender took the VM back before the commit.
+    #[error(transparent)]
+    TakenBack(#[from] super::incoming::IncomingError),
+}
+
+#[derive(Deserialize)]
+struct MachineSpec {
+    ram: Vec<MemoryRegionState>,
+    vcpus: usize,
+}
+
+/// Binds PATH (mode 0600, a stale socket replaced) and waits for one sender.
+fn accept_one(path: &Path) -> Result<Channel, ReceiveError> {
+    let err = |e: nix::Error| ReceiveError::Listen(path.to_path_buf(), e.into());
+    if std::fs::symlink_metadata(path).is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_socket()
+    }) {
+        let _ = std::fs::remove_file(path);
+    }
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(err)?;
+    let addr = UnixAddr::new(path).map_err(err)?;
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = bind(sock.as_raw_fd(), &addr);
+    nix::sys::stat::umask(old);
+    bound.map_err(err)?;
+    listen(&sock, Backlog::new(1).map_err(err)?).map_err(err)?;
+    log::info!("waiting for a VM on {}", path.display());
+    let conn = accept(sock.as_raw_fd()).map_err(err);
+    // One sender: the path goes as soon as it is connected (or failed).
+    let _ = std::fs::remove_file(path);
+    let conn = conn?;
+    // SAFETY: accept returned a new connected socket owned by nobody else.
+    let conn = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(conn) };
+    nix::fcntl::fcntl(
+        &conn,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(err)?;
+    Ok(Channel::new(conn))
+}
+
+/// Hello, then the machine built over the sender's RAM while the guest runs there.
+fn prebuild(chan: &Channel) -> Result<(Prebuilt, CommitPage), ReceiveError> {
+    expect(chan.recv(BEFORE_PAUSE)?, "hello", |m| {
+        matches!(m, Message::Hello { .. })
+    })?;
+    let writer = format!("molt {}", crate::VERSION);
+    chan.send(&Message::Hello { writer }, &[], &[])?;
+    let prepare = expect(chan.recv(BEFORE_PAUSE)?, "prepare", |m| {
+        matches!(m, Message::Prepare { .. })
+    })?;
+    let Message::Prepare { machine } = prepare.message else {
+        unreachable!("checked by expect");
+    };
+    let spec: MachineSpec = serde_json::from_value(machine).map_err(ReceiveError::Machine)?;
+    let mut fds = RestoreFds::new(Inherited::from_owned(prepare.fds).map_err(ReceiveError::Fds)?);
+    let ram = GuestRam::restore(&spec.ram, (), &mut fds)?;
+    let commit = fds
+        .take(FdRole::Commit)
+        .map_err(crate::Error::from)
+        .and_then(|fd| {
+            CommitPage::from_fd(fd).map_err(|e| {
+                crate::Error::Persist(crate::persist::PersistError::Unusable(FdRole::Commit, e))
+            })
+        })?;
+    let unclaimed = fds.unclaimed();
+    if !unclaimed.is_empty() {
+        return Err(ReceiveError::Unclaimed(unclaimed));
+    }
+    let kvm = crate::vm::open_kvm().map_err(crate::Error::from)?;
+    let prebuilt = Prebuilt::new(&kvm, ram, spec.vcpus)?;
+    chan.send(&Message::Ready, &[], &[])?;
+    Ok((prebuilt, commit))
+}
+
+/// Receives the paused VM and resumes it here; returns the runtime to run.
+fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
+    let (prebuilt, commit) = prebuild(chan)?;
+    let handoff = expect(chan.recv(HANDOFF)?, "handoff", |m| *m == Message::Handoff)?;
+    let received_ns = now_ns();
+    let h = cpr::decode_kind::<Handoff>(&handoff.payload, HANDOFF_KIND)
+        .map_err(ReceiveError::Decode)?
+        .state;
+    let mut fds = RestoreFds::new(Inherited::from_owned(handoff.fds).map_err(ReceiveError::Fds)?);
+    let parts = components::restore_parts(&h.parts, &h.config, &mut fds)?;
+    let unclaimed = fds.unclaimed();
+    if !unclaimed.is_empty() {
+        return Err(ReceiveError::Unclaimed(unclaimed));
+    }
+    let book = Bookkeeping {
+        counters: h.book.counters.clone(),
+        identity: Identity {
+            argv: h.book.argv.clone(),
+            booted_at_ns: h.book.booted_at_ns,
+            ..Identity::current()
+        },
+        history: h.book.history.clone(),
+    };
+    let source = MachineSource::RestoreInto {
+        state: &h.vm,
+        prebuilt,
+    };
+    let mut runtime = assemble(h.config.clone(), parts, source, book, started)?;
+    let restore_ms = now_ns().saturating_sub(received_ns) as f64 / 1e6;
+    let t_resume = Instant::now();
+    super::incoming::take_ownership(&commit, &mut runtime)?;
+    if !h.update.was_paused {
+        runtime.vmm.resume()?;
+    }
+    let resume_ms = t_resume.elapsed().as_secs_f64() * 1e3;
+    let resumed_ns = now_ns();
+    let _ = chan.send(
+        &Message::Committed {
+            pid: std::process::id(),
+        },
+        &[],
+        &[],
+    );
+    let phases = Phases {
+        pause: h.update.pause_ms,
+        save: h.update.save_ms,
+        exec: received_ns.saturating_sub(h.update.saved_at_ns) as f64 / 1e6,
+        restore: restore_ms,
+        resume: resume_ms,
+    };
+    super::incoming::finish(&h, &mut runtime, phases, resumed_ns, None);
+    fds.release_originals();
+    Ok(runtime)
+}
+
+/// `molt --incoming PATH`: returns the process exit code.
+pub fn run(path: &Path, started: Instant) -> i32 {
+    let chan = match accept_one(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("molt: error: {}", crate::error_chain(&e));
+            return 1;
+        }
+    };
+    match receive(&chan, started) {
+        Ok(runtime) => crate::run_to_end(Ok(runtime)),
+        Err(e) => {
+            let reason = crate::error_chain(&e);
+            // Before the commit the sender keeps the guest: tell it why.
+            let _ = chan.send(
+                &Message::Refused {
+                    reason: reason.clone(),
+                },
+                &[],
+                &[],
+            );
+            eprintln!("molt: error: receiving the VM failed (the sender keeps it): {reason}");
+            1
+        }
+    }
+}

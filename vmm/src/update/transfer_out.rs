@@ -1,0 +1,158 @@
+//! The sender's side of cpr-transfer: hand the running VM to a separately started molt
+//! (`molt --incoming PATH`). Before the pause the receiver gets the RAM memfds and builds the
+//! machine while the guest runs; the pause covers only capture, the record and the restore.
+//! Until the receiver commits, the sender can take the VM back and resume it; once it has,
+//! the sender exits 0 and never resumes the guest from its own, stale, state.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cpr::transfer::{expect, Channel, Message, TransferError};
+use cpr::CommitPage;
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+
+use super::handoff::InFlight;
+use super::{UpdateError, HANDOFF_KIND};
+use crate::api::{ApiServer, ConnId};
+use crate::persist::FdRole;
+use crate::runtime::{RunState, Vmm};
+use crate::state::now_ns;
+
+/// How long the receiver may take to answer a hello.
+const HELLO: Duration = Duration::from_secs(5);
+/// How long it may take to build the machine (the guest still runs meanwhile).
+const PREPARE: Duration = Duration::from_secs(60);
+/// How long it may take from the record to running the guest (the guest is paused).
+const COMMIT: Duration = Duration::from_secs(10);
+
+fn connect_to(path: &Path) -> Result<Channel, TransferError> {
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    let addr = UnixAddr::new(path).map_err(std::io::Error::from)?;
+    connect(sock.as_raw_fd(), &addr).map_err(std::io::Error::from)?;
+    Ok(Channel::new(sock))
+}
+
+/// Hello both ways, then the machine the receiver builds before the pause; returns once it
+/// is built. The guest runs throughout.
+fn prepare(chan: &Channel, vmm: &Vmm, commit: &CommitPage) -> Result<(), TransferError> {
+    let writer = format!("molt {}", crate::VERSION);
+    chan.send(&Message::Hello { writer }, &[], &[])?;
+    expect(chan.recv(HELLO)?, "hello", |m| {
+        matches!(m, Message::Hello { .. })
+    })?;
+    let machine = vmm
+        .machine_ref()
+        .ok_or_else(|| TransferError::Refused("no machine".into()))?;
+    let layout = machine.ram().layout();
+    let mut fds: Vec<(String, RawFd)> = machine
+        .ram()
+        .regions
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (FdRole::Ram(i).to_string(), r.memfd.as_raw_fd()))
+        .collect();
+    fds.push((FdRole::Commit.to_string(), commit.fd().as_raw_fd()));
+    let spec = serde_json::json!({ "ram": layout, "vcpus": machine.vcpu_count() });
+    chan.send(&Message::Prepare { machine: spec }, &[], &fds)?;
+    expect(chan.recv(PREPARE)?, "ready", |m| *m == Message::Ready)?;
+    Ok(())
+}
+
+/// Transfers the VM to the molt listening at `socket` for the request on `conn`. Returns only
+/// if the guest still runs here; exits the process once the receiver committed.
+pub fn perform(vmm: &mut Vmm, api: &mut ApiServer, conn: ConnId, socket: &Path) -> UpdateError {
+    let failed = |e| UpdateError::Transfer(socket.to_path_buf(), e);
+    let chan = match connect_to(socket) {
+        Ok(c) => c,
+        Err(e) => return failed(e),
+    };
+    let commit = match CommitPage::create() {
+        Ok(c) => c,
+        Err(e) => return UpdateError::CommitPage(e),
+    };
+    if let Err(e) = prepare(&chan, vmm, &commit) {
+        return failed(e);
+    }
+    api.begin_handoff(conn);
+    let was_paused = vmm.run_state() == RunState::Paused;
+    let t0 = Instant::now();
+    let mut flight = InFlight {
+        from_version: crate::VERSION.to_string(),
+        target: socket.to_path_buf(),
+        previous: vmm.identity.exe.clone(),
+        paused_at_ns: now_ns(),
+        was_paused,
+        from_pid: std::process::id(),
+        mode: "transfer".into(),
+        ..InFlight::default()
+    };
+    if let Err(e) = vmm.pause() {
+        api.end_handoff();
+        return UpdateError::Capture(e);
+    }
+    flight.pause_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let err = match hand_over(&chan, vmm, api, flight) {
+        Ok(()) => committed(vmm, api),
+        Err(e) => e,
+    };
+    // The commit point decides: take the VM back, or let the receiver keep it.
+    if !commit.try_abort() {
+        log::warn!("the receiver committed although the transfer reported: {err}");
+        committed(vmm, api);
+    }
+    let _ = chan.send(
+        &Message::Refused {
+            reason: err.to_string(),
+        },
+        &[],
+        &[],
+    );
+    api.end_handoff();
+    if !was_paused {
+        if let Err(e) = vmm.resume() {
+            log::error!("cannot resume the guest after a failed transfer: {e}");
+        }
+    }
+    failed(err)
+}
+
+/// Captures, saves and sends the record with every fd but RAM (the receiver has RAM), then
+/// waits for the receiver to commit.
+fn hand_over(
+    chan: &Channel,
+    vmm: &Vmm,
+    api: &ApiServer,
+    flight: InFlight,
+) -> Result<(), TransferError> {
+    let refuse = |e: &dyn std::error::Error| TransferError::Refused(crate::error_chain(e));
+    let (handoff, fds) = super::outgoing::save(vmm, api, flight).map_err(|e| refuse(&e))?;
+    let writer = format!("molt {}", crate::VERSION);
+    let record = cpr::encode(&writer, HANDOFF_KIND, &handoff).map_err(|e| refuse(&e))?;
+    let rest: Vec<(String, RawFd)> = fds
+        .describe()
+        .into_iter()
+        .filter(|p| !matches!(p.name.parse::<FdRole>(), Ok(FdRole::Ram(_))))
+        .map(|p| (p.name, p.fd))
+        .collect();
+    chan.send(&Message::Handoff, &record, &rest)?;
+    expect(chan.recv(COMMIT)?, "committed", |m| {
+        matches!(m, Message::Committed { .. })
+    })?;
+    Ok(())
+}
+
+/// The receiver runs the guest: leave its sockets in place and go.
+fn committed(vmm: &Vmm, api: &mut ApiServer) -> ! {
+    api.set_remove_on_drop(false);
+    vmm.serial_out().set_remove_on_drop(false);
+    log::info!("transfer committed: the guest runs in the receiver; exiting");
+    // No teardown: the vCPUs stay stopped, and nothing here may touch what the receiver owns.
+    std::process::exit(0)
+}
