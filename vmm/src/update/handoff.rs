@@ -56,6 +56,22 @@ pub struct BookkeepingState {
     pub history: UpdateHistory,
 }
 
+impl BookkeepingState {
+    /// The bookkeeping of the process that takes the VM over: this binary, the VM's argv,
+    /// boot time, counters and history.
+    pub fn taken_over(&self) -> crate::runtime::Bookkeeping {
+        crate::runtime::Bookkeeping {
+            counters: self.counters.clone(),
+            identity: crate::runtime::Identity {
+                argv: self.argv.clone(),
+                booted_at_ns: self.booted_at_ns,
+                ..crate::runtime::Identity::current()
+            },
+            history: self.history.clone(),
+        }
+    }
+}
+
 /// Everything the new keeper needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Handoff {

@@ -15,7 +15,6 @@ use crate::assembly::{assemble, MachineSource, Runtime};
 use crate::components;
 use crate::fault::{self, Step};
 use crate::persist::RestoreFds;
-use crate::runtime::{Bookkeeping, Identity};
 use crate::state::now_ns;
 
 /// Errors restoring in the new image (they lead to a rollback).
@@ -155,15 +154,7 @@ fn take_over(
     if !unclaimed.is_empty() {
         return Err(IncomingError::Unclaimed(unclaimed));
     }
-    let book = Bookkeeping {
-        counters: h.book.counters.clone(),
-        identity: Identity {
-            argv: h.book.argv.clone(),
-            booted_at_ns: h.book.booted_at_ns,
-            ..Identity::current()
-        },
-        history: h.book.history.clone(),
-    };
+    let book = h.book.taken_over();
     let source = MachineSource::Restore { state: &h.vm, ram };
     let mut runtime = assemble(h.config.clone(), parts, source, book, started)?;
     // Restore runs from this image's main() to the rebuilt, still paused machine.

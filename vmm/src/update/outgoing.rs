@@ -79,24 +79,11 @@ pub fn perform(
         .ok();
     // One update at a time: clients that ask for another meanwhile get 409 now; everything
     // else they sent is carried over and answered by the new image.
-    api.begin_handoff(conn);
-    let was_paused = vmm.run_state() == RunState::Paused;
-    let t0 = Instant::now();
-    let mut flight = InFlight {
-        from_version: crate::VERSION.to_string(),
-        target: plan.target.clone(),
-        previous: vmm.identity.exe.clone(),
-        paused_at_ns: now_ns(),
-        was_paused,
-        from_pid: std::process::id(),
-        mode: "exec".into(),
-        ..InFlight::default()
+    let flight = match pause_for_handoff(vmm, api, conn, plan.target.clone(), "exec") {
+        Ok(f) => f,
+        Err(e) => return e,
     };
-    if let Err(e) = vmm.pause() {
-        api.end_handoff();
-        return UpdateError::Capture(e);
-    }
-    flight.pause_ms = ms(t0.elapsed());
+    let was_paused = flight.was_paused;
     let err = match save(vmm, api, flight) {
         Ok((handoff, fds)) => hand_over(vmm, plan, &handoff, fds, guardian),
         Err(e) => {
@@ -113,6 +100,37 @@ pub fn perform(
         }
     }
     err
+}
+
+/// Refuses other updates, then pauses the guest: the start of every handoff.
+pub(super) fn pause_for_handoff(
+    vmm: &mut Vmm,
+    api: &mut ApiServer,
+    conn: ConnId,
+    target: PathBuf,
+    mode: &str,
+) -> Result<InFlight, UpdateError> {
+    // One update at a time: clients that ask for another meanwhile get 409 now; everything
+    // else they sent is carried over and answered by the new keeper.
+    api.begin_handoff(conn);
+    let was_paused = vmm.run_state() == RunState::Paused;
+    let t0 = Instant::now();
+    let mut flight = InFlight {
+        from_version: crate::VERSION.to_string(),
+        target,
+        previous: vmm.identity.exe.clone(),
+        paused_at_ns: now_ns(),
+        was_paused,
+        from_pid: std::process::id(),
+        mode: mode.into(),
+        ..InFlight::default()
+    };
+    if let Err(e) = vmm.pause() {
+        api.end_handoff();
+        return Err(UpdateError::Capture(e));
+    }
+    flight.pause_ms = ms(t0.elapsed());
+    Ok(flight)
 }
 
 /// Captures the machine and saves every part; the fds the parts declared come back with the

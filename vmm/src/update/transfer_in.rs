@@ -23,7 +23,6 @@ use crate::machine::Prebuilt;
 use crate::memory::GuestRam;
 use crate::memory_persist::MemoryRegionState;
 use crate::persist::{FdRole, Persist, RestoreFds};
-use crate::runtime::{Bookkeeping, Identity};
 use crate::state::now_ns;
 
 /// How long the sender may take between messages before the pause.
@@ -157,15 +156,7 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
     if !unclaimed.is_empty() {
         return Err(ReceiveError::Unclaimed(unclaimed));
     }
-    let book = Bookkeeping {
-        counters: h.book.counters.clone(),
-        identity: Identity {
-            argv: h.book.argv.clone(),
-            booted_at_ns: h.book.booted_at_ns,
-            ..Identity::current()
-        },
-        history: h.book.history.clone(),
-    };
+    let book = h.book.taken_over();
     let source = MachineSource::RestoreInto {
         state: &h.vm,
         prebuilt,

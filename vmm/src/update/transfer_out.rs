@@ -6,7 +6,7 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cpr::transfer::{expect, Channel, Message, TransferError};
 use cpr::CommitPage;
@@ -16,8 +16,7 @@ use super::handoff::InFlight;
 use super::{UpdateError, HANDOFF_KIND};
 use crate::api::{ApiServer, ConnId};
 use crate::persist::FdRole;
-use crate::runtime::{RunState, Vmm};
-use crate::state::now_ns;
+use crate::runtime::Vmm;
 
 /// How long the receiver may take to answer a hello.
 const HELLO: Duration = Duration::from_secs(5);
@@ -80,24 +79,17 @@ pub fn perform(vmm: &mut Vmm, api: &mut ApiServer, conn: ConnId, socket: &Path) 
     if let Err(e) = prepare(&chan, vmm, &commit) {
         return failed(e);
     }
-    api.begin_handoff(conn);
-    let was_paused = vmm.run_state() == RunState::Paused;
-    let t0 = Instant::now();
-    let mut flight = InFlight {
-        from_version: crate::VERSION.to_string(),
-        target: socket.to_path_buf(),
-        previous: vmm.identity.exe.clone(),
-        paused_at_ns: now_ns(),
-        was_paused,
-        from_pid: std::process::id(),
-        mode: "transfer".into(),
-        ..InFlight::default()
+    let flight = match super::outgoing::pause_for_handoff(
+        vmm,
+        api,
+        conn,
+        socket.to_path_buf(),
+        "transfer",
+    ) {
+        Ok(f) => f,
+        Err(e) => return e,
     };
-    if let Err(e) = vmm.pause() {
-        api.end_handoff();
-        return UpdateError::Capture(e);
-    }
-    flight.pause_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let was_paused = flight.was_paused;
     let err = match hand_over(&chan, vmm, api, flight) {
         Ok(()) => committed(vmm, api),
         Err(e) => e,
