@@ -87,12 +87,26 @@ fn accept_one(path: &Path) -> Result<Channel, ReceiveError> {
         None,
     )
     .map_err(err)?;
-    let addr = UnixAddr::new(path).map_err(err)?;
+    // Bound and listening under a temporary name, then renamed into place: whoever sees PATH
+    // can connect.
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}", std::process::id()));
+    let staging = std::path::PathBuf::from(staging);
+    let addr = UnixAddr::new(&staging).map_err(err)?;
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let bound = bind(sock.as_raw_fd(), &addr);
     nix::sys::stat::umask(old);
     bound.map_err(err)?;
-    listen(&sock, Backlog::new(1).map_err(err)?).map_err(err)?;
+    let listening = Backlog::new(1)
+        .and_then(|b| listen(&sock, b))
+        .map_err(err)
+        .and_then(|()| {
+            std::fs::rename(&staging, path).map_err(|e| ReceiveError::Listen(path.to_path_buf(), e))
+        });
+    if let Err(e) = listening {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
     log::info!("waiting for a VM on {}", path.display());
     let conn = accept(sock.as_raw_fd()).map_err(err);
     // One sender: the path goes as soon as it is connected (or failed).
