@@ -95,6 +95,14 @@ pub struct VmArgs {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
+    /// Restore the VM of a snapshot directory (written by vm.snapshot) instead of booting:
+    /// path=DIR[,lazy=off]. The snapshot describes the VM, so the VM-shape options are refused
+    /// with it; --api-socket, --serial and --log-level apply. lazy=off reads all of RAM first.
+    #[arg(long, value_name = "path=DIR[,lazy=off]", conflicts_with_all = [
+        "kernel", "cmdline", "initrd", "cpus", "memory", "disks", "nets", "rng",
+    ])]
+    pub restore: Option<crate::snapshot::RestoreConfig>,
+
     /// Log level for molt's own messages on stderr: error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,
@@ -170,6 +178,31 @@ mod tests {
     fn ctl_subcommand_parses() {
         let cli = Cli::try_parse_from(["molt", "ctl", "--api-socket", "/s", "info"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Ctl(_))));
+    }
+
+    #[test]
+    fn restore_refuses_vm_shape_options_but_takes_host_side_ones() {
+        let cli = Cli::try_parse_from([
+            "molt",
+            "--restore",
+            "path=/s",
+            "--api-socket",
+            "/a",
+            "--serial",
+            "null",
+        ])
+        .unwrap();
+        assert_eq!(cli.vm.restore.map(|r| r.path), Some("/s".into()));
+        for shape in [
+            &["--memory", "size=1G"][..],
+            &["--cpus", "2"],
+            &["--kernel", "/k"],
+            &["--disk", "path=/d"],
+            &["--rng"],
+        ] {
+            let args = ["molt", "--restore", "path=/s"].iter().chain(shape);
+            assert!(Cli::try_parse_from(args).is_err(), "{shape:?}");
+        }
     }
 
     #[test]

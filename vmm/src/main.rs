@@ -49,6 +49,11 @@ fn main() {
     if let Some(Command::Ctl(args)) = cli.command {
         std::process::exit(vmm::api::ctl::ctl_main(args));
     }
+    if let Some(opts) = &cli.vm.restore {
+        init_logging(cli.vm.log_level);
+        reap_children_automatically();
+        std::process::exit(vmm::snapshot::restore::main(opts, &cli.vm, started));
+    }
     let config = cli.vm.vm_config();
     // Before molt opens anything of its own: fds named on the command line must be the
     // parent's.

@@ -39,6 +39,7 @@ fn handle(req: ApiRequest, paused: &mut bool) -> ApiResponse {
         ApiRequest::CprExec(r) => {
             ApiResponse::json(200, &json!({ "binary": r.binary, "args": r.args }))
         }
+        ApiRequest::Snapshot(r) => ApiResponse::json(200, &json!({ "path": r.path })),
     }
 }
 
