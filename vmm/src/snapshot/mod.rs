@@ -13,8 +13,10 @@
 //! options (`--api-socket`, `--serial`, `--log-level`) come from the new command line.
 
 pub mod dir;
+pub mod lazy;
 pub mod ram;
 pub mod restore;
+mod uffd;
 pub mod write;
 
 use std::path::PathBuf;
@@ -228,8 +230,11 @@ pub enum SnapshotError {
     #[error("disk {0}: {1}")]
     Disk(PathBuf, String),
     /// Lazy restore could not be set up.
-    #[error("lazy restore")]
+    #[error("lazy restore (userfaultfd; lazy=off reads all of RAM first instead)")]
     Lazy(#[source] std::io::Error),
+    /// Lazy restore found bad memory while the VM was being assembled.
+    #[error("{0}")]
+    LazyFailed(String),
     /// Building the VM failed.
     #[error(transparent)]
     Vmm(#[from] crate::Error),

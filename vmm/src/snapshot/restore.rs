@@ -7,6 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Instant;
 
+use super::lazy;
 use super::ram::{fill_region, open_checked};
 use super::{ms, RestoreConfig, Snapshot, SnapshotError, SNAPSHOT_KIND, STATE_FILE};
 use crate::assembly::{assemble, MachineSource, Runtime};
@@ -104,6 +105,7 @@ fn fresh_ram(
     snap: &Snapshot,
     config: &VmConfig,
     dir: &Path,
+    lazy: bool,
 ) -> Result<(GuestRam, Vec<std::fs::File>), SnapshotError> {
     let bad = |why: String| SnapshotError::Inconsistent(dir.to_path_buf(), why);
     validate_layout(&snap.parts.ram).map_err(|e| bad(e.to_string()))?;
@@ -120,7 +122,10 @@ fn fresh_ram(
         .zip(&snap.parts.ram)
         .map(|(m, r)| open_checked(dir, m, r.size))
         .collect::<Result<Vec<_>, _>>()?;
-    let ram = crate::memory::create(&config.memory).map_err(crate::Error::from)?;
+    let mut memory = config.memory;
+    // Lazily restored RAM must stay unpopulated until its pages are loaded.
+    memory.prefault &= !lazy;
+    let ram = crate::memory::create(&memory).map_err(crate::Error::from)?;
     if ram.layout() != snap.parts.ram {
         return Err(bad(format!(
             "its RAM layout {:?} is not the one molt builds for {} bytes",
@@ -141,7 +146,7 @@ pub fn restore(
     let snap = read_snapshot(dir)?;
     let config = restored_config(&snap, args, dir)?;
     check_disks(&snap)?;
-    let (ram, files) = fresh_ram(&snap, &config, dir)?;
+    let (ram, files) = fresh_ram(&snap, &config, dir, opts.lazy)?;
     let parts = Parts::open(&config)?;
     let kinds: Vec<_> = parts.virtio.slots.iter().map(|s| s.kind).collect();
     if kinds != snap.parts.devices.kinds {
@@ -153,15 +158,20 @@ pub fn restore(
             ),
         ));
     }
-    let t_fill = Instant::now();
-    let mut read = 0;
-    for (i, (file, desc)) in files.iter().zip(&snap.memory).enumerate() {
-        read += fill_region(&ram, i, file, desc, &dir.join(&desc.file))?;
-    }
-    log::info!(
-        "restore: {read} bytes of guest RAM read in {:.1} ms",
-        ms(t_fill.elapsed())
-    );
+    let lazy = if opts.lazy {
+        Some(lazy::start(&ram, files, &snap.memory, dir)?)
+    } else {
+        let t_fill = Instant::now();
+        let mut read = 0;
+        for (i, (file, desc)) in files.iter().zip(&snap.memory).enumerate() {
+            read += fill_region(&ram, i, file, desc, &dir.join(&desc.file))?;
+        }
+        log::info!(
+            "restore: {read} bytes of guest RAM read in {:.1} ms",
+            ms(t_fill.elapsed())
+        );
+        None
+    };
     let book = Bookkeeping {
         counters: snap.book.counters.clone(),
         identity: Identity {
@@ -175,6 +185,9 @@ pub fn restore(
         ram,
     };
     let mut runtime = assemble(config, parts, source, book, started)?;
+    if let Some(failed) = lazy.and_then(|l| l.attach(runtime.vmm.shared.exits.clone())) {
+        return Err(SnapshotError::LazyFailed(failed));
+    }
     if !snap.taken.was_paused {
         runtime.vmm.resume()?;
     }

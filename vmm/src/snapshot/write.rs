@@ -24,6 +24,8 @@ use crate::update::handoff::BookkeepingState;
 /// the answer is sent).
 pub fn take(vmm: &mut Vmm, req: &SnapshotRequest) -> Result<SnapshotReport, SnapshotError> {
     let target = check_target(&req.path)?;
+    // The memfds hold all of RAM only once a lazy restore has loaded it.
+    super::lazy::wait_until_filled();
     let t0 = Instant::now();
     let was_paused = vmm.run_state() == RunState::Paused;
     let paused_at_ns = now_ns();
