@@ -96,9 +96,11 @@ pub struct VmArgs {
     pub api_socket: Option<PathBuf>,
 
     /// Restore the VM of a snapshot directory (written by vm.snapshot) instead of booting:
-    /// path=DIR[,lazy=off]. The snapshot describes the VM, so the VM-shape options are refused
-    /// with it; --api-socket, --serial and --log-level apply. lazy=off reads all of RAM first.
-    #[arg(long, value_name = "path=DIR[,lazy=off]", conflicts_with_all = [
+    /// path=DIR[,lazy=off][,hugepages=on|off]. The snapshot describes the VM, so the VM-shape
+    /// options are refused with it; --api-socket, --serial and --log-level apply. RAM is
+    /// loaded on demand while the guest runs (lazy=off reads all of it first); hugepages=
+    /// backs it with (or without) 2 MiB huge pages whatever the snapshot's RAM was.
+    #[arg(long, value_name = "path=DIR[,lazy=off][,hugepages=on|off]", conflicts_with_all = [
         "kernel", "cmdline", "initrd", "cpus", "memory", "disks", "nets", "rng",
     ])]
     pub restore: Option<crate::snapshot::RestoreConfig>,

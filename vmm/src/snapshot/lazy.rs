@@ -5,15 +5,15 @@
 //! are unregistered (pages still missing then are holes of the snapshot: the memfd reads
 //! them as zeros) and the restore reports it.
 //!
-//! A chunk whose checksum fails is never copied in: the VM ends with an error naming the
-//! file and the chunk, and the vCPU that needed it never runs on it.
+//! A chunk whose checksum fails is never copied in: molt ends at once with an error naming
+//! the file and the chunk, and the vCPU that needed it never runs on it.
 //!
 //! While the filler runs the memfds do not yet hold all of RAM, so a live update or a
 //! snapshot waits for it ([`wait_until_filled`]).
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
 use cpr::snapshot::MemoryFile;
@@ -22,7 +22,6 @@ use super::ram::load_chunk;
 use super::uffd::Uffd;
 use super::{ms, SnapshotError};
 use crate::config::HUGE_PAGE_SIZE;
-use crate::exit::{ExitNotifier, VmExit};
 use crate::memory::GuestRam;
 
 /// Whether a filler runs in this process (one VM per process).
@@ -56,46 +55,13 @@ struct Region {
     loaded: Vec<bool>,
 }
 
-/// What the restore keeps of a running filler: where to report a corrupt chunk.
-#[derive(Clone, Default)]
-pub struct LazyHandle {
-    /// The VM's exit notifier, once the VM is assembled.
-    exits: Arc<Mutex<Option<Arc<ExitNotifier>>>>,
-    /// A failure found before the VM was assembled.
-    failed: Arc<Mutex<Option<String>>>,
-}
-
-impl LazyHandle {
-    /// Connects the filler to the assembled VM; returns a failure it found meanwhile.
-    pub fn attach(&self, exits: Arc<ExitNotifier>) -> Option<String> {
-        *self.exits.lock().unwrap_or_else(|p| p.into_inner()) = Some(exits);
-        self.failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn fail(&self, msg: String) {
-        log::error!("{msg}");
-        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
-        if let Some(exits) = self
-            .exits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            exits.end(VmExit::Error(msg));
-        }
-    }
-}
-
 /// Registers `ram` (fresh, never touched) with userfaultfd and starts the filler.
 pub fn start(
     ram: &GuestRam,
     files: Vec<File>,
     descs: &[MemoryFile],
     dir: &std::path::Path,
-) -> Result<LazyHandle, SnapshotError> {
+) -> Result<(), SnapshotError> {
     let uffd = Uffd::new().map_err(SnapshotError::Lazy)?;
     let hosts = ram.host_ranges();
     let mut regions = Vec::new();
@@ -113,31 +79,23 @@ pub fn start(
             loaded: vec![false; desc.chunks.len()],
         });
     }
-    let handle = LazyHandle::default();
-    let h = handle.clone();
     set_filling(true);
     let spawned = std::thread::Builder::new()
         .name("lazy-restore".into())
         .spawn(move || {
-            Filler {
-                uffd,
-                regions,
-                handle: h,
-            }
-            .run();
+            Filler { uffd, regions }.run();
             set_filling(false);
         });
     if let Err(e) = spawned {
         set_filling(false);
         return Err(SnapshotError::Lazy(e));
     }
-    Ok(handle)
+    Ok(())
 }
 
 struct Filler {
     uffd: Uffd,
     regions: Vec<Region>,
-    handle: LazyHandle,
 }
 
 impl Filler {
@@ -182,11 +140,12 @@ impl Filler {
         );
     }
 
-    /// Ends the VM with `msg`. The userfaultfd is never closed: closing it would let a vCPU
-    /// waiting for a bad chunk run on zeros; it waits until the process ends.
+    /// Ends molt with `msg`: a vCPU waiting for a bad chunk sleeps in a page fault that can
+    /// neither be served nor interrupted, and closing the userfaultfd would let it run on
+    /// zeros, so the process ends at once (exit status 1) and the guest never runs on it.
     fn fail(self, msg: String) {
-        self.handle.fail(msg);
-        std::mem::forget(self.uffd);
+        eprintln!("molt: error: {msg}");
+        std::process::exit(1);
     }
 
     /// The next chunk with data not loaded yet.

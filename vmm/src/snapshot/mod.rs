@@ -140,13 +140,15 @@ pub struct SnapshotReport {
     pub throughput_mib_s: f64,
 }
 
-/// `--restore path=DIR[,lazy=on|off]`.
+/// `--restore path=DIR[,lazy=on|off][,hugepages=on|off]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RestoreConfig {
     /// The snapshot directory.
     pub path: PathBuf,
     /// Load RAM on demand while the guest runs (userfaultfd) instead of all of it first.
     pub lazy: bool,
+    /// Back the restored RAM with 2 MiB huge pages (or not), whatever the snapshot's was.
+    pub hugepages: Option<bool>,
 }
 
 impl FromStr for RestoreConfig {
@@ -158,23 +160,31 @@ impl FromStr for RestoreConfig {
             value: s.to_string(),
             why,
         };
-        let (mut path, mut lazy) = (None, true);
+        let (mut path, mut lazy, mut hugepages) = (None, true, None);
         for part in s.split(',').filter(|p| !p.is_empty()) {
             match part.split_once('=') {
                 Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
                 Some(("lazy", "on")) => lazy = true,
                 Some(("lazy", "off")) => lazy = false,
-                Some(("lazy", v)) => return Err(bad(format!("lazy={v}: expected on or off"))),
+                Some(("hugepages", "on")) => hugepages = Some(true),
+                Some(("hugepages", "off")) => hugepages = Some(false),
+                Some((k @ ("lazy" | "hugepages"), v)) => {
+                    return Err(bad(format!("{k}={v}: expected on or off")))
+                }
                 Some((k, _)) => {
                     return Err(bad(format!(
-                        "unknown or empty key '{k}' (expected path, lazy)"
+                        "unknown or empty key '{k}' (expected path, lazy, hugepages)"
                     )))
                 }
                 None => return Err(bad(format!("'{part}' is not key=value"))),
             }
         }
         let path = path.ok_or_else(|| bad("path=DIR is required".into()))?;
-        Ok(Self { path, lazy })
+        Ok(Self {
+            path,
+            lazy,
+            hugepages,
+        })
     }
 }
 
@@ -232,9 +242,6 @@ pub enum SnapshotError {
     /// Lazy restore could not be set up.
     #[error("lazy restore (userfaultfd; lazy=off reads all of RAM first instead)")]
     Lazy(#[source] std::io::Error),
-    /// Lazy restore found bad memory while the VM was being assembled.
-    #[error("{0}")]
-    LazyFailed(String),
     /// Building the VM failed.
     #[error(transparent)]
     Vmm(#[from] crate::Error),
@@ -267,7 +274,9 @@ mod tests {
         let r: RestoreConfig = "path=/s/one".parse().unwrap();
         assert_eq!((r.path, r.lazy), (PathBuf::from("/s/one"), true));
         let r: RestoreConfig = "path=/s,lazy=off".parse().unwrap();
-        assert!(!r.lazy);
+        assert!(!r.lazy && r.hugepages.is_none());
+        let r: RestoreConfig = "path=/s,hugepages=on".parse().unwrap();
+        assert_eq!(r.hugepages, Some(true));
         for bad in [
             "",
             "lazy=off",

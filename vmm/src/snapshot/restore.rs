@@ -13,7 +13,7 @@ use super::{ms, RestoreConfig, Snapshot, SnapshotError, SNAPSHOT_KIND, STATE_FIL
 use crate::assembly::{assemble, MachineSource, Runtime};
 use crate::cli::VmArgs;
 use crate::components::Parts;
-use crate::config::{NetBackend, VmConfig};
+use crate::config::{NetBackend, VmConfig, HUGE_PAGE_SIZE};
 use crate::memory::GuestRam;
 use crate::memory_persist::validate_layout;
 use crate::runtime::{Bookkeeping, Identity};
@@ -53,10 +53,29 @@ pub fn read_snapshot(dir: &Path) -> Result<Snapshot, SnapshotError> {
 }
 
 /// The VM configuration to restore: the snapshot's, with this command line's host side.
-fn restored_config(snap: &Snapshot, args: &VmArgs, dir: &Path) -> Result<VmConfig, SnapshotError> {
+fn restored_config(
+    snap: &Snapshot,
+    opts: &RestoreConfig,
+    args: &VmArgs,
+) -> Result<VmConfig, SnapshotError> {
+    let dir = opts.path.as_path();
     let mut config = snap.config.clone();
     config.serial = args.serial.clone();
     config.api_socket = args.api_socket.clone();
+    if let Some(huge) = opts.hugepages {
+        config.memory.hugepages = huge;
+        let aligned = snap
+            .parts
+            .ram
+            .iter()
+            .all(|r| r.guest_addr % HUGE_PAGE_SIZE == 0 && r.size % HUGE_PAGE_SIZE == 0);
+        if huge && !aligned {
+            return Err(SnapshotError::Inconsistent(
+                dir.to_path_buf(),
+                "its RAM regions are not 2 MiB aligned: hugepages=on cannot back them".into(),
+            ));
+        }
+    }
     if let Some(n) = config
         .nets
         .iter()
@@ -126,7 +145,10 @@ fn fresh_ram(
     // Lazily restored RAM must stay unpopulated until its pages are loaded.
     memory.prefault &= !lazy;
     let ram = crate::memory::create(&memory).map_err(crate::Error::from)?;
-    if ram.layout() != snap.parts.ram {
+    let placement = |l: &[crate::memory_persist::MemoryRegionState]| -> Vec<(u64, u64)> {
+        l.iter().map(|r| (r.guest_addr, r.size)).collect()
+    };
+    if placement(&ram.layout()) != placement(&snap.parts.ram) {
         return Err(bad(format!(
             "its RAM layout {:?} is not the one molt builds for {} bytes",
             snap.parts.ram, config.memory.size
@@ -144,7 +166,7 @@ pub fn restore(
 ) -> Result<Runtime, SnapshotError> {
     let dir = opts.path.as_path();
     let snap = read_snapshot(dir)?;
-    let config = restored_config(&snap, args, dir)?;
+    let config = restored_config(&snap, opts, args)?;
     check_disks(&snap)?;
     let (ram, files) = fresh_ram(&snap, &config, dir, opts.lazy)?;
     let parts = Parts::open(&config)?;
@@ -158,8 +180,8 @@ pub fn restore(
             ),
         ));
     }
-    let lazy = if opts.lazy {
-        Some(lazy::start(&ram, files, &snap.memory, dir)?)
+    if opts.lazy {
+        lazy::start(&ram, files, &snap.memory, dir)?;
     } else {
         let t_fill = Instant::now();
         let mut read = 0;
@@ -170,8 +192,7 @@ pub fn restore(
             "restore: {read} bytes of guest RAM read in {:.1} ms",
             ms(t_fill.elapsed())
         );
-        None
-    };
+    }
     let book = Bookkeeping {
         counters: snap.book.counters.clone(),
         identity: Identity {
@@ -185,9 +206,6 @@ pub fn restore(
         ram,
     };
     let mut runtime = assemble(config, parts, source, book, started)?;
-    if let Some(failed) = lazy.and_then(|l| l.attach(runtime.vmm.shared.exits.clone())) {
-        return Err(SnapshotError::LazyFailed(failed));
-    }
     if !snap.taken.was_paused {
         runtime.vmm.resume()?;
     }
