@@ -42,15 +42,21 @@ fn boot(bin: &Path, sock: &Path, disk: &Path, env: &[(&str, &str)]) -> Molt {
 
 /// Restores `snap` with an API socket at `sock` (eager unless `lazy`).
 fn restore(snap: &Path, sock: &Path, lazy: bool) -> Molt {
+    restore_bin(&molt_bin(), snap, sock, lazy)
+}
+
+/// Restores `snap` with the molt binary `bin`.
+fn restore_bin(bin: &Path, snap: &Path, sock: &Path, lazy: bool) -> Molt {
     let lazy = if lazy { "on" } else { "off" };
-    let molt = Molt::spawn(&[
+    let args = [
         "--restore".to_string(),
         format!("path={},lazy={lazy}", snap.display()),
         "--api-socket".into(),
         sock.display().to_string(),
         "--log-level".into(),
         "info".into(),
-    ]);
+    ];
+    let molt = Molt::spawn_bin(bin, &args);
     api::wait_ready(sock, WAIT);
     molt
 }
@@ -406,4 +412,88 @@ fn kill_9_while_writing_leaves_the_previous_snapshot() {
     let second = stdout(&finish(restored).lines);
     assert!(!dir.join(".snap.snapshot-tmp").exists());
     assert_continuous(&[first, second], 3);
+}
+
+/// In a new mount namespace of the calling thread: a 1 MiB tmpfs at `dir`.
+fn tiny_tmpfs(dir: &Path) -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    use nix::sched::{unshare, CloneFlags};
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare(CLONE_NEWNS): {e}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making mounts private: {e}"))?;
+    mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .map_err(|e| format!("mounting a tmpfs: {e}"))
+}
+
+#[test]
+fn a_full_file_system_fails_the_snapshot_and_the_guest_runs_on() {
+    let dir = TempDir::new("snapshot-full");
+    let (sock, disk, mnt) = (dir.join("a.sock"), image(&dir), dir.join("mnt"));
+    std::fs::create_dir(&mnt).unwrap();
+    let (mnt2, sock2, disk2) = (mnt.clone(), sock.clone(), disk.clone());
+    // The namespace belongs to this thread; molt, started from it, lives in it.
+    let started = std::thread::spawn(move || -> Result<Molt, String> {
+        tiny_tmpfs(&mnt2)?;
+        Ok(boot(&molt_bin(), &sock2, &disk2, &[]))
+    })
+    .join()
+    .unwrap();
+    let mut vm = match started {
+        Ok(m) => m,
+        Err(why) => return molt_tests::skip("snapshots to a full file system", &why),
+    };
+    wait_more(&mut vm, "tick", 2);
+    // molt's view of the tmpfs.
+    let seen = PathBuf::from(format!("/proc/{}/root{}", vm.pid(), mnt.display()));
+    for (mode, state) in [("stop", "running"), ("paused", "paused")] {
+        let r = snapshot(&sock, &mnt.join("snap"), mode);
+        assert_eq!(r.status, 507, "{r:?}");
+        let error = r.body["error"].as_str().unwrap_or_default();
+        assert!(error.contains("No space left on device"), "{r:?}");
+        assert_eq!(api::get(&sock, "vm.info").body["state"], state);
+        let left: Vec<_> = std::fs::read_dir(&seen).unwrap().collect();
+        assert!(left.is_empty(), "a torn snapshot was left: {left:?}");
+    }
+    assert_eq!(api::put(&sock, "vm.resume", "").status, 204);
+    wait_more(&mut vm, "tick", 2);
+    let lines = stop_and_collect(&sock, vm);
+    assert_continuous(&[lines], 4);
+}
+
+#[test]
+fn snapshots_restore_across_versions_both_ways() {
+    let dir = TempDir::new("snapshot-versions");
+    let (sock, snap, disk) = (dir.join("a.sock"), dir.join("snap"), image(&dir));
+    let mut vm = boot(&molt_bin(), &sock, &disk, &[]);
+    wait_more(&mut vm, "tick", 2);
+    assert_eq!(snapshot(&sock, &snap, "stop").status, 200);
+    let first = stdout(&finish(vm).lines);
+    // N → N+1.
+    let sock2 = dir.join("b.sock");
+    let mut next = restore_bin(Path::new(NEXT_BIN), &snap, &sock2, true);
+    wait_more(&mut next, "tick", 2);
+    assert!(api::get(&sock2, "vmm.ping").body["version"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with("+next"));
+    assert_eq!(snapshot(&sock2, &snap, "stop").status, 200);
+    let second = stdout(&finish(next).lines);
+    // N+1 → N.
+    let sock3 = dir.join("c.sock");
+    let mut back = restore(&snap, &sock3, false);
+    wait_more(&mut back, "tick", 2);
+    let third = stop_and_collect(&sock3, back);
+    assert_continuous(&[first, second, third], 5);
 }
