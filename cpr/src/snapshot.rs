@@ -17,7 +17,7 @@
 //! The directory is written under a temporary name beside `DIR`, synced and renamed into
 //! place, so `DIR` always holds a complete snapshot or none.
 
-use crc::{Crc, CRC_64_XZ};
+use crc::{Crc, Table, CRC_64_XZ};
 use serde::{Deserialize, Serialize};
 
 /// Record kind of a snapshot's state record.
@@ -27,7 +27,8 @@ pub const STATE_FILE: &str = "state.molt";
 /// Size of a checksummed chunk of a memory file: 2 MiB, one huge page.
 pub const CHUNK_SIZE: u64 = 2 << 20;
 
-const CHECKSUM: Crc<u64> = Crc::<u64>::new(&CRC_64_XZ);
+/// Slice-by-16 tables: chunk checksums must keep up with the disk.
+const CHECKSUM: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_XZ);
 
 /// File name of RAM region `index`'s memory file.
 pub fn memory_file_name(index: usize) -> String {

@@ -58,7 +58,6 @@ pub fn write_region(region: &RamRegion, path: &Path) -> Result<MemoryFile, Snaps
         .create_new(true)
         .open(path)
         .map_err(err("creating"))?;
-    out.set_len(size).map_err(err("sizing"))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -101,6 +100,9 @@ pub fn write_region(region: &RamRegion, path: &Path) -> Result<MemoryFile, Snaps
             file.data_bytes += e - s;
         }
     }
+    // Sized last: on this host's ext4, writing into a file already sized (sparse) runs at a
+    // third of the speed of extending it.
+    out.set_len(size).map_err(err("sizing"))?;
     out.sync_all().map_err(err("syncing"))?;
     Ok(file)
 }
