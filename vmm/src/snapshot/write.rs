@@ -84,10 +84,11 @@ fn disks(vmm: &Vmm) -> Result<Vec<DiskIdentity>, SnapshotError> {
         .disks
         .iter()
         .map(|d| {
-            let m = std::fs::metadata(&d.path)
-                .map_err(|e| SnapshotError::Disk(d.path.clone(), e.to_string()))?;
+            let bad = |e: std::io::Error| SnapshotError::Disk(d.path.clone(), e.to_string());
+            let path = std::fs::canonicalize(&d.path).map_err(bad)?;
+            let m = std::fs::metadata(&path).map_err(bad)?;
             Ok(DiskIdentity {
-                path: d.path.clone(),
+                path,
                 size: m.len(),
                 dev: m.dev(),
                 ino: m.ino(),
@@ -115,6 +116,11 @@ fn write(
     };
     let parts = components::save(&running, &mut SaveFds::new()).map_err(SnapshotError::Save)?;
     let disks = disks(vmm)?;
+    // Disks are reopened by path, from wherever the restore runs.
+    let mut config = vmm.config().clone();
+    for (d, id) in config.disks.iter_mut().zip(&disks) {
+        d.path = id.path.clone();
+    }
     let capture = ms(t1.elapsed());
 
     let t2 = Instant::now();
@@ -131,7 +137,7 @@ fn write(
     let t3 = Instant::now();
     let snapshot = Snapshot {
         vm,
-        config: vmm.config().clone(),
+        config,
         parts,
         book: BookkeepingState {
             argv: vmm.identity.argv.clone(),
