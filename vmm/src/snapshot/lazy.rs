@@ -58,7 +58,7 @@ struct Region {
 /// Registers `ram` (fresh, never touched) with userfaultfd and starts the filler.
 pub fn start(
     ram: &GuestRam,
-    files: Vec<File>,
+    files: &[File],
     descs: &[MemoryFile],
     dir: &std::path::Path,
 ) -> Result<(), SnapshotError> {
@@ -73,7 +73,7 @@ pub fn start(
         regions.push(Region {
             host: *host as u64,
             page: if r.hugepages { HUGE_PAGE_SIZE } else { 4096 },
-            file,
+            file: file.try_clone().map_err(SnapshotError::Lazy)?,
             desc: desc.clone(),
             path: dir.join(&desc.file),
             loaded: vec![false; desc.chunks.len()],

@@ -180,9 +180,15 @@ pub fn restore(
             ),
         ));
     }
-    if opts.lazy {
-        lazy::start(&ram, files, &snap.memory, dir)?;
-    } else {
+    let lazy = opts.lazy
+        && match lazy::start(&ram, &files, &snap.memory, dir) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("{}; reading all of RAM first", crate::error_chain(&e));
+                false
+            }
+        };
+    if !lazy {
         let t_fill = Instant::now();
         let mut read = 0;
         for (i, (file, desc)) in files.iter().zip(&snap.memory).enumerate() {
