@@ -93,6 +93,31 @@ pub fn start(
     Ok(())
 }
 
+/// Why the filler stops early.
+enum Stop {
+    /// Guest RAM was unmapped: the VM ended while RAM was still being loaded.
+    Gone,
+    /// Bad memory or a failed userfaultfd call: molt must end.
+    Fail(String),
+}
+
+impl From<String> for Stop {
+    fn from(msg: String) -> Self {
+        Stop::Fail(msg)
+    }
+}
+
+/// A failed userfaultfd call on guest RAM; ENOENT means the mapping is gone.
+fn uffd_err(what: String) -> impl FnOnce(std::io::Error) -> Stop {
+    move |e| {
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            Stop::Gone
+        } else {
+            Stop::Fail(format!("lazy restore: {what}: {e}"))
+        }
+    }
+}
+
 struct Filler {
     uffd: Uffd,
     regions: Vec<Region>,
@@ -116,7 +141,9 @@ impl Filler {
                         }
                     }
                     Ok(None) => break,
-                    Err(e) => return self.fail(format!("lazy restore: reading faults: {e}")),
+                    Err(e) => {
+                        return self.fail(Stop::Fail(format!("lazy restore: reading faults: {e}")))
+                    }
                 }
             }
             let Some((r, c)) = self.next_unloaded(&mut next) else {
@@ -143,9 +170,14 @@ impl Filler {
     /// Ends molt with `msg`: a vCPU waiting for a bad chunk sleeps in a page fault that can
     /// neither be served nor interrupted, and closing the userfaultfd would let it run on
     /// zeros, so the process ends at once (exit status 1) and the guest never runs on it.
-    fn fail(self, msg: String) {
-        eprintln!("molt: error: {msg}");
-        std::process::exit(1);
+    fn fail(self, stop: Stop) {
+        match stop {
+            Stop::Gone => log::debug!("lazy restore: guest RAM is gone (the VM ended)"),
+            Stop::Fail(msg) => {
+                eprintln!("molt: error: {msg}");
+                std::process::exit(1);
+            }
+        }
     }
 
     /// The next chunk with data not loaded yet.
@@ -164,15 +196,15 @@ impl Filler {
     }
 
     /// Serves a fault at host address `addr`.
-    fn serve(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn serve(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), Stop> {
         let Some(r) = self
             .regions
             .iter()
             .position(|r| addr >= r.host && addr < r.host + r.desc.size)
         else {
-            return Err(format!(
+            return Err(Stop::Fail(format!(
                 "lazy restore: a fault at {addr:#x} outside guest RAM"
-            ));
+            )));
         };
         let region = &self.regions[r];
         let c = ((addr - region.host) / region.desc.chunk_size) as usize;
@@ -181,7 +213,7 @@ impl Filler {
             return self
                 .uffd
                 .wake(region.host + start, end - start)
-                .map_err(|e| format!("lazy restore: {e}"));
+                .map_err(uffd_err(format!("waking {addr:#x}")));
         }
         if region.desc.chunks[c].is_some() {
             return self.load(r, c, buf, "found when the guest first needed a page of it");
@@ -195,29 +227,23 @@ impl Filler {
             self.uffd
                 .copy(region.host + page, &buf[..region.page as usize])
         };
-        result.map_err(|e| format!("lazy restore: zero page at {addr:#x}: {e}"))
+        result.map_err(uffd_err(format!("zero page at {addr:#x}")))
     }
 
     /// Loads chunk `c` of region `r`, checks it and copies it in.
-    fn load(
-        &mut self,
-        r: usize,
-        c: usize,
-        buf: &mut [u8],
-        when: &'static str,
-    ) -> Result<(), String> {
+    fn load(&mut self, r: usize, c: usize, buf: &mut [u8], when: &'static str) -> Result<(), Stop> {
         let region = &mut self.regions[r];
         let (start, end) = region.desc.chunk_range(c);
         let chunk = &mut buf[..(end - start) as usize];
         let sum = region.desc.chunks[c].unwrap_or_default();
         load_chunk(&region.file, chunk, start, sum, &region.path, when)
             .map_err(|e| e.to_string())?;
-        self.uffd.copy(region.host + start, chunk).map_err(|e| {
-            format!(
-                "lazy restore: copying {} at {start:#x}: {e}",
+        self.uffd
+            .copy(region.host + start, chunk)
+            .map_err(uffd_err(format!(
+                "copying {} at {start:#x}",
                 region.path.display()
-            )
-        })?;
+            )))?;
         region.loaded[c] = true;
         Ok(())
     }
