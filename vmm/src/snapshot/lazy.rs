@@ -248,3 +248,50 @@ impl Filler {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::config::MemoryConfig;
+
+    #[test]
+    fn faulting_pages_come_from_the_memory_file_and_the_rest_follows() {
+        let cfg = MemoryConfig {
+            size: 32 << 20,
+            hugepages: false,
+            prefault: false,
+        };
+        let ram = crate::memory::create(&cfg).unwrap();
+        // Every other chunk holds data; the rest are holes.
+        for i in 0..8u64 {
+            ram.mem
+                .write_obj(0x5a5a_0000 + i, GuestAddress(i * (4 << 20) + 0x123 * 8))
+                .unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!("molt-lazy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let desc = super::super::ram::write_region(&ram.regions[0], &dir.join("ram0.mem")).unwrap();
+        let file = super::super::ram::open_checked(&dir, &desc, 32 << 20).unwrap();
+
+        let fresh = crate::memory::create(&cfg).unwrap();
+        start(&fresh, &[file], &[desc], &dir).unwrap();
+        // Reads from this thread fault; the filler serves them (or got there first).
+        for i in (0..8u64).rev() {
+            let v: u64 = fresh
+                .mem
+                .read_obj(GuestAddress(i * (4 << 20) + 0x123 * 8))
+                .unwrap();
+            assert_eq!(v, 0x5a5a_0000 + i);
+        }
+        // A page of a hole reads as zeros.
+        let z: u64 = fresh.mem.read_obj(GuestAddress(31 << 20)).unwrap();
+        assert_eq!(z, 0);
+        let z: u64 = fresh.mem.read_obj(GuestAddress((2 << 20) + 8)).unwrap();
+        assert_eq!(z, 0);
+        wait_until_filled();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
