@@ -70,6 +70,48 @@ fn create_direct(path: &Path) -> std::io::Result<File> {
     }
 }
 
+/// One chunk read and checksummed, waiting to be written.
+struct Job {
+    c: usize,
+    start: u64,
+    len: usize,
+    sum: u64,
+    /// The data extents inside the chunk, in file offsets.
+    overlapping: Vec<(u64, u64)>,
+    backing: Vec<u8>,
+}
+
+/// The 2 MiB-aligned-for-direct-I/O part of a buffer of `CHUNK_SIZE + DIRECT_ALIGN` bytes.
+fn aligned(backing: &mut [u8]) -> &mut [u8] {
+    let skew = backing.as_ptr().align_offset(DIRECT_ALIGN as usize);
+    &mut backing[skew..skew + CHUNK_SIZE as usize]
+}
+
+/// The chunks that hold data: index, byte range and the data extents inside.
+#[allow(clippy::type_complexity)]
+fn chunk_jobs(
+    file: &MemoryFile,
+    extents: &[(u64, u64)],
+) -> Vec<(usize, u64, u64, Vec<(u64, u64)>)> {
+    let mut out = Vec::new();
+    let mut first = 0;
+    for c in 0..file.chunks.len() {
+        let (start, end) = file.chunk_range(c);
+        while extents.get(first).is_some_and(|e| e.1 <= start) {
+            first += 1;
+        }
+        let overlapping: Vec<(u64, u64)> = extents[first..]
+            .iter()
+            .take_while(|e| e.0 < end)
+            .map(|&(s, e)| (s.max(start), e.min(end)))
+            .collect();
+        if !overlapping.is_empty() {
+            out.push((c, start, end, overlapping));
+        }
+    }
+    out
+}
+
 /// Writes `region` into a new sparse memory file at `path` and syncs it.
 pub fn write_region(region: &RamRegion, path: &Path) -> Result<MemoryFile, SnapshotError> {
     let err = |what: &'static str| {
@@ -90,43 +132,59 @@ pub fn write_region(region: &RamRegion, path: &Path) -> Result<MemoryFile, Snaps
         chunks: vec![None; MemoryFile::chunk_count(size, CHUNK_SIZE)],
         data_bytes: 0,
     };
-    // Aligned for O_DIRECT: a slice of a slightly larger buffer.
-    let mut backing = vec![0u8; CHUNK_SIZE as usize + DIRECT_ALIGN as usize];
-    let skew = backing.as_ptr().align_offset(DIRECT_ALIGN as usize);
-    let buf = &mut backing[skew..skew + CHUNK_SIZE as usize];
-    let mut first = 0;
-    for c in 0..file.chunks.len() {
-        let (start, end) = file.chunk_range(c);
-        while extents.get(first).is_some_and(|e| e.1 <= start) {
-            first += 1;
+    // A reader thread reads and checksums chunks while this one writes them: the two halves
+    // of the work overlap. Buffers circulate between them.
+    let jobs = chunk_jobs(&file, &extents);
+    std::thread::scope(|scope| -> Result<(), SnapshotError> {
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Job, SnapshotError>>(2);
+        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        for _ in 0..3 {
+            let _ = free_tx.send(vec![0u8; (CHUNK_SIZE + DIRECT_ALIGN) as usize]);
         }
-        let overlapping: Vec<(u64, u64)> = extents[first..]
-            .iter()
-            .take_while(|e| e.0 < end)
-            .map(|&(s, e)| (s.max(start), e.min(end)))
-            .collect();
-        if overlapping.is_empty() {
-            continue;
+        let memfd = &region.memfd;
+        scope.spawn(move || {
+            for (c, start, end, overlapping) in jobs {
+                let Ok(mut backing) = free_rx.recv() else {
+                    return;
+                };
+                let chunk = &mut aligned(&mut backing)[..(end - start) as usize];
+                let job = match memfd.read_exact_at(chunk, start) {
+                    Ok(()) => Ok(Job {
+                        c,
+                        start,
+                        len: (end - start) as usize,
+                        sum: chunk_checksum(chunk),
+                        overlapping,
+                        backing,
+                    }),
+                    Err(source) => Err(SnapshotError::Write {
+                        what: "reading guest RAM for",
+                        path: path.to_path_buf(),
+                        source,
+                    }),
+                };
+                if full_tx.send(job).is_err() {
+                    return;
+                }
+            }
+        });
+        for job in full_rx {
+            let mut job = job?;
+            let chunk = &aligned(&mut job.backing)[..job.len];
+            file.chunks[job.c] = Some(job.sum);
+            for &(s, e) in &job.overlapping {
+                // Whole blocks for O_DIRECT: the chunk holds the true bytes around the extent.
+                let s = (s - job.start) / DIRECT_ALIGN * DIRECT_ALIGN;
+                let e = ((e - job.start).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN).min(job.len as u64);
+                let bytes = &chunk[s as usize..e as usize];
+                out.write_all_at(bytes, job.start + s)
+                    .map_err(err("writing"))?;
+                file.data_bytes += e - s;
+            }
+            let _ = free_tx.send(job.backing);
         }
-        let chunk = &mut buf[..(end - start) as usize];
-        region
-            .memfd
-            .read_exact_at(chunk, start)
-            .map_err(|source| SnapshotError::Write {
-                what: "reading guest RAM for",
-                path: path.to_path_buf(),
-                source,
-            })?;
-        file.chunks[c] = Some(chunk_checksum(chunk));
-        for (s, e) in overlapping {
-            // Whole blocks for O_DIRECT: the chunk holds the true bytes around the extent.
-            let s = (s - start) / DIRECT_ALIGN * DIRECT_ALIGN;
-            let e = ((e - start).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN).min(end - start);
-            let bytes = &chunk[s as usize..e as usize];
-            out.write_all_at(bytes, start + s).map_err(err("writing"))?;
-            file.data_bytes += e - s;
-        }
-    }
+        Ok(())
+    })?;
     // Sized last: on this host's ext4, writing into a file already sized (sparse) runs at a
     // third of the speed of extending it.
     out.set_len(size).map_err(err("sizing"))?;
