@@ -26,7 +26,8 @@
 //! - [`transport`]: the seam between a capture and how it travels; [`exec`]
 //!   is the exec transport's environment contract and exec calls,
 //!   [`fdpass`] passes fds over a unix socket; [`commit`] is the crash-safe
-//!   commit point every fallback checks.
+//!   commit point every fallback checks; [`snapshot`] is the on-disk layout
+//!   of a snapshot (state record plus sparse, checksummed memory files).
 
 pub mod commit;
 pub mod exec;
@@ -35,6 +36,7 @@ pub mod fds;
 pub mod inherit;
 pub mod memfd;
 pub mod record;
+pub mod snapshot;
 pub mod transfer;
 pub mod transport;
 

@@ -110,6 +110,16 @@ pub struct VmArgs {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
+    /// Restore the VM of a snapshot directory (written by vm.snapshot) instead of booting:
+    /// path=DIR[,lazy=off][,hugepages=on|off]. The snapshot describes the VM, so the VM-shape
+    /// options are refused with it; --api-socket, --serial and --log-level apply. RAM is
+    /// loaded on demand while the guest runs (lazy=off reads all of it first); hugepages=
+    /// backs it with (or without) 2 MiB huge pages whatever the snapshot's RAM was.
+    #[arg(long, value_name = "path=DIR[,lazy=off][,hugepages=on|off]", conflicts_with_all = [
+        "kernel", "cmdline", "initrd", "cpus", "memory", "disks", "nets", "rng",
+    ])]
+    pub restore: Option<crate::snapshot::RestoreConfig>,
+
     /// Log level for molt's own messages on stderr: error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,
@@ -204,6 +214,31 @@ mod tests {
             cli.vm.vm_config().cpu_template,
             CpuTemplate::for_this_host()
         );
+    }
+
+    #[test]
+    fn restore_refuses_vm_shape_options_but_takes_host_side_ones() {
+        let cli = Cli::try_parse_from([
+            "molt",
+            "--restore",
+            "path=/s",
+            "--api-socket",
+            "/a",
+            "--serial",
+            "null",
+        ])
+        .unwrap();
+        assert_eq!(cli.vm.restore.map(|r| r.path), Some("/s".into()));
+        for shape in [
+            &["--memory", "size=1G"][..],
+            &["--cpus", "2"],
+            &["--kernel", "/k"],
+            &["--disk", "path=/d"],
+            &["--rng"],
+        ] {
+            let args = ["molt", "--restore", "path=/s"].iter().chain(shape);
+            assert!(Cli::try_parse_from(args).is_err(), "{shape:?}");
+        }
     }
 
     #[test]

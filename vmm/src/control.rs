@@ -34,6 +34,9 @@ pub enum RequestError {
     /// A live update was refused or failed (the guest runs on).
     #[error(transparent)]
     Update(#[from] UpdateError),
+    /// A snapshot was refused or failed (the guest runs on, or stays paused).
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// The VMM could not carry the request out.
     #[error(transparent)]
     Vmm(#[from] Error),
@@ -44,6 +47,7 @@ impl RequestError {
     pub fn status(&self) -> u16 {
         match self {
             RequestError::Update(e) => e.status(),
+            RequestError::Snapshot(e) => e.status(),
             RequestError::Vmm(_) => 500,
         }
     }
@@ -145,6 +149,12 @@ impl Control {
                 Ok(())
             }
             ApiRequest::CprExec(_) | ApiRequest::CprTransfer(_) => Err(UpdateError::Busy.into()),
+            ApiRequest::Snapshot(r) => {
+                return match crate::snapshot::write::take(&mut self.vmm, &r) {
+                    Ok(report) => ApiResponse::json(200, &report),
+                    Err(e) => RequestError::from(e).response(),
+                }
+            }
         };
         match result {
             Ok(()) => ApiResponse::no_content(),

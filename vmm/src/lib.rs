@@ -26,6 +26,7 @@ pub mod persist;
 pub mod pio;
 pub mod runtime;
 pub mod serial_backend;
+pub mod snapshot;
 pub mod state;
 pub mod update;
 pub mod vcpu;

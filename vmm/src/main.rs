@@ -67,6 +67,11 @@ fn main() {
         }
         std::process::exit(update::transfer_in::run(path, started));
     }
+    if let Some(opts) = &cli.vm.restore {
+        init_logging(cli.vm.log_level);
+        reap_children_automatically();
+        std::process::exit(vmm::snapshot::restore::main(opts, &cli.vm, started));
+    }
     let config = cli.vm.vm_config();
     // Before molt opens anything of its own: fds named on the command line must be the
     // parent's.

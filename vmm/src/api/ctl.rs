@@ -54,6 +54,16 @@ pub enum CtlCommand {
         #[arg(long, value_name = "PATH")]
         socket: PathBuf,
     },
+    /// Snapshot the VM to a directory (PUT vm.snapshot).
+    Snapshot {
+        /// The snapshot directory (replaced atomically if it holds a snapshot).
+        #[arg(long, value_name = "DIR")]
+        path: PathBuf,
+        /// paused: leave the VM paused afterwards; stop: end molt once it is durable.
+        #[arg(long, value_name = "MODE", default_value = "paused",
+              value_parser = ["paused", "stop"])]
+        mode: String,
+    },
     /// GET any endpoint, e.g. `vm.info` or `/api/v1/vm.info`.
     Get {
         /// Endpoint name or absolute path.
@@ -134,6 +144,11 @@ impl CtlCommand {
             Self::Pause => ("PUT", api("vm.pause"), None),
             Self::Resume => ("PUT", api("vm.resume"), None),
             Self::Shutdown => ("PUT", api("vm.shutdown"), None),
+            Self::Snapshot { path, mode } => {
+                let path = std::path::absolute(path).map_err(CtlError::Io)?;
+                let body = serde_json::json!({ "path": path, "mode": mode }).to_string();
+                ("PUT", api("vm.snapshot"), Some(body))
+            }
             Self::CprExec { binary, args } => {
                 let mut body = serde_json::Map::new();
                 if let Some(b) = binary {

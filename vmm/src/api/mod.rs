@@ -53,6 +53,8 @@ pub enum ApiRequest {
     /// `PUT /api/v1/vm.cpr-exec` → 200 with the update report, sent by the new process once it
     /// runs the VM.
     CprExec(CprExecRequest),
+    /// `PUT /api/v1/vm.snapshot` → 200 with the snapshot report.
+    Snapshot(crate::snapshot::SnapshotRequest),
     /// `PUT /api/v1/vm.cpr-transfer` → 200 with the update report, sent by the receiving
     /// process once it runs the VM.
     CprTransfer(CprTransferRequest),

@@ -63,6 +63,12 @@ pub const ROUTES: &[Route] = &[
         success: 200,
         parse: cpr_transfer,
     },
+    Route {
+        path: "/api/v1/vm.snapshot",
+        method: "PUT",
+        success: 200,
+        parse: snapshot,
+    },
 ];
 
 /// Why a well-framed request was refused. The connection stays usable.
@@ -178,6 +184,17 @@ fn cpr_exec(body: &[u8]) -> Result<ApiRequest, RouteError> {
     Ok(ApiRequest::CprExec(req))
 }
 
+fn snapshot(body: &[u8]) -> Result<ApiRequest, RouteError> {
+    let req: crate::snapshot::SnapshotRequest = json_body(body)?;
+    if !req.path.is_absolute() {
+        return Err(RouteError::Body("\"path\" must be an absolute path".into()));
+    }
+    if req.path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(RouteError::Body("NUL bytes are not allowed".into()));
+    }
+    Ok(ApiRequest::Snapshot(req))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -242,6 +259,27 @@ mod tests {
             status("PUT", "/api/v1/vm.cpr-exec", br#"{"args": ["a\u0000"]}"#),
             400
         );
+        assert_eq!(status("PUT", "/api/v1/vm.snapshot", b""), 400);
+        assert_eq!(
+            status("PUT", "/api/v1/vm.snapshot", br#"{"path": "rel"}"#),
+            400
+        );
+        assert_eq!(
+            status(
+                "PUT",
+                "/api/v1/vm.snapshot",
+                br#"{"path": "/s", "mode": "x"}"#
+            ),
+            400
+        );
+        assert!(matches!(
+            route(
+                "PUT",
+                "/api/v1/vm.snapshot",
+                br#"{"path": "/s", "mode": "stop"}"#
+            ),
+            Ok(ApiRequest::Snapshot(_))
+        ));
         let e = route("PUT", "/api/v1/vm.info", b"").unwrap_err();
         assert_eq!(e.allow(), Some("GET"));
     }

@@ -73,6 +73,8 @@ pub fn perform(
         Ok(p) => p,
         Err(e) => return e,
     };
+    // The memfds hold all of RAM only once a lazy restore has loaded it.
+    crate::snapshot::lazy::wait_until_filled();
     // The guardian starts while the guest still runs; it gets the fds just before execve.
     let guardian = Guardian::spawn()
         .map_err(|e| log::warn!("live update without a guardian: {e}"))

@@ -40,6 +40,7 @@ fn handle(req: ApiRequest, paused: &mut bool) -> ApiResponse {
             ApiResponse::json(200, &json!({ "binary": r.binary, "args": r.args }))
         }
         ApiRequest::CprTransfer(r) => ApiResponse::json(200, &json!({ "socket": r.socket })),
+        ApiRequest::Snapshot(r) => ApiResponse::json(200, &json!({ "path": r.path })),
     }
 }
 

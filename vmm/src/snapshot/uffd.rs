@@ -1,0 +1,190 @@
+//! The few userfaultfd calls lazy restore needs, as raw syscalls and ioctls (the
+//! `userfaultfd` crate needs libclang at build time). Missing-page mode works on memfd
+//! (shmem) and hugetlb mappings on this kernel (`../shared/NOTES.md`).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+const UFFDIO: u64 = 0xAA;
+const UFFD_API: u64 = 0xAA;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+/// `uffd_msg.event` of a page fault.
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+const fn iowr(nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (UFFDIO << 8) | nr
+}
+
+const fn ior(nr: u64, size: usize) -> u64 {
+    (2 << 30) | ((size as u64) << 16) | (UFFDIO << 8) | nr
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+const UFFDIO_API: u64 = iowr(0x3f, std::mem::size_of::<UffdioApi>());
+const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>());
+const UFFDIO_UNREGISTER: u64 = ior(0x01, std::mem::size_of::<UffdioRange>());
+const UFFDIO_WAKE: u64 = ior(0x02, std::mem::size_of::<UffdioRange>());
+const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
+const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
+
+/// A userfaultfd, non-blocking.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+}
+
+/// Runs one ioctl on `fd` with `arg`.
+fn ioctl<T>(fd: &OwnedFd, request: u64, arg: &mut T) -> io::Result<()> {
+    // SAFETY: every request used here takes a pointer to the `repr(C)` struct `T` it is
+    // paired with (sizes encoded in the request numbers above); `arg` is valid and writable
+    // for the duration of the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, arg as *mut T) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Uffd {
+    /// Opens a userfaultfd (close-on-exec, non-blocking) and negotiates the API.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: the userfaultfd syscall takes only flags and returns a new fd or -1.
+        let raw =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            ..UffdioApi::default()
+        };
+        ioctl(&fd, UFFDIO_API, &mut api)?;
+        Ok(Self { fd })
+    }
+
+    /// Registers `[start, start + len)` of this process for missing-page faults.
+    pub fn register(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        ioctl(&self.fd, UFFDIO_REGISTER, &mut reg)
+    }
+
+    /// Unregisters a range (threads blocked on it are woken).
+    pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut range = UffdioRange { start, len };
+        ioctl(&self.fd, UFFDIO_UNREGISTER, &mut range)
+    }
+
+    /// Wakes threads blocked on a range already filled.
+    pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut range = UffdioRange { start, len };
+        ioctl(&self.fd, UFFDIO_WAKE, &mut range)
+    }
+
+    /// Copies `src` into the missing pages at `dst` and wakes threads waiting for them. Pages
+    /// already there are not an error.
+    pub fn copy(&self, dst: u64, src: &[u8]) -> io::Result<()> {
+        let mut done = 0u64;
+        let len = src.len() as u64;
+        while done < len {
+            let mut c = UffdioCopy {
+                dst: dst + done,
+                src: src.as_ptr() as u64 + done,
+                len: len - done,
+                ..UffdioCopy::default()
+            };
+            match ioctl(&self.fd, UFFDIO_COPY, &mut c) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && c.copy > 0 => {
+                    done += c.copy as u64
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    return self.wake(dst, len);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps zero pages at `[start, start + len)` and wakes threads waiting for them.
+    pub fn zero(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut z = UffdioZeropage {
+            range: UffdioRange { start, len },
+            ..UffdioZeropage::default()
+        };
+        match ioctl(&self.fd, UFFDIO_ZEROPAGE, &mut z) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => self.wake(start, len),
+            r => r,
+        }
+    }
+
+    /// The next page fault's address, if one is pending (`Ok(None)` when none is).
+    pub fn next_fault(&self) -> io::Result<Option<u64>> {
+        let mut msg = [0u8; 32];
+        loop {
+            // SAFETY: reads at most 32 bytes (one `struct uffd_msg`) into `msg`.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EAGAIN) => Ok(None),
+                    Some(libc::EINTR) => continue,
+                    _ => Err(e),
+                };
+            }
+            if n as usize == msg.len() && msg[0] == UFFD_EVENT_PAGEFAULT {
+                let mut addr = [0u8; 8];
+                addr.copy_from_slice(&msg[16..24]);
+                return Ok(Some(u64::from_ne_bytes(addr)));
+            }
+        }
+    }
+}
