@@ -118,6 +118,13 @@ impl Control {
             self.respond(conn, resp);
         }
         if let Some((conn, req)) = update {
+            // A SIGTERM or vm.shutdown handled in this same turn has ended the VM: an update
+            // now would carry the guest on in a new image that never learns it should stop.
+            if let Some(end) = self.vmm.ended() {
+                let err = RequestError::from(UpdateError::Ending(end.to_string()));
+                self.respond(conn, err.response());
+                return;
+            }
             let err = self.cpr_exec(conn, req);
             log::warn!(
                 "live update refused or failed: {}",

@@ -54,6 +54,9 @@ pub enum UpdateError {
         /// The soft limit.
         limit: u64,
     },
+    /// The VM is ending (a signal or `vm.shutdown` came first).
+    #[error("the VM is ending ({0}); no update")]
+    Ending(String),
     /// Another update is running.
     #[error("an update is already in progress")]
     Busy,
@@ -104,7 +107,7 @@ impl UpdateError {
         match self {
             UpdateError::BadTarget(..) => 400,
             UpdateError::Exec(_, cpr::ExecError::Nul) => 400,
-            UpdateError::Busy | UpdateError::FdLimit { .. } => 409,
+            UpdateError::Busy | UpdateError::FdLimit { .. } | UpdateError::Ending(_) => 409,
             UpdateError::Transfer(..) => 502,
             _ => 500,
         }
