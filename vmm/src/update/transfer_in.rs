@@ -213,7 +213,11 @@ pub fn run(path: &Path, started: Instant) -> i32 {
         }
     };
     match receive(&chan, started) {
-        Ok(runtime) => crate::run_to_end(Ok(runtime)),
+        Ok(runtime) => {
+            // The sender is done with us (it exits once it read Committed).
+            drop(chan);
+            crate::run_to_end(Ok(runtime))
+        }
         Err(e) => {
             let reason = crate::error_chain(&e);
             // Before the commit the sender keeps the guest: tell it why.
