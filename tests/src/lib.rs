@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod cpio;
+pub mod host;
 pub mod hugepages;
 pub mod kernel;
 pub mod linux_init;

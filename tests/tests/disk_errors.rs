@@ -16,25 +16,7 @@ const WAIT: Duration = Duration::from_secs(60);
 /// sparse 4 MiB disk image on it and fills the rest, so every first write to a page of the
 /// image fails.
 fn full_tmpfs_with_disk(dir: &Path) -> Result<PathBuf, String> {
-    use nix::mount::{mount, MsFlags};
-    use nix::sched::{unshare, CloneFlags};
-    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare(CLONE_NEWNS): {e}"))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| format!("making mounts private: {e}"))?;
-    mount(
-        Some("tmpfs"),
-        dir,
-        Some("tmpfs"),
-        MsFlags::empty(),
-        Some("size=1m"),
-    )
-    .map_err(|e| format!("mounting a tmpfs: {e}"))?;
+    molt_tests::host::tiny_tmpfs(dir)?;
     let img = dir.join("disk.img");
     std::fs::File::create(&img)
         .and_then(|f| f.set_len(4 << 20))

@@ -201,29 +201,6 @@ fn kill_9_while_writing_leaves_the_previous_snapshot() {
     assert_continuous(&[first, second], 3);
 }
 
-/// In a new mount namespace of the calling thread: a 1 MiB tmpfs at `dir`.
-fn tiny_tmpfs(dir: &Path) -> Result<(), String> {
-    use nix::mount::{mount, MsFlags};
-    use nix::sched::{unshare, CloneFlags};
-    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare(CLONE_NEWNS): {e}"))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| format!("making mounts private: {e}"))?;
-    mount(
-        Some("tmpfs"),
-        dir,
-        Some("tmpfs"),
-        MsFlags::empty(),
-        Some("size=1m"),
-    )
-    .map_err(|e| format!("mounting a tmpfs: {e}"))
-}
-
 #[test]
 fn a_full_file_system_fails_the_snapshot_and_the_guest_runs_on() {
     let dir = TempDir::new("snapshot-full");
@@ -232,7 +209,7 @@ fn a_full_file_system_fails_the_snapshot_and_the_guest_runs_on() {
     let (mnt2, sock2, disk2) = (mnt.clone(), sock.clone(), disk.clone());
     // The namespace belongs to this thread; molt, started from it, lives in it.
     let started = std::thread::spawn(move || -> Result<Molt, String> {
-        tiny_tmpfs(&mnt2)?;
+        molt_tests::host::tiny_tmpfs(&mnt2)?;
         Ok(boot(&molt_bin(), &sock2, &disk2, &[]))
     })
     .join()

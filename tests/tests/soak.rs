@@ -69,31 +69,6 @@ fn assert_ring_current(ring: &[Option<u64>]) {
     }
 }
 
-fn fd_targets(pid: u32) -> Vec<String> {
-    let mut t: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .map(|p| p.display().to_string())
-        // Sockets and anonymous inodes carry inode numbers that legitimately differ
-        // (accepted connections, new KVM fds): compare their kinds.
-        .map(|s| match s.split_once(":[") {
-            Some((kind, _)) => kind.to_string(),
-            None => s,
-        })
-        .collect();
-    t.sort();
-    t
-}
-
-fn rss_anon_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Sends numbered datagrams to the guest's UDP echo every 10 ms until `stop`; returns how
 /// many were sent and how often each came back.
 fn udp_stream(ns: String, stop: Arc<AtomicBool>) -> (u64, BTreeMap<u64, u32>) {
@@ -181,13 +156,13 @@ fn consecutive_live_updates_lose_and_replay_nothing() {
         pauses.push(r.body["pause_ms"].as_f64().unwrap_or(f64::NAN));
         if i == 1 {
             std::thread::sleep(Duration::from_millis(300));
-            fds_after_first = fd_targets(pid);
-            rss_after_first = rss_anon_kib(pid);
+            fds_after_first = molt_tests::host::fd_kinds(pid.into());
+            rss_after_first = molt_tests::host::rss_anon_kib(pid.into());
         }
     }
     std::thread::sleep(Duration::from_millis(500));
-    let fds_after_last = fd_targets(pid);
-    let rss_after_last = rss_anon_kib(pid);
+    let fds_after_last = molt_tests::host::fd_kinds(pid.into());
+    let rss_after_last = molt_tests::host::rss_anon_kib(pid.into());
     stop.store(true, Ordering::Relaxed);
     let (sent, echoes) = sender.join().unwrap();
     assert_eq!(api::put(&socket, "vm.shutdown", "").status, 204);

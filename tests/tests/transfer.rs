@@ -241,27 +241,6 @@ fn transfers_to_the_next_version_and_back_and_mixed_with_cpr_exec() {
     vm.shutdown();
 }
 
-/// The fds of `pid` by kind and target (numbers and socket inodes differ between processes).
-fn fd_kinds(pid: u64) -> Vec<String> {
-    let mut t: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .map(|p| p.display().to_string())
-        .map(|s| s.split_once(":[").map_or(s.clone(), |(k, _)| k.to_string()))
-        .collect();
-    t.sort();
-    t
-}
-
-fn rss_anon_kib(pid: u64) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn twenty_transfers_in_a_chain_leave_fds_and_memory_flat() {
     let mut vm = Vm::start("transfer-twenty", &[]);
@@ -271,7 +250,10 @@ fn twenty_transfers_in_a_chain_leave_fds_and_memory_flat() {
     let first = vm.pid();
     // No API request in flight while the fds are listed (a closing connection lingers).
     std::thread::sleep(Duration::from_millis(500));
-    let (fds, rss) = (fd_kinds(first), rss_anon_kib(first));
+    let (fds, rss) = (
+        molt_tests::host::fd_kinds(first),
+        molt_tests::host::rss_anon_kib(first),
+    );
     for _ in 1..20 {
         let from = vm.pid();
         let r = vm.transfer_to(&molt_bin(), &[]);
@@ -281,11 +263,11 @@ fn twenty_transfers_in_a_chain_leave_fds_and_memory_flat() {
     let last = vm.pid();
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        fd_kinds(last),
+        molt_tests::host::fd_kinds(last),
         fds,
         "the fds of the 20th receiver differ from the 1st's"
     );
-    let rss_last = rss_anon_kib(last);
+    let rss_last = molt_tests::host::rss_anon_kib(last);
     assert!(
         rss_last <= rss + rss / 4 + 4096,
         "anonymous RSS grew from {rss} KiB to {rss_last} KiB over 20 transfers"
