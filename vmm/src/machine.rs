@@ -175,7 +175,7 @@ impl Machine {
         out: SerialOut,
         shared: &Shared,
     ) -> Result<Self, Error> {
-        state.validate(shared.virtio.slots.len())?;
+        // `restore_into` validates the state (once) before it touches the vCPUs.
         let prebuilt = Prebuilt::new(kvm, ram, state.vcpus.len())?;
         Self::restore_into(prebuilt, state, out, shared)
     }

@@ -41,6 +41,20 @@ pub struct InFlight {
     pub mode: String,
 }
 
+impl InFlight {
+    /// The phases of this update, once the new keeper got the record at `handed_over_ns`
+    /// and restored and resumed the guest in `restore_ms` and `resume_ms`.
+    pub fn phases(&self, handed_over_ns: u64, restore_ms: f64, resume_ms: f64) -> super::Phases {
+        super::Phases {
+            pause: self.pause_ms,
+            save: self.save_ms,
+            exec: handed_over_ns.saturating_sub(self.saved_at_ns) as f64 / 1e6,
+            restore: restore_ms,
+            resume: resume_ms,
+        }
+    }
+}
+
 /// What the VMM keeps about itself, as the record carries it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

@@ -169,13 +169,7 @@ fn take_over(
     // The pause ends here: the guest runs.
     let resumed_ns = now_ns();
     fault::inject(Step::AfterResume)?;
-    let phases = Phases {
-        pause: h.update.pause_ms,
-        save: h.update.save_ms,
-        exec: main_ns.saturating_sub(h.update.saved_at_ns) as f64 / 1e6,
-        restore: restore_ms,
-        resume: resume_ms,
-    };
+    let phases = h.update.phases(main_ns, restore_ms, resume_ms);
     dismiss_guardian(env);
     finish(&h, &mut runtime, phases, resumed_ns, env.rollback.clone());
     // The guest runs here now: let go of the inherited originals.

@@ -16,7 +16,7 @@ use nix::sys::socket::{
 use serde::Deserialize;
 
 use super::handoff::Handoff;
-use super::{Phases, HANDOFF_KIND};
+use super::HANDOFF_KIND;
 use crate::assembly::{assemble, MachineSource, Runtime};
 use crate::components;
 use crate::machine::Prebuilt;
@@ -191,13 +191,7 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
         &[],
         &[],
     );
-    let phases = Phases {
-        pause: h.update.pause_ms,
-        save: h.update.save_ms,
-        exec: received_ns.saturating_sub(h.update.saved_at_ns) as f64 / 1e6,
-        restore: restore_ms,
-        resume: resume_ms,
-    };
+    let phases = h.update.phases(received_ns, restore_ms, resume_ms);
     super::incoming::finish(&h, &mut runtime, phases, resumed_ns, None);
     fds.release_originals();
     Ok(runtime)
