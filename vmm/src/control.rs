@@ -78,6 +78,10 @@ impl Control {
 
     /// Runs until the VM ends; then flushes API responses and tears the VM down.
     pub fn run(mut self) -> VmExit {
+        if let Err(e) = self.confine() {
+            self.vmm.shutdown();
+            return VmExit::Error(crate::error_chain(&e));
+        }
         let end = loop {
             if let Some(end) = self.vmm.ended() {
                 break end;
@@ -100,6 +104,17 @@ impl Control {
         }
         self.vmm.shutdown();
         end
+    }
+
+    /// Starts the unfiltered launcher (it executes live updates), then filters this thread:
+    /// every thread it starts from now on inherits the filter (see [`crate::seccomp`]).
+    fn confine(&self) -> Result<(), Error> {
+        if crate::seccomp::mode() == crate::seccomp::SeccompMode::Off {
+            return Ok(());
+        }
+        crate::seccomp::launcher::start().map_err(Error::EventLoop)?;
+        crate::seccomp::apply(crate::seccomp::ThreadKind::Control)?;
+        Ok(())
     }
 
     fn handle_batch(&mut self, requests: Vec<(ConnId, ApiRequest)>) {

@@ -23,6 +23,7 @@ pub mod holder;
 pub mod incoming;
 pub mod outgoing;
 mod sys;
+pub mod target;
 pub mod transfer_in;
 pub mod transfer_out;
 

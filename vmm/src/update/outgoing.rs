@@ -76,7 +76,9 @@ pub fn perform(
     // The memfds hold all of RAM only once a lazy restore has loaded it.
     crate::snapshot::lazy::wait_until_filled();
     // The guardian starts while the guest still runs; it gets the fds just before execve.
-    let guardian = Guardian::spawn()
+    // Started by the unfiltered launcher: a child of a filtered thread could not exec.
+    let guardian = crate::seccomp::launcher::run(Guardian::spawn)
+        .unwrap_or_else(|| Err(std::io::Error::other("the launcher thread is gone")))
         .map_err(|e| log::warn!("live update without a guardian: {e}"))
         .ok();
     // One update at a time: clients that ask for another meanwhile get 409 now; everything
