@@ -82,6 +82,7 @@ impl Control {
             self.vmm.shutdown();
             return VmExit::Error(crate::error_chain(&e));
         }
+        crate::sd_notify::ready();
         let end = loop {
             if let Some(end) = self.vmm.ended() {
                 break end;
@@ -95,6 +96,7 @@ impl Control {
             };
             self.handle_batch(requests);
         };
+        crate::sd_notify::stopping();
         // Let responses already queued (e.g. to vm.shutdown) reach their clients.
         let deadline = Instant::now() + FINAL_FLUSH;
         while self.api.is_some() && Instant::now() < deadline {

@@ -50,7 +50,8 @@ fn check_fd_budget() -> Result<(), UpdateError> {
 }
 
 fn plan(vmm: &Vmm, req: &CprExecRequest) -> Result<Plan, UpdateError> {
-    let target = validate_target(req.binary.as_ref().unwrap_or(&vmm.identity.exe))?;
+    let allowed = vmm.config().update_binaries.as_deref();
+    let target = validate_target(req.binary.as_ref().unwrap_or(&vmm.identity.exe), allowed)?;
     check_fd_budget()?;
     let argv = match &req.args {
         Some(args) => std::iter::once(target.display().to_string())
