@@ -55,7 +55,13 @@ const COMMON: &[i64] = &[
 /// socket client; interrupts and resets: eventfd writes), and the end of the thread (the
 /// vCPU fd and maybe the last reference to a device closed). Nothing that opens, creates or
 /// connects anything.
-const VCPU: &[i64] = &[libc::SYS_ioctl, libc::SYS_sendto, libc::SYS_sendmsg];
+/// `fcntl(F_GETFD)` only: std checks that an fd is open before it closes it (debug builds).
+const VCPU: &[i64] = &[
+    libc::SYS_ioctl,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_fcntl,
+];
 
 /// The main thread and the threads it starts: everything above plus files (disks, snapshot
 /// directories, /proc), sockets (API, serial, transfer), the event loop's fds, guest RAM
@@ -200,28 +206,27 @@ pub(super) fn allowed(kind: ThreadKind) -> Vec<i64> {
     all
 }
 
-fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
-    let mut map = BTreeMap::new();
-    for sys in allowed(kind) {
-        let rules = if sys == libc::SYS_ioctl {
-            ioctl_types(kind)
-                .iter()
-                .map(|&t| {
-                    let cond = SeccompCondition::new(
-                        1,
-                        SeccompCmpArgLen::Dword,
-                        SeccompCmpOp::MaskedEq(0xff00),
-                        t << 8,
-                    )?;
-                    SeccompRule::new(vec![cond])
-                })
-                .collect::<Result<Vec<_>, _>>()?
-        } else {
-            Vec::new()
-        };
-        map.insert(sys, rules);
+/// The argument conditions of `sys` for `kind` (empty: any arguments).
+fn conditions(kind: ThreadKind, sys: i64) -> Result<Vec<SeccompRule>, BackendError> {
+    let arg1 = |op, value| {
+        SeccompCondition::new(1, SeccompCmpArgLen::Dword, op, value)
+            .and_then(|c| SeccompRule::new(vec![c]))
+    };
+    match (kind, sys) {
+        (_, libc::SYS_ioctl) => ioctl_types(kind)
+            .iter()
+            .map(|&t| arg1(SeccompCmpOp::MaskedEq(0xff00), t << 8))
+            .collect(),
+        (ThreadKind::Vcpu, libc::SYS_fcntl) => Ok(vec![arg1(SeccompCmpOp::Eq, libc::F_GETFD as u64)?]),
+        _ => Ok(Vec::new()),
     }
-    Ok(map)
+}
+
+fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
+    allowed(kind)
+        .into_iter()
+        .map(|sys| Ok((sys, conditions(kind, sys)?)))
+        .collect()
 }
 
 fn arch() -> seccompiler::TargetArch {

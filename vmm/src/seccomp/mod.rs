@@ -170,13 +170,13 @@ mod tests {
     }
 
     #[test]
-    fn a_filtered_thread_cannot_exec_and_others_can() {
-        // A thread with the vCPU filter in errno mode: its execve fails, and the process
-        // (this test) goes on; the filter stays on that thread only.
+    fn a_filter_binds_only_its_thread() {
+        // A thread with the vCPU filter in errno mode: its socket() fails with EPERM and the
+        // process (this test) goes on; other threads are not filtered.
         let prog = filters::compile_errno(ThreadKind::Vcpu).unwrap();
         let handle = std::thread::spawn(move || {
             seccompiler::apply_filter(&prog).unwrap();
-            // SAFETY: a getppid/socket syscall with no pointer arguments.
+            // SAFETY: socket() takes no pointer arguments.
             let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
             (fd, std::io::Error::last_os_error().raw_os_error())
         });
