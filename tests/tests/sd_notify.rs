@@ -106,7 +106,8 @@ fn ready_then_mainpid_of_the_receiver_then_stopping() {
     assert!(
         after_exec
             .iter()
-            .all(|m| !m.contains("STOPPING") && !m.contains("MAINPID=") || m.contains(&format!("MAINPID={}", first.pid()))),
+            .all(|m| !m.contains("STOPPING") && !m.contains("MAINPID=")
+                || m.contains(&format!("MAINPID={}", first.pid()))),
         "{after_exec:?}"
     );
 

@@ -47,7 +47,11 @@ impl Vm {
     }
 
     fn last_tick(&self) -> u64 {
-        let out = self.molt.lines().iter().filter(|l| l.stream == Stream::Stdout);
+        let out = self
+            .molt
+            .lines()
+            .iter()
+            .filter(|l| l.stream == Stream::Stdout);
         guest_lines(out.map(|l| l.text.as_str()))
             .iter()
             .filter(|l| l.kind == "tick" && l.get("n").is_some())
@@ -59,7 +63,8 @@ impl Vm {
     fn wait_ticks(&mut self, more: u64) {
         let target = self.last_tick() + more;
         self.molt.wait_line(Stream::Stdout, WAIT, |l| {
-            molt_tests::GuestLine::parse(l).is_some_and(|g| g.kind == "tick" && g.num("n") >= target)
+            molt_tests::GuestLine::parse(l)
+                .is_some_and(|g| g.kind == "tick" && g.num("n") >= target)
         });
     }
 }
@@ -172,7 +177,14 @@ fn a_hundred_updates_with_seccomp_on_keep_working() {
 #[test]
 fn a_vcpu_thread_making_a_forbidden_syscall_kills_molt() {
     let dir = TempDir::new("seccomp-kill");
-    let args = ["--cmdline", "console=ttyS0", "--memory", "64M", "--serial", "null"];
+    let args = [
+        "--cmdline",
+        "console=ttyS0",
+        "--memory",
+        "64M",
+        "--serial",
+        "null",
+    ];
     let molt = Molt::spawn_env(
         &PathBuf::from(NEXT_BIN),
         &args,

@@ -90,7 +90,10 @@ fn untrusted_targets_are_refused_and_the_guest_runs_on() {
         )
     };
     let mut cases: Vec<(Reply, String)> = vec![
-        (update(&group_writable), "writable by group or others".into()),
+        (
+            update(&group_writable),
+            "writable by group or others".into(),
+        ),
         (
             update(&in_open_dir),
             format!("directory {} is writable by others", open_dir.display()),

@@ -98,7 +98,10 @@ mod tests {
         let n = arx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"STOPPING=1");
 
-        assert!(matches!(send("relative", "X=1"), Err(NotifyError::BadAddress(_))));
+        assert!(matches!(
+            send("relative", "X=1"),
+            Err(NotifyError::BadAddress(_))
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -217,7 +217,9 @@ fn conditions(kind: ThreadKind, sys: i64) -> Result<Vec<SeccompRule>, BackendErr
             .iter()
             .map(|&t| arg1(SeccompCmpOp::MaskedEq(0xff00), t << 8))
             .collect(),
-        (ThreadKind::Vcpu, libc::SYS_fcntl) => Ok(vec![arg1(SeccompCmpOp::Eq, libc::F_GETFD as u64)?]),
+        (ThreadKind::Vcpu, libc::SYS_fcntl) => {
+            Ok(vec![arg1(SeccompCmpOp::Eq, libc::F_GETFD as u64)?])
+        }
         _ => Ok(Vec::new()),
     }
 }
@@ -241,7 +243,10 @@ fn arch() -> seccompiler::TargetArch {
 }
 
 /// The filter for `kind`: allowed syscalls pass, anything else gets `mismatch`.
-pub(super) fn compile(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, BackendError> {
+pub(super) fn compile(
+    kind: ThreadKind,
+    mismatch: SeccompAction,
+) -> Result<BpfProgram, BackendError> {
     let filter = SeccompFilter::new(rules(kind)?, mismatch, SeccompAction::Allow, arch())?;
     filter.try_into()
 }

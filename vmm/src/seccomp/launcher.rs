@@ -46,7 +46,10 @@ pub fn run<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Option<
     let job: Job = Box::new(move || {
         let _ = rtx.send(f());
     });
-    tx.lock().unwrap_or_else(|p| p.into_inner()).send(job).ok()?;
+    tx.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(job)
+        .ok()?;
     rrx.recv().ok()
 }
 

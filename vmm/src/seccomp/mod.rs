@@ -32,9 +32,7 @@ use seccompiler::{BpfProgram, SeccompAction};
 use serde::{Deserialize, Serialize};
 
 /// `--seccomp`: what a filtered thread's forbidden syscall does.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SeccompMode {
     /// Kill molt (SIGSYS).

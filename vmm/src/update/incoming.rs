@@ -351,7 +351,10 @@ fn warn_about_ignored_options(running: &crate::config::VmConfig) {
         ),
         (
             asked.seccomp != running.seccomp
-                || asked.update_binaries.as_deref().map(super::target::canonical_or_same)
+                || asked
+                    .update_binaries
+                    .as_deref()
+                    .map(super::target::canonical_or_same)
                     != running.update_binaries,
             "--seccomp/--update-binaries",
         ),

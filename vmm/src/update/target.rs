@@ -90,7 +90,8 @@ pub fn check(path: &Path, allowed: Option<&Path>) -> Result<(), TargetError> {
             });
         }
     }
-    let meta = std::fs::metadata(&resolved).map_err(|e| TargetError::Inspect(resolved.clone(), e))?;
+    let meta =
+        std::fs::metadata(&resolved).map_err(|e| TargetError::Inspect(resolved.clone(), e))?;
     // SAFETY: geteuid() takes no arguments and cannot fail.
     let ours = unsafe { libc::geteuid() };
     if meta.uid() != 0 && meta.uid() != ours {
@@ -141,7 +142,10 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
         let err = check(&p, None).unwrap_err();
-        assert!(matches!(&err, TargetError::OpenDirectory(dir) if dir == &d), "{err}");
+        assert!(
+            matches!(&err, TargetError::OpenDirectory(dir) if dir == &d),
+            "{err}"
+        );
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1777)).unwrap();
         check(&p, None).unwrap();
         let other = scratch("other");
