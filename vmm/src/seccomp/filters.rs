@@ -55,8 +55,10 @@ const COMMON: &[i64] = &[
 /// socket client; interrupts and resets: eventfd writes), and the end of the thread (the
 /// vCPU fd and maybe the last reference to a device closed). Nothing that opens, creates or
 /// connects anything.
+/// `read`: the i8042 model's reset eventfd is read back after a guest write to it.
 /// `fcntl(F_GETFD)` only: std checks that an fd is open before it closes it (debug builds).
 const VCPU: &[i64] = &[
+    libc::SYS_read,
     libc::SYS_ioctl,
     libc::SYS_sendto,
     libc::SYS_sendmsg,
