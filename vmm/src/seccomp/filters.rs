@@ -104,6 +104,7 @@ const CONTROL: &[i64] = &[
     libc::SYS_getdents64,
     libc::SYS_mkdir,
     libc::SYS_mkdirat,
+    libc::SYS_rmdir,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
     libc::SYS_rename,
