@@ -51,18 +51,18 @@ const COMMON: &[i64] = &[
 ];
 
 /// A vCPU thread: KVM_RUN and the vCPU state ioctls (capture runs on the vCPU thread), guest
-/// PIO/MMIO handled by the device models (serial output: write to stdout, a file or the
-/// socket client; interrupts and resets: eventfd writes), and the end of the thread (the
+/// PIO/MMIO handled by the device models (serial output: `write` to stdout, a file or the
+/// socket client, already connected; interrupts and resets: eventfd writes), and the end of the thread (the
 /// vCPU fd and maybe the last reference to a device closed). Nothing that opens, creates or
 /// connects anything.
+/// `sendto`: std writes to a unix stream socket with `send(MSG_NOSIGNAL)` (serial socket).
 /// `read`: the i8042 model's reset eventfd is read back after a guest write to it.
 /// `fcntl(F_GETFD)` only: std checks that an fd is open before it closes it (debug builds).
 const VCPU: &[i64] = &[
     libc::SYS_read,
     libc::SYS_ioctl,
-    libc::SYS_sendto,
-    libc::SYS_sendmsg,
     libc::SYS_fcntl,
+    libc::SYS_sendto,
 ];
 
 /// The main thread and the threads it starts: everything above plus files (disks, snapshot
