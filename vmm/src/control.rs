@@ -114,7 +114,7 @@ impl Control {
         if crate::seccomp::mode() == crate::seccomp::SeccompMode::Off {
             return Ok(());
         }
-        crate::seccomp::launcher::start().map_err(Error::EventLoop)?;
+        crate::seccomp::launcher::start().map_err(crate::seccomp::SeccompError::Launcher)?;
         crate::seccomp::apply(crate::seccomp::ThreadKind::Control)?;
         Ok(())
     }

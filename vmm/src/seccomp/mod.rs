@@ -71,6 +71,9 @@ pub enum SeccompError {
     /// The kernel refused a filter.
     #[error("cannot install the {0} seccomp filter")]
     Install(&'static str, #[source] seccompiler::Error),
+    /// The launcher thread cannot be started.
+    #[error("cannot start the launcher thread")]
+    Launcher(#[source] std::io::Error),
     /// The mode was already set to another value in this process.
     #[error("seccomp mode already set to {0:?}")]
     ModeSet(SeccompMode),
