@@ -214,6 +214,8 @@ mod tests {
             nets: Vec::new(),
             rng: true,
             cpu_template: Default::default(),
+            seccomp: Default::default(),
+            update_binaries: None,
         }
     }
 
