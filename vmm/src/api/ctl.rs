@@ -59,9 +59,10 @@ pub enum CtlCommand {
         /// The snapshot directory (replaced atomically if it holds a snapshot).
         #[arg(long, value_name = "DIR")]
         path: PathBuf,
-        /// paused: leave the VM paused afterwards; stop: end molt once it is durable.
+        /// paused: leave the VM paused afterwards; stop: end molt once it is durable; live: the
+        /// guest runs while RAM is written.
         #[arg(long, value_name = "MODE", default_value = "paused",
-              value_parser = ["paused", "stop"])]
+              value_parser = ["paused", "stop", "live"])]
         mode: String,
     },
     /// GET any endpoint, e.g. `vm.info` or `/api/v1/vm.info`.
