@@ -326,7 +326,11 @@ pub fn run(
 /// 0, or prints the error to stderr and returns 1.
 pub fn ctl_main(args: CtlArgs) -> i32 {
     let timeout = Duration::from_secs(args.timeout.max(1));
-    match run(&args.api_socket, &args.command, timeout) {
+    let progress = matches!(args.command, CtlCommand::Snapshot { .. })
+        .then(|| super::progress::show(&args.api_socket));
+    let result = run(&args.api_socket, &args.command, timeout);
+    drop(progress);
+    match result {
         Ok(body) => {
             if let Some(body) = body {
                 let text = serde_json::to_string_pretty(&body).unwrap_or_else(|_| body.to_string());
