@@ -288,6 +288,11 @@ pub fn write_region(
             if ctx.progress.cancelled() {
                 return Err(SnapshotError::Cancelled);
             }
+            #[cfg(feature = "test-next")]
+            if std::env::var("MOLT_TEST_FAULT").as_deref() == Ok("snapshot-slow") {
+                // Tests need a window in which the RAM write is under way.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
             let chunk = &aligned(&mut job.backing)[..job.len];
             file.chunks[job.c] = Some(job.sum);
             for &(s, e) in &job.overlapping {
