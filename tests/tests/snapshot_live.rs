@@ -64,6 +64,8 @@ fn live_body(snap: &Path) -> String {
 /// the way that the API answers, shows progress and refuses updates and other snapshots.
 /// Returns the last tick printed before the request and the report.
 fn live_snapshot(vm: &mut Molt, sock: &Path, snap: &Path) -> (u64, serde_json::Value) {
+    // Lines the guest printed so far (the test reads them only when asked).
+    vm.collect_for(Duration::from_millis(20));
     let before = stdout(vm.lines()).len();
     let tick_before = ticks(&stdout(vm.lines())).last().copied().unwrap_or(0);
     let (sock_c, body) = (sock.to_path_buf(), live_body(snap));
@@ -77,8 +79,14 @@ fn live_snapshot(vm: &mut Molt, sock: &Path, snap: &Path) -> (u64, serde_json::V
         if info["snapshot"]["phase"] == "ram" {
             break info["snapshot"].clone();
         }
-        assert!(!request.is_finished(), "the snapshot ended before its RAM phase was seen");
-        assert!(Instant::now() < deadline, "no snapshot progress in vm.info: {info}");
+        assert!(
+            !request.is_finished(),
+            "the snapshot ended before its RAM phase was seen"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot progress in vm.info: {info}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     assert_eq!(progress["mode"], "live", "{progress}");
@@ -95,7 +103,10 @@ fn live_snapshot(vm: &mut Molt, sock: &Path, snap: &Path) -> (u64, serde_json::V
     while !request.is_finished() {
         vm.collect_for(Duration::from_millis(50));
     }
-    let r = request.join().unwrap().expect("no answer to the live snapshot");
+    let r = request
+        .join()
+        .unwrap()
+        .expect("no answer to the live snapshot");
     assert_eq!(r.status, 200, "{r:?}");
     // The guest ran during the write: ticks advanced and its memtest wrote to protected RAM.
     let during = ticks(&stdout(vm.lines())[before..].to_vec());
@@ -143,7 +154,11 @@ fn restore_and_check(dir: &TempDir, snap: &Path, tick_before: u64, extra: &[&str
     let memtest = of_kind(&lines, "memtest");
     assert!(memtest.len() >= 2, "{}", out.describe());
     for l in memtest {
-        assert!(l.has("ok"), "memtest after restoring a live snapshot: {}", l.raw);
+        assert!(
+            l.has("ok"),
+            "memtest after restoring a live snapshot: {}",
+            l.raw
+        );
     }
 }
 
@@ -152,7 +167,10 @@ fn round_trip(tag: &str, memory: &str, restore_extra: &[&str]) {
     let snap = dir.join("snap");
     let (mut vm, sock) = boot(&dir, memory, 96);
     let (tick_before, report) = live_snapshot(&mut vm, &sock, &snap);
-    assert!(report["ram_bytes"].as_u64().unwrap() >= 96 << 20, "{report}");
+    assert!(
+        report["ram_bytes"].as_u64().unwrap() >= 96 << 20,
+        "{report}"
+    );
     // The guest runs on after a live snapshot.
     wait_guest(&mut vm, "memtest", 8);
     let r = api::put(&sock, "vm.shutdown", "");
@@ -195,13 +213,22 @@ fn kill_9_during_a_live_snapshot_leaves_the_previous_one() {
         if info["snapshot"]["bytes_written"].as_u64().unwrap_or(0) > 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the second snapshot never wrote: {info}");
+        assert!(
+            Instant::now() < deadline,
+            "the second snapshot never wrote: {info}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     vm.signal(libc::SIGKILL);
     drop(vm.finish(WAIT));
-    assert!(request.join().unwrap().is_err(), "no answer from a killed molt");
+    assert!(
+        request.join().unwrap().is_err(),
+        "no answer from a killed molt"
+    );
     assert_eq!(std::fs::read(snap.join("state.molt")).unwrap(), previous);
-    assert!(dir.join(".snap.snapshot-tmp").exists(), "killed before staging?");
+    assert!(
+        dir.join(".snap.snapshot-tmp").exists(),
+        "killed before staging?"
+    );
     restore_and_check(&dir, &snap, tick_before, &[]);
 }

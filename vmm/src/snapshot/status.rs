@@ -41,6 +41,8 @@ pub struct Progress {
     pub worst_fault_ns: AtomicU64,
     /// Set to stop the writer (the VM is ending).
     pub cancel: AtomicBool,
+    /// Set by the writer once it has its result (its thread ends right after).
+    pub finished: AtomicBool,
 }
 
 /// `vm.info`'s `snapshot` while one is written.
@@ -80,6 +82,7 @@ impl Progress {
             faults: AtomicU64::new(0),
             worst_fault_ns: AtomicU64::new(0),
             cancel: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
         }
     }
 

@@ -104,7 +104,12 @@ impl Pending {
 
     /// Whether the writer is done ([`finish`](Self::finish) will not block).
     pub fn is_finished(&self) -> bool {
-        self.writer.is_finished()
+        // The writer signals the event loop just before its thread ends: its flag is set
+        // by then, the thread may not be finished yet (joining it waits only for that).
+        self.progress
+            .finished
+            .load(std::sync::atomic::Ordering::Acquire)
+            || self.writer.is_finished()
     }
 
     /// Asks the writer to stop (the VM is ending).
@@ -266,7 +271,11 @@ fn start(
     let writer = std::thread::Builder::new()
         .name("snapshot-writer".into())
         .spawn(move || {
+            let finished = job.progress.clone();
             let r = job.write();
+            finished
+                .finished
+                .store(true, std::sync::atomic::Ordering::Release);
             if let Err(e) = done.write(1) {
                 log::error!("snapshot writer: cannot wake the event loop: {e}");
             }
