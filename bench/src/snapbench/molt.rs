@@ -49,7 +49,10 @@ impl Molt {
         let sock = dir.join(format!("{tag}.sock"));
         let serial = dir.join(format!("{tag}.serial"));
         let log = dir.join(format!("{tag}.log"));
-        let _ = std::fs::remove_file(&sock);
+        // molt appends to a serial file: start from an empty one.
+        for stale in [&sock, &serial] {
+            let _ = std::fs::remove_file(stale);
+        }
         let mut cmd = Command::new(bin);
         cmd.args(args)
             .arg("--api-socket")

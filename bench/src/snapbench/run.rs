@@ -109,7 +109,7 @@ pub fn run(bin: &Path, dir: &Path, c: &Config) -> Result<Sample> {
     );
     let args: Vec<String> = vec!["--memory".into(), mem, "--cmdline".into(), guest_cmdline(c)];
     let vm = Molt::start(bin, &args, dir, "vm")?;
-    let long = Duration::from_secs(120);
+    let long = Duration::from_secs(300);
     if c.touched {
         // Pass 1 has written every tested word; pass 2 rewrites them.
         vm.wait_serial(long, |l| l.contains("memtest pass=2 ok"))?;

@@ -224,14 +224,10 @@ fn start(
         d.path = id.path.clone();
     }
     let sources = RegionSource::all(machine.ram()).map_err(|source| SnapshotError::Write {
-        what: "finding the data of guest RAM for",
+        what: "opening guest RAM for",
         path: target.to_path_buf(),
         source,
     })?;
-    progress.bytes_total.store(
-        sources.iter().map(RegionSource::data_bytes).sum(),
-        std::sync::atomic::Ordering::Relaxed,
-    );
     let staging = Staging::create(target)?;
     let snapshot = Snapshot {
         vm,
@@ -312,6 +308,16 @@ impl Job {
             progress,
         } = self;
         let t2 = Instant::now();
+        let mut sources = sources;
+        RegionSource::find_data(&mut sources).map_err(|source| SnapshotError::Write {
+            what: "finding the data of guest RAM for",
+            path: target.clone(),
+            source,
+        })?;
+        progress.bytes_total.store(
+            sources.iter().map(RegionSource::data_bytes).sum(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         for (i, src) in sources.iter().enumerate() {
             let ctx = WriteCtx {
                 index: i,
