@@ -447,13 +447,14 @@ pub(crate) mod tests {
             prefault: false,
         };
         let ram = crate::memory::create(&cfg).unwrap();
+        ram.mem.write_obj(1u8, GuestAddress(0)).unwrap();
         ram.mem.write_obj(1u8, GuestAddress(0x3000)).unwrap();
         ram.mem.write_obj(1u8, GuestAddress(0x5000)).unwrap();
         ram.mem.write_obj(1u8, GuestAddress(0x6000)).unwrap();
         let (host, _) = ram.host_ranges()[0];
         let found = mapped_extents(host as u64, 16 << 20, 4096).unwrap();
-        assert_eq!(found, vec![(0x3000, 0x4000), (0x5000, 0x7000)]);
-        // Counted by huge page: one 2 MiB extent.
+        assert_eq!(found, vec![(0, 0x1000), (0x3000, 0x4000), (0x5000, 0x7000)]);
+        // By huge page (judged by its first 4 KiB, all of which a hugetlb mapping maps).
         let found = mapped_extents(host as u64, 16 << 20, HUGE_PAGE_SIZE).unwrap();
         assert_eq!(found, vec![(0, HUGE_PAGE_SIZE)]);
     }
