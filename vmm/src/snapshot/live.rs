@@ -197,9 +197,8 @@ impl LiveWp {
         // A vCPU waits on every fault served here: ahead of the writer threads for the CPU
         // (a nice value below theirs; refused without CAP_SYS_NICE, which only costs latency).
         // SAFETY: setpriority on this thread's own id; no memory is passed.
-        let rc = unsafe {
-            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10)
-        };
+        let rc =
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) };
         if rc != 0 {
             log::debug!(
                 "live snapshot: fault thread keeps its priority: {}",
@@ -318,7 +317,10 @@ mod tests {
         let armed = match arm(&sources, progress.clone()) {
             Ok(a) => a,
             Err(e) => {
-                return molt_tests::skip("live snapshot (userfaultfd write-protect)", &e.to_string())
+                return molt_tests::skip(
+                    "live snapshot (userfaultfd write-protect)",
+                    &e.to_string(),
+                )
             }
         };
         RegionSource::find_data(&mut sources).unwrap();

@@ -15,7 +15,7 @@ use super::SnapshotMode;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
-    /// Pausing and capturing the VM.
+    /// Pausing and capturing the VM, finding where RAM holds data.
     Capture,
     /// Writing guest RAM.
     Ram,

@@ -254,7 +254,6 @@ fn start(
     };
     let capture = ms(t1.elapsed());
     let stopped_ms = ms(t1.elapsed());
-    progress.set_phase(Phase::Ram);
     let job = Job {
         target: target.to_path_buf(),
         staging,
@@ -318,6 +317,7 @@ impl Job {
             sources.iter().map(RegionSource::data_bytes).sum(),
             std::sync::atomic::Ordering::Relaxed,
         );
+        progress.set_phase(Phase::Ram);
         for (i, src) in sources.iter().enumerate() {
             let ctx = WriteCtx {
                 index: i,
