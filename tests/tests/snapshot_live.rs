@@ -143,6 +143,27 @@ fn restore_and_check(dir: &TempDir, snap: &Path, taken: (u64, u64), extra: &[&st
     api::wait_ready(&sock, WAIT);
     wait_guest(&mut restored, "memtest", 2);
     wait_guest(&mut restored, "tick", 3);
+    // vm.info tells when the last page of RAM is in.
+    let deadline = Instant::now() + WAIT;
+    let info = loop {
+        let info = api::get(&sock, "vm.info").body;
+        if info["restore"]["done"] == true {
+            break info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restore never finished: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let restore = &info["restore"];
+    assert_eq!(restore["lazy"], true, "{info}");
+    assert!(
+        restore["bytes_total"].as_u64().unwrap() >= 96 << 20,
+        "{info}"
+    );
+    assert_eq!(restore["bytes_in"], restore["bytes_total"], "{info}");
+    assert!(restore["done_ms"].as_f64().unwrap() > 0.0, "{info}");
     let r = api::put(&sock, "vm.shutdown", "");
     assert_eq!(r.status, 204, "{r:?}");
     let out = restored.finish(WAIT);
