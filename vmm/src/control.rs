@@ -3,13 +3,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, SubscriberOps};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiRequest, ApiResponse, ApiServer, ConnId, PingReply};
 use crate::assembly::Runtime;
 use crate::event_loop::Subscriber;
 use crate::exit::VmExit;
 use crate::runtime::Vmm;
+use crate::snapshot::write::Pending;
+use crate::snapshot::{SnapshotError, SnapshotMode};
 use crate::update::{self, UpdateError};
 use crate::Error;
 
@@ -22,6 +25,25 @@ pub struct Control {
     pub vmm: Vmm,
     em: EventManager<Subscriber>,
     api: Option<Arc<Mutex<ApiServer>>>,
+    /// The snapshot being written and the connection waiting for it.
+    snapshot: Option<(ConnId, Pending)>,
+    /// Signalled by the snapshot writer when it is done.
+    snapshot_done: Option<EventFd>,
+}
+
+/// Wakes the event loop when an eventfd is signalled (and resets it).
+struct Wakeup(EventFd);
+
+impl MutEventSubscriber for Wakeup {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("event loop: cannot watch the snapshot writer: {e:?}");
+        }
+    }
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -67,7 +89,21 @@ impl Control {
             em.add_subscriber(a.clone());
             a
         });
-        Self { vmm, em, api }
+        let snapshot_done = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .and_then(|fd| {
+                let watched = fd.try_clone()?;
+                em.add_subscriber(Arc::new(Mutex::new(Wakeup(watched))));
+                Ok(fd)
+            })
+            .map_err(|e| log::error!("snapshots will be refused: {e}"))
+            .ok();
+        Self {
+            vmm,
+            em,
+            api,
+            snapshot: None,
+            snapshot_done,
+        }
     }
 
     fn respond(&self, conn: ConnId, resp: ApiResponse) {
@@ -90,6 +126,7 @@ impl Control {
             if let Err(e) = self.em.run() {
                 break VmExit::Error(format!("event loop: {e}"));
             }
+            self.snapshot_written(false);
             let requests = match &self.api {
                 Some(api) => lock(api).take_requests(),
                 None => Vec::new(),
@@ -97,6 +134,8 @@ impl Control {
             self.handle_batch(requests);
         };
         crate::sd_notify::stopping();
+        // A snapshot still being written is abandoned (nothing is left at its path).
+        self.snapshot_written(true);
         // Let responses already queued (e.g. to vm.shutdown) reach their clients.
         let deadline = Instant::now() + FINAL_FLUSH;
         while self.api.is_some() && Instant::now() < deadline {
@@ -119,10 +158,69 @@ impl Control {
         Ok(())
     }
 
+    /// Answers the snapshot request once its writer is done (or, `cancel`, stops it first).
+    fn snapshot_written(&mut self, cancel: bool) {
+        let done = match &self.snapshot {
+            Some((_, p)) if cancel => {
+                p.cancel();
+                true
+            }
+            Some((_, p)) => p.is_finished(),
+            None => false,
+        };
+        if !done {
+            return;
+        }
+        let Some((conn, pending)) = self.snapshot.take() else {
+            return;
+        };
+        let resp = match pending.finish(&mut self.vmm) {
+            Ok(report) => ApiResponse::json(200, &report),
+            Err(e) => {
+                log::warn!("snapshot failed: {}", crate::error_chain(&e));
+                RequestError::from(e).response()
+            }
+        };
+        self.respond(conn, resp);
+    }
+
+    /// Starts a snapshot; it is answered when it is durable.
+    fn begin_snapshot(&mut self, conn: ConnId, req: &crate::snapshot::SnapshotRequest) {
+        let done = match &self.snapshot_done {
+            _ if self.snapshot.is_some() => Err(SnapshotError::Busy),
+            Some(fd) => fd.try_clone().map_err(|source| SnapshotError::Write {
+                what: "waking the event loop for",
+                path: req.path.clone(),
+                source,
+            }),
+            None => Err(SnapshotError::Busy),
+        };
+        match done.and_then(|fd| crate::snapshot::write::begin(&mut self.vmm, req, fd)) {
+            Ok(pending) => self.snapshot = Some((conn, pending)),
+            Err(e) => self.respond(conn, RequestError::from(e).response()),
+        }
+    }
+
     fn handle_batch(&mut self, requests: Vec<(ConnId, ApiRequest)>) {
         let mut update: Option<(ConnId, ApiRequest)> = None;
         for (conn, req) in requests {
             let resp = match req {
+                ApiRequest::Snapshot(r) => {
+                    self.begin_snapshot(conn, &r);
+                    continue;
+                }
+                ApiRequest::CprExec(_) | ApiRequest::CprTransfer(_) if self.snapshot.is_some() => {
+                    RequestError::from(UpdateError::Busy).response()
+                }
+                // The RAM of a paused snapshot is read while it is written.
+                ApiRequest::Resume
+                    if self
+                        .snapshot
+                        .as_ref()
+                        .is_some_and(|(_, p)| p.mode() != SnapshotMode::Live) =>
+                {
+                    RequestError::from(SnapshotError::Busy).response()
+                }
                 ApiRequest::CprExec(_) | ApiRequest::CprTransfer(_) if update.is_none() => {
                     update = Some((conn, req));
                     continue;
@@ -135,6 +233,10 @@ impl Control {
             self.respond(conn, resp);
         }
         if let Some((conn, req)) = update {
+            if self.snapshot.is_some() {
+                self.respond(conn, RequestError::from(UpdateError::Busy).response());
+                return;
+            }
             // A SIGTERM or vm.shutdown handled in this same turn has ended the VM: an update
             // now would carry the guest on in a new image that never learns it should stop.
             if let Some(end) = self.vmm.ended() {
@@ -173,12 +275,7 @@ impl Control {
                 Ok(())
             }
             ApiRequest::CprExec(_) | ApiRequest::CprTransfer(_) => Err(UpdateError::Busy.into()),
-            ApiRequest::Snapshot(r) => {
-                return match crate::snapshot::write::take(&mut self.vmm, &r) {
-                    Ok(report) => ApiResponse::json(200, &report),
-                    Err(e) => RequestError::from(e).response(),
-                }
-            }
+            ApiRequest::Snapshot(_) => Err(SnapshotError::Busy.into()),
         };
         match result {
             Ok(()) => ApiResponse::no_content(),

@@ -329,7 +329,7 @@ impl Machine {
         }
         log::debug!("teardown: vCPU threads joined in {:?}", t0.elapsed());
         self.virtio.detach();
-        let GuestRam { regions, mem } = self.ram;
+        let GuestRam { regions, mem, .. } = self.ram;
         (
             regions,
             Remains {

@@ -67,6 +67,10 @@ pub struct GuestRam {
     pub regions: Vec<RamRegion>,
     /// The regions mapped into this process.
     pub mem: GuestMemory,
+    /// Every page holding data was faulted in through this mapping (RAM created by this
+    /// process, not adopted from another): then the mapping's page tables show where the
+    /// data of a hugetlb region is (`mincore`), which `SEEK_DATA` cannot on hugetlbfs.
+    pub mapped_here: bool,
 }
 
 fn memfd_create(name: &str, hugepages: bool) -> Result<File, MemoryError> {
@@ -136,7 +140,11 @@ pub fn map_regions(regions: Vec<RamRegion>, populate: bool) -> Result<GuestRam, 
         .map(|r| map_region(r, populate))
         .collect::<Result<Vec<_>, _>>()?;
     let mem = GuestMemory::from_regions(mapped).map_err(MemoryError::Layout)?;
-    Ok(GuestRam { regions, mem })
+    Ok(GuestRam {
+        regions,
+        mem,
+        mapped_here: populate,
+    })
 }
 
 /// Creates guest RAM as configured: memfds sized and mapped.
@@ -164,7 +172,9 @@ pub fn create(config: &MemoryConfig) -> Result<GuestRam, MemoryError> {
             })
         })
         .collect::<Result<Vec<_>, MemoryError>>()?;
-    map_regions(regions, config.prefault)
+    let mut ram = map_regions(regions, config.prefault)?;
+    ram.mapped_here = true;
+    Ok(ram)
 }
 
 impl GuestRam {

@@ -70,6 +70,12 @@ pub struct VmInfo {
     pub devices: Vec<crate::virtio::DeviceInfo>,
     /// Live updates so far.
     pub updates: UpdatesInfo,
+    /// The snapshot being written, while one is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<crate::snapshot::status::ProgressInfo>,
+    /// How far RAM is back, in a molt restored from a snapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<crate::snapshot::status::RestoreInfo>,
 }
 
 /// Guest RAM in `vm.info`.
@@ -377,6 +383,8 @@ impl Vmm {
                 rollbacks: self.history.rollbacks,
                 last: self.history.last.clone(),
             },
+            snapshot: crate::snapshot::status::snapshot(),
+            restore: crate::snapshot::status::restore(),
         }
     }
 

@@ -59,9 +59,10 @@ pub enum CtlCommand {
         /// The snapshot directory (replaced atomically if it holds a snapshot).
         #[arg(long, value_name = "DIR")]
         path: PathBuf,
-        /// paused: leave the VM paused afterwards; stop: end molt once it is durable.
+        /// paused: leave the VM paused afterwards; stop: end molt once it is durable; live: the
+        /// guest runs while RAM is written.
         #[arg(long, value_name = "MODE", default_value = "paused",
-              value_parser = ["paused", "stop"])]
+              value_parser = ["paused", "stop", "live"])]
         mode: String,
     },
     /// GET any endpoint, e.g. `vm.info` or `/api/v1/vm.info`.
@@ -325,7 +326,11 @@ pub fn run(
 /// 0, or prints the error to stderr and returns 1.
 pub fn ctl_main(args: CtlArgs) -> i32 {
     let timeout = Duration::from_secs(args.timeout.max(1));
-    match run(&args.api_socket, &args.command, timeout) {
+    let progress = matches!(args.command, CtlCommand::Snapshot { .. })
+        .then(|| super::progress::show(&args.api_socket));
+    let result = run(&args.api_socket, &args.command, timeout);
+    drop(progress);
+    match result {
         Ok(body) => {
             if let Some(body) = body {
                 let text = serde_json::to_string_pretty(&body).unwrap_or_else(|_| body.to_string());

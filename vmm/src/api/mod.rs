@@ -17,6 +17,7 @@
 mod conn;
 pub mod ctl;
 pub mod http;
+mod progress;
 mod routes;
 mod server;
 mod socket;

@@ -61,6 +61,7 @@ pub fn start(
     files: &[File],
     descs: &[MemoryFile],
     dir: &std::path::Path,
+    started: Instant,
 ) -> Result<(), SnapshotError> {
     let uffd = Uffd::new().map_err(SnapshotError::Lazy)?;
     let hosts = ram.host_ranges();
@@ -83,7 +84,7 @@ pub fn start(
     let spawned = std::thread::Builder::new()
         .name("lazy-restore".into())
         .spawn(move || {
-            Filler { uffd, regions }.run();
+            Filler { uffd, regions }.run(started);
             set_filling(false);
         });
     if let Err(e) = spawned {
@@ -124,7 +125,7 @@ struct Filler {
 }
 
 impl Filler {
-    fn run(mut self) {
+    fn run(mut self, started: Instant) {
         let t0 = Instant::now();
         let (mut faults, mut background) = (0u64, 0u64);
         let mut buf = vec![0u8; cpr::snapshot::CHUNK_SIZE as usize];
@@ -160,6 +161,7 @@ impl Filler {
                 log::warn!("lazy restore: cannot unregister guest RAM: {e}");
             }
         }
+        super::status::restore_done(started.elapsed());
         log::info!(
             "lazy restore: the last page is in after {:.1} ms ({faults} faults served, \
              {background} chunks loaded in the background)",
@@ -245,6 +247,7 @@ impl Filler {
                 region.path.display()
             )))?;
         region.loaded[c] = true;
+        super::status::restore_loaded(end - start);
         Ok(())
     }
 }
@@ -273,11 +276,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("molt-lazy-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).unwrap();
-        let desc = super::super::ram::write_region(&ram.regions[0], &dir.join("ram0.mem")).unwrap();
+        let desc = super::super::ram::tests::write_all_of(&ram, &dir.join("ram0.mem"));
         let file = super::super::ram::open_checked(&dir, &desc, 32 << 20).unwrap();
 
         let fresh = crate::memory::create(&cfg).unwrap();
-        if let Err(e) = start(&fresh, &[file], &[desc], &dir) {
+        if let Err(e) = start(&fresh, &[file], &[desc], &dir, Instant::now()) {
             let why = crate::error_chain(&e);
             return molt_tests::skip("lazy restore (userfaultfd)", &why);
         }

@@ -14,8 +14,10 @@
 
 pub mod dir;
 pub mod lazy;
+pub mod live;
 pub mod ram;
 pub mod restore;
+pub mod status;
 mod uffd;
 pub mod write;
 
@@ -40,6 +42,9 @@ pub enum SnapshotMode {
     Paused,
     /// Pause, write, and end molt (exit 0) once the snapshot is durable.
     Stop,
+    /// Pause only to capture the state and write-protect RAM; the guest runs while RAM is
+    /// written (a write to a page not yet written waits until the page is copied aside).
+    Live,
 }
 
 /// Body of `PUT /api/v1/vm.snapshot`.
@@ -73,6 +78,8 @@ pub struct DiskIdentity {
 pub struct Taken {
     /// How it was taken.
     pub mode: SnapshotMode,
+    /// Taken in live mode (`mode` then says `paused`, which older molts read).
+    pub live: bool,
     /// The guest was paused by a user before the snapshot (a restore leaves it paused).
     pub was_paused: bool,
     /// Wall-clock ns when the guest was paused for it.
@@ -138,6 +145,9 @@ pub struct SnapshotReport {
     pub phases_ms: SnapshotPhases,
     /// RAM written per second of the RAM phase, MiB/s.
     pub throughput_mib_s: f64,
+    /// Live mode: the guest's pause and its write faults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<live::LiveReport>,
 }
 
 /// `--restore path=DIR[,lazy=on|off][,hugepages=on|off]`.
@@ -214,6 +224,18 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
+    /// The writer thread panicked (nothing was left at the path).
+    #[error("the snapshot writer failed unexpectedly")]
+    WriterPanicked,
+    /// The VM ended while the snapshot was written (nothing was left at the path).
+    #[error("the VM ended before the snapshot was complete")]
+    Cancelled,
+    /// Another snapshot or a live update is running.
+    #[error("a snapshot is being written; try again when it is done")]
+    Busy,
+    /// Live mode could not arm write protection (nothing was written).
+    #[error("cannot write-protect guest RAM for a live snapshot")]
+    Protect(#[source] std::io::Error),
     /// No snapshot at the path.
     #[error("no snapshot at {0}")]
     Missing(PathBuf),
@@ -252,6 +274,7 @@ impl SnapshotError {
     pub fn status(&self) -> u16 {
         match self {
             SnapshotError::BadPath(..) => 400,
+            SnapshotError::Busy => 409,
             SnapshotError::Write { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 507
             }

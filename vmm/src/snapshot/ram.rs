@@ -1,7 +1,8 @@
 //! Guest RAM to and from memory files. Writing reads each region's memfd with `pread` (which
-//! allocates nothing for holes) and finds its data with `SEEK_DATA`/`SEEK_HOLE`, so pages the
-//! guest never touched cost no I/O and stay holes in the file. Every chunk that holds data is
-//! checksummed whole.
+//! allocates nothing for holes) and finds its data with `SEEK_DATA`/`SEEK_HOLE` (4 KiB memfd
+//! RAM) or from this process's page tables with `mincore` (2 MiB hugetlb RAM, where
+//! hugetlbfs reports everything as data), so pages the guest never touched cost no I/O and
+//! stay holes in the file. Every chunk that holds data is checksummed whole.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
@@ -12,8 +13,12 @@ use cpr::snapshot::{chunk_checksum, MemoryFile, CHUNK_SIZE};
 use nix::unistd::{lseek, Whence};
 use vm_memory::{Bytes, GuestAddress};
 
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::status::Progress;
 use super::SnapshotError;
-use crate::memory::{GuestRam, RamRegion};
+use crate::config::HUGE_PAGE_SIZE;
+use crate::memory::GuestRam;
 
 /// The byte ranges of `fd`'s first `size` bytes that hold data. A file system that cannot
 /// tell reports everything as data.
@@ -112,14 +117,136 @@ fn chunk_jobs(
     out
 }
 
-/// Writes `region` into a new sparse memory file at `path` and syncs it.
-pub fn write_region(region: &RamRegion, path: &Path) -> Result<MemoryFile, SnapshotError> {
+/// One region to write: its memfd, where this process maps it, and where its data was when
+/// the guest was paused.
+#[derive(Debug)]
+pub struct RegionSource {
+    /// A duplicate of the region's memfd.
+    pub memfd: File,
+    /// Bytes.
+    pub size: u64,
+    /// Backed by 2 MiB hugetlb pages.
+    pub hugepages: bool,
+    /// Host address of its mapping in this process.
+    pub host: u64,
+    /// Every page that holds data was mapped through `host` (see [`GuestRam::mapped_here`]).
+    pub mapped_here: bool,
+    /// Byte ranges holding data ([`find_data`](Self::find_data)); everything else is
+    /// written as holes.
+    pub extents: Vec<(u64, u64)>,
+}
+
+impl RegionSource {
+    /// Every region of `ram`; their data is not looked for yet.
+    pub fn all(ram: &GuestRam) -> std::io::Result<Vec<RegionSource>> {
+        ram.regions
+            .iter()
+            .zip(ram.host_ranges())
+            .map(|(r, (host, _))| {
+                Ok(RegionSource {
+                    memfd: r.memfd.try_clone()?,
+                    size: r.size,
+                    hugepages: r.hugepages,
+                    host: host as u64,
+                    mapped_here: ram.mapped_here,
+                    extents: Vec::new(),
+                })
+            })
+            .collect()
+    }
+
+    /// Finds where the region holds data (`SEEK_DATA` on 4 KiB memfds, `mincore` on the
+    /// mapping of hugetlb ones): this takes a while (~125 ms for 1 GiB of touched 4 KiB
+    /// pages here), so it runs on the writer thread. Found after the pause it may include
+    /// pages the guest wrote since, which is harmless: their contents as of the pause (zeros)
+    /// are written.
+    pub fn find_data(sources: &mut [RegionSource]) -> std::io::Result<()> {
+        let t0 = std::time::Instant::now();
+        for r in sources.iter_mut() {
+            r.extents = if !r.hugepages {
+                data_extents(&r.memfd, r.size)?
+            } else if r.mapped_here {
+                mapped_extents(r.host, r.size, HUGE_PAGE_SIZE)?
+            } else {
+                // Adopted from another process: this mapping's page tables do not show
+                // which huge pages hold data, and hugetlbfs has no SEEK_DATA.
+                log::info!("snapshot: hugetlb RAM adopted from another process is written whole");
+                vec![(0, r.size)]
+            };
+        }
+        log::info!(
+            "snapshot: the data of guest RAM found in {:.3} ms ({})",
+            super::ms(t0.elapsed()),
+            if sources.iter().any(|r| r.hugepages) {
+                "hugetlb: mincore on the mapping"
+            } else {
+                "memfd: SEEK_DATA/SEEK_HOLE"
+            }
+        );
+        Ok(())
+    }
+
+    /// Bytes of data found.
+    pub fn data_bytes(&self) -> u64 {
+        self.extents.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+/// The byte ranges of the mapping `[host, host + size)` whose `page`-sized pages are present
+/// in this process's page tables (`mincore`). Hugetlbfs has no `SEEK_DATA` (it reports
+/// everything as data), but a huge page of guest RAM created by this process is mapped here
+/// from the moment anything (the guest through KVM, or molt) first touched it.
+pub fn mapped_extents(host: u64, size: u64, page: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut vec = vec![0u8; size.div_ceil(4096) as usize];
+    // SAFETY: mincore only reads the page tables of the range (a live mapping of guest RAM)
+    // and writes one byte per 4 KiB page into `vec`, which is that long.
+    let rc = unsafe { libc::mincore(host as *mut libc::c_void, size as usize, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let step = (page / 4096) as usize;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, v) in vec.iter().step_by(step).enumerate() {
+        if v & 1 == 0 {
+            continue;
+        }
+        let (s, e) = (i as u64 * page, ((i as u64 + 1) * page).min(size));
+        match out.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => out.push((s, e)),
+        }
+    }
+    Ok(out)
+}
+
+/// The live-snapshot hook of the RAM writer.
+pub trait ChunkGate: Sync {
+    /// `chunk`, the bytes at `start` of region `region`, was just read from the memfd: put
+    /// back the pages the guest changed since the pause, and let it write them freely.
+    fn settle(&self, region: usize, start: u64, chunk: &mut [u8]) -> std::io::Result<()>;
+}
+
+/// How one region is written.
+pub struct WriteCtx<'a> {
+    /// Index of the region.
+    pub index: usize,
+    /// Progress shown in `vm.info` (and the cancel flag).
+    pub progress: &'a Progress,
+    /// Live mode: the pages saved from guest writes.
+    pub gate: Option<&'a dyn ChunkGate>,
+}
+
+/// Writes `src` into a new sparse memory file at `path` and syncs it.
+pub fn write_region(
+    src: &RegionSource,
+    path: &Path,
+    ctx: &WriteCtx<'_>,
+) -> Result<MemoryFile, SnapshotError> {
     let err = |what: &'static str| {
         let path = path.to_path_buf();
         move |source| SnapshotError::Write { what, path, source }
     };
-    let size = region.size;
-    let extents = data_extents(&region.memfd, size).map_err(err("finding the data of"))?;
+    let size = src.size;
     let out = create_direct(path).map_err(err("creating"))?;
     let name = path
         .file_name()
@@ -134,21 +261,32 @@ pub fn write_region(region: &RamRegion, path: &Path) -> Result<MemoryFile, Snaps
     };
     // A reader thread reads and checksums chunks while this one writes them: the two halves
     // of the work overlap. Buffers circulate between them.
-    let jobs = chunk_jobs(&file, &extents);
+    let jobs = chunk_jobs(&file, &src.extents);
     std::thread::scope(|scope| -> Result<(), SnapshotError> {
         let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Job, SnapshotError>>(2);
         let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         for _ in 0..3 {
             let _ = free_tx.send(vec![0u8; (CHUNK_SIZE + DIRECT_ALIGN) as usize]);
         }
-        let memfd = &region.memfd;
+        let memfd = &src.memfd;
+        let gate = ctx.gate;
+        let index = ctx.index;
         scope.spawn(move || {
             for (c, start, end, overlapping) in jobs {
                 let Ok(mut backing) = free_rx.recv() else {
                     return;
                 };
                 let chunk = &mut aligned(&mut backing)[..(end - start) as usize];
-                let job = match memfd.read_exact_at(chunk, start) {
+                let read = memfd
+                    .read_exact_at(chunk, start)
+                    .map_err(|source| ("reading guest RAM for", source))
+                    .and_then(|()| match gate {
+                        Some(g) => g
+                            .settle(index, start, chunk)
+                            .map_err(|source| ("write-protecting guest RAM for", source)),
+                        None => Ok(()),
+                    });
+                let job = match read {
                     Ok(()) => Ok(Job {
                         c,
                         start,
@@ -157,8 +295,8 @@ pub fn write_region(region: &RamRegion, path: &Path) -> Result<MemoryFile, Snaps
                         overlapping,
                         backing,
                     }),
-                    Err(source) => Err(SnapshotError::Write {
-                        what: "reading guest RAM for",
+                    Err((what, source)) => Err(SnapshotError::Write {
+                        what,
                         path: path.to_path_buf(),
                         source,
                     }),
@@ -170,16 +308,26 @@ pub fn write_region(region: &RamRegion, path: &Path) -> Result<MemoryFile, Snaps
         });
         for job in full_rx {
             let mut job = job?;
+            if ctx.progress.cancelled() {
+                return Err(SnapshotError::Cancelled);
+            }
+            #[cfg(feature = "test-next")]
+            if std::env::var("MOLT_TEST_FAULT").as_deref() == Ok("snapshot-slow") {
+                // Tests need a window in which the RAM write is under way.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
             let chunk = &aligned(&mut job.backing)[..job.len];
             file.chunks[job.c] = Some(job.sum);
             for &(s, e) in &job.overlapping {
                 // Whole blocks for O_DIRECT: the chunk holds the true bytes around the extent.
-                let s = (s - job.start) / DIRECT_ALIGN * DIRECT_ALIGN;
-                let e = ((e - job.start).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN).min(job.len as u64);
-                let bytes = &chunk[s as usize..e as usize];
-                out.write_all_at(bytes, job.start + s)
+                let (bs, be) = (s - job.start, e - job.start);
+                let bs = bs / DIRECT_ALIGN * DIRECT_ALIGN;
+                let be = (be.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN).min(job.len as u64);
+                let bytes = &chunk[bs as usize..be as usize];
+                out.write_all_at(bytes, job.start + bs)
                     .map_err(err("writing"))?;
-                file.data_bytes += e - s;
+                file.data_bytes += be - bs;
+                ctx.progress.bytes_written.fetch_add(e - s, Relaxed);
             }
             let _ = free_tx.send(job.backing);
         }
@@ -273,9 +421,43 @@ pub fn load_chunk(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::MemoryConfig;
+
+    /// Writes region 0 of `ram` to `path` (a paused snapshot's way).
+    pub(crate) fn write_all_of(ram: &GuestRam, path: &Path) -> MemoryFile {
+        let mut all = RegionSource::all(ram).unwrap();
+        RegionSource::find_data(&mut all).unwrap();
+        let src = all.remove(0);
+        let progress = Progress::new(super::super::SnapshotMode::Paused, path.into(), src.size);
+        let ctx = WriteCtx {
+            index: 0,
+            progress: &progress,
+            gate: None,
+        };
+        write_region(&src, path, &ctx).unwrap()
+    }
+
+    #[test]
+    fn mapped_pages_are_found_in_the_page_tables() {
+        let cfg = MemoryConfig {
+            size: 16 << 20,
+            hugepages: false,
+            prefault: false,
+        };
+        let ram = crate::memory::create(&cfg).unwrap();
+        ram.mem.write_obj(1u8, GuestAddress(0)).unwrap();
+        ram.mem.write_obj(1u8, GuestAddress(0x3000)).unwrap();
+        ram.mem.write_obj(1u8, GuestAddress(0x5000)).unwrap();
+        ram.mem.write_obj(1u8, GuestAddress(0x6000)).unwrap();
+        let (host, _) = ram.host_ranges()[0];
+        let found = mapped_extents(host as u64, 16 << 20, 4096).unwrap();
+        assert_eq!(found, vec![(0, 0x1000), (0x3000, 0x4000), (0x5000, 0x7000)]);
+        // By huge page (judged by its first 4 KiB, all of which a hugetlb mapping maps).
+        let found = mapped_extents(host as u64, 16 << 20, HUGE_PAGE_SIZE).unwrap();
+        assert_eq!(found, vec![(0, HUGE_PAGE_SIZE)]);
+    }
 
     #[test]
     fn untouched_ram_is_a_hole_and_touched_ram_comes_back() {
@@ -293,7 +475,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).unwrap();
         let path = dir.join("ram0.mem");
-        let desc = write_region(&ram.regions[0], &path).unwrap();
+        let desc = write_all_of(&ram, &path);
         // Two pages of data in two chunks, everything else holes.
         assert_eq!(desc.data_bytes, 2 * 4096);
         assert_eq!(desc.chunks.iter().filter(|c| c.is_some()).count(), 2);

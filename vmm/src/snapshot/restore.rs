@@ -7,8 +7,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Instant;
 
-use super::lazy;
 use super::ram::{fill_region, open_checked};
+use super::{lazy, status};
 use super::{ms, RestoreConfig, Snapshot, SnapshotError, SNAPSHOT_KIND, STATE_FILE};
 use crate::assembly::{assemble, MachineSource, Runtime};
 use crate::cli::VmArgs;
@@ -182,11 +182,24 @@ pub fn restore(
             ),
         ));
     }
+    let data: u64 = snap
+        .memory
+        .iter()
+        .map(|m| {
+            (0..m.chunks.len())
+                .filter(|&c| m.chunks[c].is_some())
+                .map(|c| m.chunk_range(c))
+                .map(|(s, e)| e - s)
+                .sum::<u64>()
+        })
+        .sum();
+    status::restore_started(opts.lazy, data);
     let lazy = opts.lazy
-        && match lazy::start(&ram, &files, &snap.memory, dir) {
+        && match lazy::start(&ram, &files, &snap.memory, dir, started) {
             Ok(()) => true,
             Err(e) => {
                 log::warn!("{}; reading all of RAM first", crate::error_chain(&e));
+                status::restore_started(false, data);
                 false
             }
         };
@@ -196,6 +209,8 @@ pub fn restore(
         for (i, (file, desc)) in files.iter().zip(&snap.memory).enumerate() {
             read += fill_region(&ram, i, file, desc, &dir.join(&desc.file))?;
         }
+        status::restore_loaded(read);
+        status::restore_done(started.elapsed());
         log::info!(
             "restore: {read} bytes of guest RAM read in {:.1} ms",
             ms(t_fill.elapsed())

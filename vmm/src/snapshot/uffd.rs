@@ -1,6 +1,7 @@
-//! The few userfaultfd calls lazy restore needs, as raw syscalls and ioctls (the
-//! `userfaultfd` crate needs libclang at build time). Missing-page mode works on memfd
-//! (shmem) and hugetlb mappings on this kernel (`../shared/NOTES.md`).
+//! The few userfaultfd calls lazy restore and live snapshots need, as raw syscalls and
+//! ioctls (the `userfaultfd` crate needs libclang at build time). Missing-page mode and
+//! write-protect mode (including pages never touched) work on memfd (shmem) and hugetlb
+//! mappings on this kernel (`../shared/NOTES.md`).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -8,6 +9,14 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 const UFFDIO: u64 = 0xAA;
 const UFFD_API: u64 = 0xAA;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+/// Write-protect faults are reported (`UFFD_FEATURE_PAGEFAULT_FLAG_WP`).
+pub const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+/// Write protection of shmem and hugetlb mappings (`UFFD_FEATURE_WP_HUGETLBFS_SHMEM`).
+pub const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+/// Write protection covers pages not populated yet (`UFFD_FEATURE_WP_UNPOPULATED`).
+pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 /// `uffd_msg.event` of a page fault.
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 
@@ -66,6 +75,14 @@ const UFFDIO_UNREGISTER: u64 = ior(0x01, std::mem::size_of::<UffdioRange>());
 const UFFDIO_WAKE: u64 = ior(0x02, std::mem::size_of::<UffdioRange>());
 const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
 const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
+const UFFDIO_WRITEPROTECT: u64 = iowr(0x06, std::mem::size_of::<UffdioWriteprotect>());
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
 
 /// A userfaultfd, non-blocking.
 #[derive(Debug)]
@@ -89,6 +106,11 @@ fn ioctl<T>(fd: &OwnedFd, request: u64, arg: &mut T) -> io::Result<()> {
 impl Uffd {
     /// Opens a userfaultfd (close-on-exec, non-blocking) and negotiates the API.
     pub fn new() -> io::Result<Self> {
+        Self::with_features(0)
+    }
+
+    /// Opens a userfaultfd asking for `features` (all of them, or an error).
+    pub fn with_features(features: u64) -> io::Result<Self> {
         // SAFETY: the userfaultfd syscall takes only flags and returns a new fd or -1.
         let raw =
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
@@ -99,10 +121,65 @@ impl Uffd {
         let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
         let mut api = UffdioApi {
             api: UFFD_API,
+            features,
             ..UffdioApi::default()
         };
         ioctl(&fd, UFFDIO_API, &mut api)?;
+        if api.features & features != features {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("userfaultfd lacks features {:#x}", features & !api.features),
+            ));
+        }
         Ok(Self { fd })
+    }
+
+    /// Registers `[start, start + len)` of this process for write-protect faults.
+    pub fn register_wp(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        ioctl(&self.fd, UFFDIO_REGISTER, &mut reg)
+    }
+
+    /// Write-protects `[start, start + len)` (`on`), or removes the protection and wakes
+    /// the threads waiting on it.
+    pub fn write_protect(&self, start: u64, len: u64, on: bool) -> io::Result<()> {
+        let mut wp = UffdioWriteprotect {
+            range: UffdioRange { start, len },
+            mode: if on { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        };
+        loop {
+            match ioctl(&self.fd, UFFDIO_WRITEPROTECT, &mut wp) {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                r => return r,
+            }
+        }
+    }
+
+    /// Waits up to `timeout_ms` for a fault to be pending; true if one may be.
+    pub fn wait(&self, timeout_ms: i32) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one valid pollfd on the stack.
+        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        match rc {
+            n if n > 0 => Ok(true),
+            0 => Ok(false),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
     }
 
     /// Registers `[start, start + len)` of this process for missing-page faults.
