@@ -166,6 +166,8 @@ const CONTROL: &[i64] = &[
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
     libc::SYS_prctl,
+    // The live-snapshot fault thread raises its own priority.
+    libc::SYS_setpriority,
     libc::SYS_sched_getaffinity,
     libc::SYS_rt_sigaction,
     libc::SYS_kill,
