@@ -212,11 +212,7 @@ impl FromStr for DiskConfig {
                 Some(("socket", v)) if !v.is_empty() => socket = Some(PathBuf::from(v)),
                 Some(("num_queues", v)) => match v.parse::<u16>() {
                     Ok(n) if (1..=MAX_DISK_QUEUES).contains(&n) => num_queues = Some(n),
-                    _ => {
-                        return Err(bad(format!(
-                            "num_queues must be 1 to {MAX_DISK_QUEUES}"
-                        )))
-                    }
+                    _ => return Err(bad(format!("num_queues must be 1 to {MAX_DISK_QUEUES}"))),
                 },
                 Some(("readonly", v)) => readonly = on_off("--disk", "readonly", v)?,
                 Some(("id", v)) if !v.is_empty() && v.len() <= 20 => id = Some(v.to_string()),

@@ -177,6 +177,7 @@ impl Virtio {
         Ok(Self {
             slots,
             quiesced: AtomicBool::new(false),
+            vm: Mutex::new(None),
         })
     }
 }

@@ -139,6 +139,9 @@ pub struct Virtio {
     /// The devices, in window order.
     pub slots: Vec<VirtioSlot>,
     quiesced: AtomicBool,
+    /// The KVM VM the devices are attached to (borrowed between `attach` and `detach`), and
+    /// whether the vhost-user devices' call eventfds are bound in it.
+    vm: Mutex<Option<(RawFd, bool)>>,
 }
 
 fn eventfd() -> Result<EventFd, VirtioSetupError> {
@@ -247,14 +250,35 @@ impl Virtio {
             }
             *lock(&slot.transport) = Some(transport);
         }
+        *lock(&self.vm) = Some((vm.as_raw_fd(), true));
         Ok(())
     }
 
     /// Drops the transports (before the KVM VM they were wired to goes away).
     pub fn detach(&self) {
+        self.bind_vhost_irqfds(false);
+        *lock(&self.vm) = None;
         for slot in &self.slots {
             *lock(&slot.transport) = None;
         }
+    }
+
+    /// Binds or unbinds the vhost-user devices' call eventfds in the current VM (see
+    /// [`vhost_user::irqfd`]).
+    fn bind_vhost_irqfds(&self, bind: bool) {
+        let mut vm = lock(&self.vm);
+        let Some((fd, bound)) = vm.as_mut() else {
+            return;
+        };
+        if *bound == bind {
+            return;
+        }
+        for slot in self.slots.iter().filter(|s| s.vhost.is_some()) {
+            if let Err(e) = vhost_user::irqfd::set(*fd, &slot.irq, slot.gsi, bind) {
+                log::error!("vhost-user: irqfd of GSI {} (bind {bind}): {e}", slot.gsi);
+            }
+        }
+        *bound = bind;
     }
 
     /// The devices' state (call with the vCPUs paused and the devices quiesced).
@@ -289,8 +313,14 @@ impl Virtio {
     /// the guest queued meanwhile, as its notifications were not acted on.
     pub fn quiesce(&self, stop: bool) {
         self.quiesced.store(stop, Ordering::SeqCst);
+        if stop {
+            self.bind_vhost_irqfds(false);
+        }
         for conn in self.slots.iter().filter_map(|s| s.vhost.as_ref()) {
             conn.set_quiesced(stop);
+        }
+        if !stop {
+            self.bind_vhost_irqfds(true);
         }
         if !stop {
             for slot in &self.slots {

@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use devices::virtio::{
-    BlockState, GuestMemory, ModelState, VirtioDevice, VirtioError, TYPE_BLOCK,
-};
+use devices::virtio::{BlockState, GuestMemory, ModelState, VirtioDevice, VirtioError, TYPE_BLOCK};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO;
 use virtio_queue::Queue;
 

@@ -26,6 +26,7 @@
 //! order, as every known backend does).
 
 mod device;
+pub mod irqfd;
 mod monitor;
 mod session;
 
@@ -69,7 +70,9 @@ pub enum VhostUserError {
     #[error("the backend does not offer VIRTIO_F_VERSION_1 (features {0:#x})")]
     NoVersion1(u64),
     /// molt cannot learn the disk's size.
-    #[error("the backend does not offer VHOST_USER_PROTOCOL_F_CONFIG (molt needs the disk's capacity)")]
+    #[error(
+        "the backend does not offer VHOST_USER_PROTOCOL_F_CONFIG (molt needs the disk's capacity)"
+    )]
     NoConfig,
     /// Fewer queues than configured.
     #[error("the backend has {offered} queues, {wanted} configured")]
@@ -405,7 +408,10 @@ impl Connection {
     /// the rings, unless it already runs them (an inherited session).
     pub fn activate(&self, mem: GuestMemory, queues: Vec<Queue>, features: u64) {
         let mut inner = lock(&self.inner);
-        let bases = queues.iter().map(virtio_queue::QueueT::next_avail).collect();
+        let bases = queues
+            .iter()
+            .map(virtio_queue::QueueT::next_avail)
+            .collect();
         inner.rings = Some(Rings {
             mem,
             queues,

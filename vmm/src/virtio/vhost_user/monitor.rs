@@ -75,7 +75,11 @@ fn readable(fd: i32) -> bool {
 /// the lock): the backend hung up or sent garbage.
 fn check(conn: &Connection, socket: &Arc<std::os::unix::net::UnixStream>) {
     let mut inner = lock(&conn.inner);
-    if !inner.socket.as_ref().is_some_and(|s| Arc::ptr_eq(s, socket)) {
+    if !inner
+        .socket
+        .as_ref()
+        .is_some_and(|s| Arc::ptr_eq(s, socket))
+    {
         return;
     }
     let mut buf = [0u8; 256];

@@ -54,6 +54,11 @@ pub(super) fn negotiate(fe: &mut Frontend, queues: usize) -> Result<Negotiated, 
         .get_protocol_features()
         .map_err(proto("GET_PROTOCOL_FEATURES"))?;
     let acked = offered & wanted_protocol();
+    log::info!(
+        "vhost-user: backend features {features:#x}, protocol features {:#x}, using {:#x}",
+        offered.bits(),
+        acked.bits()
+    );
     if !acked.contains(VhostUserProtocolFeatures::CONFIG) {
         return Err(VhostUserError::NoConfig);
     }
