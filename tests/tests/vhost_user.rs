@@ -320,10 +320,28 @@ fn a_backend_that_dies_and_comes_back_is_reconnected_and_the_guest_keeps_running
     let stalled = vm.last("blk", "n");
     vm.wait_ticks(1);
     assert_eq!(vm.last("blk", "n"), stalled, "records without a backend");
+    // An update while the backend is away carries the disconnected device along.
+    let r = vm.cpr_exec();
+    assert_eq!(r.status, 200, "{r:?}");
+    vm.wait_ticks(1);
+    assert_eq!(vm.device()["state"], "disconnected");
     let backend = Backend::serve(image, socket);
     vm.wait_records(5);
     let device = vm.device();
     assert_connected(&device, 1);
+    // And the new session survives updates as the first one did.
+    let sockets = backend.sockets();
+    for _ in 0..3 {
+        let r = vm.cpr_exec();
+        assert_eq!(r.status, 200, "{r:?}");
+        vm.wait_records(2);
+    }
+    assert_connected(&vm.device(), 1);
+    assert_eq!(
+        backend.sockets(),
+        sockets,
+        "the backend saw another connection"
+    );
     // Each record at most once and in order; a request the dead backend had taken reached
     // the guest as an I/O error, never as silence.
     let lines = vm.lines();

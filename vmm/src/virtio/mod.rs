@@ -241,8 +241,17 @@ impl Virtio {
                 Some(s) => MmioTransport::from_state(&s.mmio, device, mem.clone(), raise)
                     .map_err(|e| VirtioSetupError::Device(i, e.into()))?,
             };
-            vm.register_irqfd(&slot.irq, slot.gsi)
-                .map_err(|e| VirtioSetupError::Kvm(i, e))?;
+            if slot.vhost.is_some() {
+                vhost_user::irqfd::set(vm.as_raw_fd(), &slot.irq, slot.gsi, true).map_err(|e| {
+                    VirtioSetupError::Kvm(
+                        i,
+                        kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+                    )
+                })?;
+            } else {
+                vm.register_irqfd(&slot.irq, slot.gsi)
+                    .map_err(|e| VirtioSetupError::Kvm(i, e))?;
+            }
             for (q, evt) in slot.notify.iter().enumerate() {
                 let addr = IoEventAddress::Mmio(slot.base + MmioTransport::NOTIFY_OFFSET);
                 vm.register_ioevent(evt, &addr, q as u32)

@@ -10,6 +10,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_irqfd, KVM_IRQFD_FLAG_DEASSIGN};
 use vmm_sys_util::eventfd::EventFd;
@@ -18,8 +19,28 @@ use vmm_sys_util::eventfd::EventFd;
 const KVM_IRQFD: libc::c_ulong = 0x4020_ae76;
 const _: () = assert!(std::mem::size_of::<kvm_irqfd>() == 32);
 
-/// Binds (`assign`) or unbinds `evt` as the irqfd of `gsi` in the VM `vm`.
+/// How long a binding waits for another VM's binding to go (a VM that just closed releases
+/// its irqfds from a kernel work queue).
+const BUSY_WAIT: Duration = Duration::from_secs(2);
+
+/// Binds (`assign`) or unbinds `evt` as the irqfd of `gsi` in the VM `vm`; a binding waits
+/// up to [`BUSY_WAIT`] while the eventfd is still bound elsewhere.
 pub fn set(vm: RawFd, evt: &EventFd, gsi: u32, assign: bool) -> io::Result<()> {
+    let deadline = Instant::now() + BUSY_WAIT;
+    loop {
+        match ioctl(vm, evt, gsi, assign) {
+            Err(e) if assign && e.raw_os_error() == Some(libc::EBUSY) => {
+                if Instant::now() >= deadline {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn ioctl(vm: RawFd, evt: &EventFd, gsi: u32, assign: bool) -> io::Result<()> {
     let arg = kvm_irqfd {
         fd: evt.as_raw_fd() as u32,
         gsi,

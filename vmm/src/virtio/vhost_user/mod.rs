@@ -142,8 +142,6 @@ pub struct ConnectionState {
     pub connected: bool,
     /// The backend runs the rings of the current activation.
     pub running: bool,
-    /// Per queue, where a new backend starts (after failed requests).
-    pub bases: Vec<u16>,
     /// The inflight area (kept as `vhost{slot}-inflight`).
     pub inflight: Option<InflightState>,
     /// Reconnections so far.
@@ -184,7 +182,6 @@ struct Inner {
     negotiated: Negotiated,
     rings: Option<Rings>,
     running: bool,
-    bases: Vec<u16>,
     inflight: Option<(File, VhostUserInflight)>,
     reconnects: u64,
     failed_requests: u64,
@@ -238,7 +235,6 @@ impl Connection {
             negotiated,
             rings: None,
             running: false,
-            bases: Vec::new(),
             inflight: None,
             reconnects: 0,
             failed_requests: 0,
@@ -280,7 +276,6 @@ impl Connection {
             adopted: true,
             negotiated: state.negotiated.clone(),
             rings: None,
-            bases: state.bases.clone(),
             inflight,
             reconnects: state.reconnects,
             failed_requests: state.failed_requests,
@@ -304,7 +299,6 @@ impl Connection {
             negotiated: inner.negotiated.clone(),
             connected: inner.socket.is_some(),
             running: inner.running,
-            bases: inner.bases.clone(),
             inflight: inner.inflight.as_ref().map(|(_, i)| InflightState {
                 mmap_size: i.mmap_size,
                 mmap_offset: i.mmap_offset,
@@ -408,10 +402,6 @@ impl Connection {
     /// the rings, unless it already runs them (an inherited session).
     pub fn activate(&self, mem: GuestMemory, queues: Vec<Queue>, features: u64) {
         let mut inner = lock(&self.inner);
-        let bases = queues
-            .iter()
-            .map(virtio_queue::QueueT::next_avail)
-            .collect();
         inner.rings = Some(Rings {
             mem,
             queues,
@@ -420,7 +410,6 @@ impl Connection {
         if inner.running {
             return;
         }
-        inner.bases = bases;
         if inner.frontend.is_some() {
             if let Err(e) = self.start(&mut inner) {
                 self.drop_session(&mut inner, &e);
@@ -458,7 +447,6 @@ impl Connection {
             adopted,
             negotiated,
             rings,
-            bases,
             inflight,
             running,
             ..
@@ -484,7 +472,7 @@ impl Connection {
             mem: &rings.mem,
             queues: &rings.queues,
             features: rings.features,
-            bases,
+            bases: &monitor::used_indices(&rings.mem, &rings.queues),
             call: &self.call,
             kicks: &self.kicks,
         };

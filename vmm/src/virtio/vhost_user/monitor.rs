@@ -8,7 +8,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{error_chain, lock, open_session, Connection, Inner, VhostUserError};
@@ -143,11 +143,9 @@ fn reconnect(conn: &Connection) {
         & vhost::vhost_user::message::VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits()
         != 0;
     if inner.rings.is_some() {
-        if inner.inflight.is_some() && inflight_ok {
-            // The new backend resubmits what the inflight area lists; it starts from the
-            // used ring.
-            inner.bases = used_indices(&inner);
-        } else if inner.inflight.take().is_some() {
+        // Rings restart from the used index: the new backend resubmits what the inflight
+        // area lists, or the requests the dead one took have been failed.
+        if !inflight_ok && inner.inflight.take().is_some() {
             // The area is useless to a backend that does not track inflight requests.
             fail_taken(conn, &mut inner);
         }
@@ -168,16 +166,12 @@ fn reconnect(conn: &Connection) {
     }
 }
 
-fn used_indices(inner: &Inner) -> Vec<u16> {
-    let Some(r) = &inner.rings else {
-        return Vec::new();
-    };
-    r.queues
+/// Where each ring's backend starts: the used index in guest memory (all before it is
+/// complete; what follows is resubmitted from the inflight area, was failed, or is new).
+pub(super) fn used_indices(mem: &devices::virtio::GuestMemory, queues: &[Queue]) -> Vec<u16> {
+    queues
         .iter()
-        .map(|q| {
-            q.used_idx(&r.mem, Ordering::Acquire)
-                .map_or(q.next_avail(), |w| w.0)
-        })
+        .map(|q| q.used_idx(mem, Ordering::Acquire).map_or(0, |w| w.0))
         .collect()
 }
 
@@ -195,18 +189,15 @@ pub(super) fn after_loss(conn: &Connection, inner: &mut Inner) {
 fn fail_taken(conn: &Connection, inner: &mut Inner) {
     let Some(rings) = &inner.rings else { return };
     let mut failed = 0;
-    let mut bases = Vec::with_capacity(rings.queues.len());
     for q in &rings.queues {
         let mut q = super::copy_queue(q);
         if !q.ready() {
-            bases.push(0);
             continue;
         }
         let (Ok(used), Ok(avail)) = (
             q.used_idx(&rings.mem, Ordering::Acquire),
             q.avail_idx(&rings.mem, Ordering::Acquire),
         ) else {
-            bases.push(q.next_avail());
             continue;
         };
         q.set_next_avail(used.0);
@@ -228,9 +219,7 @@ fn fail_taken(conn: &Connection, inner: &mut Inner) {
                 failed += 1u64;
             }
         }
-        bases.push(q.next_avail());
     }
-    inner.bases = bases;
     if failed > 0 {
         inner.failed_requests += failed;
         log::warn!(
