@@ -259,12 +259,19 @@ fn disk_records_continue_through_twenty_updates_on_one_backend_connection() {
     let sockets = backend.sockets();
     assert_eq!(sockets.len(), 2, "listener and one connection: {sockets:?}");
     let pid = vm.info()["pid"].clone();
+    let mut fds = Vec::new();
     for i in 0..20 {
         let r = vm.cpr_exec();
         assert_eq!(r.status, 200, "update {i}: {r:?}");
         assert_eq!(r.body["pid"], pid);
         vm.wait_records(2);
+        if i == 0 || i == 19 {
+            // No API request in flight while the fds are listed.
+            std::thread::sleep(Duration::from_millis(500));
+            fds.push(molt_tests::host::fd_kinds(pid.as_u64().unwrap()));
+        }
     }
+    assert_eq!(fds[0], fds[1], "molt's fds grew over the updates");
     vm.wait_ticks(1);
     assert_eq!(vm.info()["updates"]["count"], 20);
     assert_connected(&vm.device(), 0);
