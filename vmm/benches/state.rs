@@ -28,6 +28,8 @@ fn boot(cpus: u8) -> Vmm {
         nets: Vec::new(),
         rng: false,
         cpu_template: Default::default(),
+        seccomp: Default::default(),
+        update_binaries: None,
     };
     vmm::boot(&config, Instant::now()).expect("boot").vmm
 }

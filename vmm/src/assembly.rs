@@ -58,6 +58,8 @@ pub fn assemble(
     book: Bookkeeping,
     started: Instant,
 ) -> Result<Runtime, Error> {
+    // Before any thread that gets a filter starts.
+    crate::seccomp::init(config.seccomp)?;
     let shared = Shared {
         exits: Arc::new(ExitNotifier::new().map_err(Error::EventLoop)?),
         serial_drained: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventLoop)?,

@@ -102,6 +102,8 @@ mod tests {
             nets: Vec::new(),
             rng: false,
             cpu_template: Default::default(),
+            seccomp: Default::default(),
+            update_binaries: None,
         }
     }
 

@@ -122,6 +122,19 @@ pub struct VmArgs {
     ])]
     pub restore: Option<crate::snapshot::RestoreConfig>,
 
+    /// Seccomp filters on molt's threads: on (a forbidden syscall kills molt with SIGSYS),
+    /// log (allowed, logged to the kernel audit log) or off. vCPU threads and the threads
+    /// that handle API clients and device emulation are filtered and can never execve; one
+    /// unfiltered thread executes live updates, so filters do not pile up across updates. A
+    /// live update keeps the VM's setting.
+    #[arg(long, value_name = "on|log|off", default_value = "on")]
+    pub seccomp: crate::seccomp::SeccompMode,
+
+    /// Allow vm.cpr-exec to execute only binaries under this directory (resolved to its
+    /// canonical path at start; a live update keeps it).
+    #[arg(long, value_name = "DIR")]
+    pub update_binaries: Option<PathBuf>,
+
     /// Log level for molt's own messages on stderr: error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,
@@ -149,6 +162,8 @@ impl VmArgs {
             nets: self.nets.clone(),
             rng: self.rng,
             cpu_template: self.cpu_template.resolve(),
+            seccomp: self.seccomp,
+            update_binaries: self.update_binaries.clone(),
         }
     }
 }

@@ -370,6 +370,14 @@ pub struct VmConfig {
     /// the VM keeps the template it booted with; a record without it is `host`.
     #[serde(default)]
     pub cpu_template: CpuTemplate,
+    /// Seccomp filters (`--seccomp`). Part of the live-update record, like the update policy
+    /// below: a client cannot drop them by naming other arguments for the next image.
+    #[serde(default)]
+    pub seccomp: crate::seccomp::SeccompMode,
+    /// `--update-binaries`: `vm.cpr-exec` only executes binaries under this directory
+    /// (canonical path).
+    #[serde(default)]
+    pub update_binaries: Option<PathBuf>,
 }
 
 #[cfg(test)]

@@ -78,6 +78,11 @@ impl Control {
 
     /// Runs until the VM ends; then flushes API responses and tears the VM down.
     pub fn run(mut self) -> VmExit {
+        if let Err(e) = self.confine() {
+            self.vmm.shutdown();
+            return VmExit::Error(crate::error_chain(&e));
+        }
+        crate::sd_notify::ready();
         let end = loop {
             if let Some(end) = self.vmm.ended() {
                 break end;
@@ -91,6 +96,7 @@ impl Control {
             };
             self.handle_batch(requests);
         };
+        crate::sd_notify::stopping();
         // Let responses already queued (e.g. to vm.shutdown) reach their clients.
         let deadline = Instant::now() + FINAL_FLUSH;
         while self.api.is_some() && Instant::now() < deadline {
@@ -100,6 +106,17 @@ impl Control {
         }
         self.vmm.shutdown();
         end
+    }
+
+    /// Starts the unfiltered launcher (it executes live updates), then filters this thread:
+    /// every thread it starts from now on inherits the filter (see [`crate::seccomp`]).
+    fn confine(&self) -> Result<(), Error> {
+        if crate::seccomp::mode() == crate::seccomp::SeccompMode::Off {
+            return Ok(());
+        }
+        crate::seccomp::launcher::start().map_err(crate::seccomp::SeccompError::Launcher)?;
+        crate::seccomp::apply(crate::seccomp::ThreadKind::Control)?;
+        Ok(())
     }
 
     fn handle_batch(&mut self, requests: Vec<(ConnId, ApiRequest)>) {

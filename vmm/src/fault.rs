@@ -64,6 +64,28 @@ pub fn inject(step: Step) -> Result<(), crate::Error> {
     }
 }
 
+/// `MOLT_TEST_SECCOMP=<thread>` (test build): the thread named (`vcpu`) makes a syscall its
+/// seccomp filter forbids, `socket()`, right after installing the filter.
+#[cfg(feature = "test-next")]
+pub fn forbidden_syscall(thread: &str) {
+    if std::env::var("MOLT_TEST_SECCOMP").as_deref() != Ok(thread) {
+        return;
+    }
+    log::warn!("injecting a forbidden syscall (socket) on a {thread} thread");
+    // SAFETY: socket() takes no pointers; the fd (if the filter only logs) is closed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd >= 0 {
+            libc::close(fd);
+        }
+    }
+}
+
+/// Makes a forbidden syscall if the test build was asked to (never, in this build).
+#[cfg(not(feature = "test-next"))]
+#[inline(always)]
+pub fn forbidden_syscall(_thread: &str) {}
+
 /// Fails here if the test build was asked to (never, in this build).
 #[cfg(not(feature = "test-next"))]
 #[inline(always)]

@@ -25,6 +25,8 @@ pub mod memory_persist;
 pub mod persist;
 pub mod pio;
 pub mod runtime;
+pub mod sd_notify;
+pub mod seccomp;
 pub mod serial_backend;
 pub mod snapshot;
 pub mod state;
@@ -111,6 +113,9 @@ pub enum Error {
     /// Creating an fd of the event loop (eventfd, signalfd) failed.
     #[error("event loop setup")]
     EventLoop(#[source] std::io::Error),
+    /// Seccomp filters.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     /// The event manager failed.
     #[error("event manager")]
     EventManager(#[source] event_manager::Error),

@@ -45,9 +45,18 @@ fn main() {
         };
         std::process::exit(code);
     }
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     if let Some(Command::Ctl(args)) = cli.command {
         std::process::exit(vmm::api::ctl::ctl_main(args));
+    }
+    if let Some(dir) = &cli.vm.update_binaries {
+        match update::target::allowed_dir(dir) {
+            Ok(canonical) => cli.vm.update_binaries = Some(canonical),
+            Err(e) => {
+                eprintln!("molt: error: --update-binaries: {}", vmm::error_chain(&e));
+                std::process::exit(1);
+            }
+        }
     }
     if let Some(path) = &cli.vm.incoming {
         init_logging(cli.vm.log_level);

@@ -275,6 +275,14 @@ impl VcpuLoop {
     }
 
     fn run(mut self) {
+        // The filter goes on before the first guest instruction runs.
+        if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
+            let why = format!("vcpu{}: {}", self.index, crate::error_chain(&e));
+            self.exits.end(VmExit::Error(why));
+            self.finish();
+            return;
+        }
+        crate::fault::forbidden_syscall("vcpu");
         KVM_RUN.with(|r| r.set(self.vcpu.get_kvm_run() as *mut kvm_run));
         let mut pending_io = false;
         loop {
@@ -306,6 +314,11 @@ impl VcpuLoop {
             }
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+        self.finish();
+    }
+
+    /// Reports the thread's end.
+    fn finish(&self) {
         let mut st = self.control.lock();
         st.current = VcpuRunState::Exiting;
         // Jobs queued after the last park are dropped, which wakes their waiters.

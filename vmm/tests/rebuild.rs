@@ -36,6 +36,8 @@ fn config(cpus: u8, serial: &Path) -> VmConfig {
         nets: Vec::new(),
         rng: false,
         cpu_template: Default::default(),
+        seccomp: Default::default(),
+        update_binaries: None,
     }
 }
 

@@ -62,6 +62,8 @@ fn restored_config(
     let mut config = snap.config.clone();
     config.serial = args.serial.clone();
     config.api_socket = args.api_socket.clone();
+    config.seccomp = args.seccomp;
+    config.update_binaries = args.update_binaries.clone();
     if let Some(huge) = opts.hugepages {
         config.memory.hugepages = huge;
         let aligned = snap

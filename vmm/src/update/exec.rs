@@ -113,11 +113,19 @@ impl ExecTransport<'_> {
     }
 }
 
+/// Executes on the unfiltered launcher thread (a seccomp filter on the exec'ing thread would
+/// be inherited by the new image).
 fn exec(target: &Path, argv: &[String], env: ExecEnv) -> UpdateError {
     let vars = env.apply(cpr::exec::clean_env());
-    match cpr::exec::exec_path(target, argv, vars) {
-        Err(e) => UpdateError::Exec(target.to_path_buf(), e),
-        Ok(never) => match never {},
+    let (path, argv) = (target.to_path_buf(), argv.to_vec());
+    let result = crate::seccomp::launcher::run(move || cpr::exec::exec_path(&path, &argv, vars));
+    match result {
+        Some(Err(e)) => UpdateError::Exec(target.to_path_buf(), e),
+        Some(Ok(never)) => match never {},
+        None => UpdateError::Exec(
+            target.to_path_buf(),
+            cpr::ExecError::Exec(std::io::Error::other("the launcher thread is gone")),
+        ),
     }
 }
 

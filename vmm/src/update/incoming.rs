@@ -317,6 +317,8 @@ pub fn exec_previous(env: &ExecEnv, exe: RawFd) -> i32 {
     let exe_fd = unsafe { BorrowedFd::borrow_raw(exe) };
     let vars = env.apply(cpr::exec::clean_env());
     let Err(e) = cpr::exec::exec_fd(exe_fd, &argv, vars);
+    // (No launcher is needed here: a rollback happens before this image filters any thread
+    // that executes.)
     eprintln!(
         "molt: error: the rollback to the previous binary failed: {}",
         crate::error_chain(&e)
@@ -346,6 +348,15 @@ fn warn_about_ignored_options(running: &crate::config::VmConfig) {
         (
             asked.serial != running.serial || asked.api_socket != running.api_socket,
             "--serial/--api-socket",
+        ),
+        (
+            asked.seccomp != running.seccomp
+                || asked
+                    .update_binaries
+                    .as_deref()
+                    .map(super::target::canonical_or_same)
+                    != running.update_binaries,
+            "--seccomp/--update-binaries",
         ),
     ];
     let ignored: Vec<&str> = differs

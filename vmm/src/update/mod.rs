@@ -23,6 +23,7 @@ pub mod holder;
 pub mod incoming;
 pub mod outgoing;
 mod sys;
+pub mod target;
 pub mod transfer_in;
 pub mod transfer_out;
 
@@ -41,6 +42,9 @@ pub enum UpdateError {
     /// The target binary is not usable.
     #[error("binary {0}: {1}")]
     BadTarget(PathBuf, &'static str),
+    /// The target binary is not trusted (see [`target`]).
+    #[error("binary {0} refused")]
+    Untrusted(PathBuf, #[source] target::TargetError),
     /// The fd limit is too small for the new image to take the fds over.
     #[error(
         "RLIMIT_NOFILE {limit} is too small for a live update: {open} fds are open and the new \
@@ -105,7 +109,7 @@ impl UpdateError {
     /// The HTTP status answering this error.
     pub fn status(&self) -> u16 {
         match self {
-            UpdateError::BadTarget(..) => 400,
+            UpdateError::BadTarget(..) | UpdateError::Untrusted(..) => 400,
             UpdateError::Exec(_, cpr::ExecError::Nul) => 400,
             UpdateError::Busy | UpdateError::FdLimit { .. } | UpdateError::Ending(_) => 409,
             UpdateError::Transfer(..) => 502,
@@ -114,9 +118,9 @@ impl UpdateError {
     }
 }
 
-/// Checks that `path` is an absolute path to an executable regular file, before anything is
-/// paused.
-pub fn validate_target(path: &Path) -> Result<PathBuf, UpdateError> {
+/// Checks that `path` is an absolute path to an executable regular file that molt may
+/// execute ([`target::check`], under `allowed` if set), before anything is paused.
+pub fn validate_target(path: &Path, allowed: Option<&Path>) -> Result<PathBuf, UpdateError> {
     let bad = |why| Err(UpdateError::BadTarget(path.to_path_buf(), why));
     if !path.is_absolute() {
         return bad("not an absolute path");
@@ -134,6 +138,7 @@ pub fn validate_target(path: &Path) -> Result<PathBuf, UpdateError> {
     if nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_err() {
         return bad("is not executable");
     }
+    target::check(path, allowed).map_err(|e| UpdateError::Untrusted(path.to_path_buf(), e))?;
     Ok(path.to_path_buf())
 }
 

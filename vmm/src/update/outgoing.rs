@@ -50,7 +50,8 @@ fn check_fd_budget() -> Result<(), UpdateError> {
 }
 
 fn plan(vmm: &Vmm, req: &CprExecRequest) -> Result<Plan, UpdateError> {
-    let target = validate_target(req.binary.as_ref().unwrap_or(&vmm.identity.exe))?;
+    let allowed = vmm.config().update_binaries.as_deref();
+    let target = validate_target(req.binary.as_ref().unwrap_or(&vmm.identity.exe), allowed)?;
     check_fd_budget()?;
     let argv = match &req.args {
         Some(args) => std::iter::once(target.display().to_string())
@@ -76,7 +77,9 @@ pub fn perform(
     // The memfds hold all of RAM only once a lazy restore has loaded it.
     crate::snapshot::lazy::wait_until_filled();
     // The guardian starts while the guest still runs; it gets the fds just before execve.
-    let guardian = Guardian::spawn()
+    // Started by the unfiltered launcher: a child of a filtered thread could not exec.
+    let guardian = crate::seccomp::launcher::run(Guardian::spawn)
+        .unwrap_or_else(|| Err(std::io::Error::other("the launcher thread is gone")))
         .map_err(|e| log::warn!("live update without a guardian: {e}"))
         .ok();
     // One update at a time: clients that ask for another meanwhile get 409 now; everything

@@ -184,6 +184,8 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
     }
     let resume_ms = t_resume.elapsed().as_secs_f64() * 1e3;
     let resumed_ns = now_ns();
+    // systemd learns the new main PID before the sender (the old one) exits.
+    crate::sd_notify::ready();
     let _ = chan.send(
         &Message::Committed {
             pid: std::process::id(),

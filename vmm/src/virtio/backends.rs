@@ -326,6 +326,8 @@ mod tests {
             nets: Vec::new(),
             rng: true,
             cpu_template: Default::default(),
+            seccomp: Default::default(),
+            update_binaries: None,
         }
     }
 
