@@ -83,7 +83,9 @@ pub struct VmArgs {
     pub serial: SerialConfig,
 
     /// A virtio-blk disk backed by FILE (repeatable): path=FILE[,readonly=on][,id=ID].
-    /// Requests are served with ordinary file I/O; flush is fdatasync.
+    /// Requests are served with ordinary file I/O; flush is fdatasync. Or
+    /// vhost_user=on,socket=PATH[,num_queues=N][,id=ID]: a vhost-user-blk backend listening on
+    /// PATH serves the requests (it keeps running across live updates).
     #[arg(long = "disk", value_name = "path=FILE[,readonly=on]")]
     pub disks: Vec<DiskConfig>,
 

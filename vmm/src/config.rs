@@ -171,10 +171,11 @@ impl FromStr for SerialConfig {
     }
 }
 
-/// `--disk path=FILE[,readonly=on][,id=ID]`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `--disk path=FILE[,readonly=on][,id=ID]` or
+/// `--disk vhost_user=on,socket=PATH[,num_queues=N][,id=ID]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
-    /// Backing file.
+    /// Backing file (the backend's socket with `vhost_user`).
     pub path: PathBuf,
     /// Refuse guest writes.
     #[serde(default)]
@@ -182,7 +183,16 @@ pub struct DiskConfig {
     /// Serial number the guest reads with GET_ID (default: the file name).
     #[serde(default)]
     pub id: Option<String>,
+    /// The data path is a vhost-user backend listening on `path`.
+    #[serde(default)]
+    pub vhost_user: bool,
+    /// Request queues (vhost-user only; default 1).
+    #[serde(default)]
+    pub num_queues: Option<u16>,
 }
+
+/// Most request queues a vhost-user disk may have.
+pub const MAX_DISK_QUEUES: u16 = 8;
 
 impl FromStr for DiskConfig {
     type Err = ConfigError;
@@ -194,22 +204,54 @@ impl FromStr for DiskConfig {
             why,
         };
         let (mut path, mut readonly, mut id) = (None, false, None);
+        let (mut vhost_user, mut socket, mut num_queues) = (false, None, None);
         for part in s.split(',').filter(|p| !p.is_empty()) {
             match part.split_once('=') {
                 Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
+                Some(("vhost_user", v)) => vhost_user = on_off("--disk", "vhost_user", v)?,
+                Some(("socket", v)) if !v.is_empty() => socket = Some(PathBuf::from(v)),
+                Some(("num_queues", v)) => match v.parse::<u16>() {
+                    Ok(n) if (1..=MAX_DISK_QUEUES).contains(&n) => num_queues = Some(n),
+                    _ => return Err(bad(format!("num_queues must be 1 to {MAX_DISK_QUEUES}"))),
+                },
                 Some(("readonly", v)) => readonly = on_off("--disk", "readonly", v)?,
                 Some(("id", v)) if !v.is_empty() && v.len() <= 20 => id = Some(v.to_string()),
                 Some(("id", _)) => return Err(bad("id must be 1 to 20 characters".into())),
                 Some((k, _)) => {
                     return Err(bad(format!(
-                        "unknown or empty key '{k}' (expected path, readonly, id)"
+                        "unknown or empty key '{k}' (expected path, readonly, id, \
+                         vhost_user, socket, num_queues)"
                     )))
                 }
                 None => return Err(bad(format!("'{part}' is not key=value"))),
             }
         }
+        if vhost_user {
+            if path.is_some() || readonly {
+                return Err(bad(
+                    "a vhost_user disk takes socket=PATH; path and readonly are the backend's"
+                        .into(),
+                ));
+            }
+            let path = socket.ok_or_else(|| bad("socket=PATH is required".into()))?;
+            return Ok(Self {
+                path,
+                readonly,
+                id,
+                vhost_user,
+                num_queues,
+            });
+        }
+        if socket.is_some() || num_queues.is_some() {
+            return Err(bad("socket and num_queues need vhost_user=on".into()));
+        }
         let path = path.ok_or_else(|| bad("path=FILE is required".into()))?;
-        Ok(Self { path, readonly, id })
+        Ok(Self {
+            path,
+            readonly,
+            id,
+            ..Self::default()
+        })
     }
 }
 
@@ -377,6 +419,24 @@ mod tests {
         assert_eq!((d.path.to_str(), d.readonly), (Some("/tmp/a.img"), true));
         assert!("readonly=on".parse::<DiskConfig>().is_err());
         assert!("path=/x,size=1G".parse::<DiskConfig>().is_err());
+        let v: DiskConfig = "vhost_user=on,socket=/tmp/s,num_queues=2,id=v0"
+            .parse()
+            .unwrap();
+        assert!(v.vhost_user);
+        assert_eq!(v.path, PathBuf::from("/tmp/s"));
+        assert_eq!(v.num_queues, Some(2));
+        assert_eq!(v.id.as_deref(), Some("v0"));
+        for bad in [
+            "vhost_user=on",
+            "vhost_user=on,socket=/s,path=/x",
+            "vhost_user=on,socket=/s,readonly=on",
+            "vhost_user=on,socket=/s,num_queues=0",
+            "vhost_user=on,socket=/s,num_queues=99",
+            "path=/x,socket=/s",
+            "path=/x,num_queues=2",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+        }
         let n: NetConfig = "tap=tap0,mac=02:00:00:00:00:01".parse().unwrap();
         assert_eq!(n.backend, NetBackend::Tap("tap0".into()));
         assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 1]));

@@ -35,8 +35,14 @@ pub enum FdRole {
     ApiListener,
     /// An open API connection.
     ApiConn(ConnId),
-    /// The backend (disk image, tap) of virtio device `i`.
+    /// The backend (disk image, tap, vhost-user socket) of virtio device `i`.
     DeviceBacking(usize),
+    /// The call eventfd (its irqfd) of vhost-user device `i`.
+    VhostCall(usize),
+    /// The kick eventfd (ioeventfd) of queue `q` of vhost-user device `i`.
+    VhostKick(usize, usize),
+    /// The inflight-tracking memory vhost-user device `i`'s backend shares.
+    VhostInflight(usize),
 }
 
 impl fmt::Display for FdRole {
@@ -52,6 +58,9 @@ impl fmt::Display for FdRole {
             FdRole::ApiListener => f.write_str("api-listener"),
             FdRole::ApiConn(id) => write!(f, "api-conn-{id}"),
             FdRole::DeviceBacking(i) => write!(f, "virtio{i}"),
+            FdRole::VhostCall(i) => write!(f, "vhost{i}-call"),
+            FdRole::VhostKick(i, q) => write!(f, "vhost{i}-kick{q}"),
+            FdRole::VhostInflight(i) => write!(f, "vhost{i}-inflight"),
         }
     }
 }
@@ -82,12 +91,25 @@ impl FromStr for FdRole {
                     FdRole::Ram(i)
                 } else if let Some(i) = index("virtio") {
                     FdRole::DeviceBacking(i)
+                } else if let Some(role) = vhost_role(s) {
+                    role
                 } else {
                     return Err(UnknownRole(s.to_string()));
                 }
             }
         })
     }
+}
+
+/// `vhost{i}-call`, `vhost{i}-kick{q}`, `vhost{i}-inflight`.
+fn vhost_role(s: &str) -> Option<FdRole> {
+    let (i, what) = s.strip_prefix("vhost")?.split_once('-')?;
+    let i = i.parse().ok()?;
+    Some(match what {
+        "call" => FdRole::VhostCall(i),
+        "inflight" => FdRole::VhostInflight(i),
+        _ => FdRole::VhostKick(i, what.strip_prefix("kick")?.parse().ok()?),
+    })
 }
 
 /// Errors saving or restoring a part.
@@ -217,11 +239,16 @@ mod tests {
             FdRole::ApiListener,
             FdRole::ApiConn(7),
             FdRole::DeviceBacking(3),
+            FdRole::VhostCall(2),
+            FdRole::VhostKick(2, 1),
+            FdRole::VhostInflight(4),
         ];
         for r in roles {
             assert_eq!(r.to_string().parse::<FdRole>().unwrap(), r);
         }
         assert!("ram".parse::<FdRole>().is_err());
         assert!("disk0".parse::<FdRole>().is_err());
+        assert!("vhost1-kick".parse::<FdRole>().is_err());
+        assert!("vhost-call".parse::<FdRole>().is_err());
     }
 }

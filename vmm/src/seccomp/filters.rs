@@ -58,11 +58,15 @@ const COMMON: &[i64] = &[
 /// `sendto`: std writes to a unix stream socket with `send(MSG_NOSIGNAL)` (serial socket).
 /// `read`: the i8042 model's reset eventfd is read back after a guest write to it.
 /// `fcntl(F_GETFD)` only: std checks that an fd is open before it closes it (debug builds).
+/// `sendmsg`/`recvmsg`: a vhost-user disk's DRIVER_OK and reset reach its backend from the
+/// vCPU thread, over the already connected socket (memfds and eventfds passed as SCM_RIGHTS).
 const VCPU: &[i64] = &[
     libc::SYS_read,
     libc::SYS_ioctl,
     libc::SYS_fcntl,
     libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
 ];
 
 /// The main thread and the threads it starts: everything above plus files (disks, snapshot

@@ -11,13 +11,14 @@
 //! handoff.
 
 mod backends;
+pub mod vhost_user;
 
 pub use backends::BackendsState;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::virtio::{
     Block, MmioState, MmioTransport, ModelState, Net, Rng, VirtioDevice, MMIO_WINDOW_SIZE,
@@ -30,6 +31,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Interrupt of the first device (IRQ 4 is the serial port).
 pub const VIRTIO_FIRST_GSI: u32 = 5;
+/// Offset of the InterruptStatus register in a device's window.
+const INTERRUPT_STATUS: u64 = 0x60;
+/// InterruptStatus bit "used buffer".
+const VIRTIO_MMIO_INT_VRING: u8 = 1;
 /// Devices the IOAPIC's 24 pins leave room for.
 pub const MAX_VIRTIO_DEVICES: usize = 24 - VIRTIO_FIRST_GSI as usize;
 
@@ -54,6 +59,9 @@ pub enum VirtioSetupError {
     /// The backends cannot be taken over from a handoff.
     #[error("cannot take over the virtio backends")]
     Persist(#[from] crate::persist::PersistError),
+    /// A vhost-user backend cannot be used.
+    #[error("vhost-user disk {0}")]
+    VhostUser(usize, #[source] vhost_user::VhostUserError),
     /// eventfd creation.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
@@ -80,15 +88,8 @@ pub enum VirtioKind {
     Net,
     /// virtio-rng.
     Rng,
-}
-
-impl VirtioKind {
-    fn queues(self) -> usize {
-        match self {
-            VirtioKind::Net => 2,
-            VirtioKind::Block | VirtioKind::Rng => 1,
-        }
-    }
+    /// virtio-blk served by a vhost-user backend.
+    VhostUserBlock,
 }
 
 /// One device: its place, its eventfds, its backend, its transport.
@@ -107,6 +108,8 @@ pub struct VirtioSlot {
     id: String,
     mac: [u8; 6],
     transport: Mutex<Option<MmioTransport>>,
+    /// The backend connection of a vhost-user device.
+    vhost: Option<Arc<vhost_user::Connection>>,
 }
 
 /// State of one device in a `VmState`.
@@ -126,6 +129,9 @@ pub struct DeviceInfo {
     /// Requests its host backend failed (disks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub io_errors: Option<u64>,
+    /// The backend connection of a vhost-user device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vhost_user: Option<vhost_user::ConnectionInfo>,
 }
 
 /// All virtio devices of the VMM.
@@ -133,6 +139,9 @@ pub struct Virtio {
     /// The devices, in window order.
     pub slots: Vec<VirtioSlot>,
     quiesced: AtomicBool,
+    /// The KVM VM the devices are attached to (borrowed between `attach` and `detach`), and
+    /// whether the vhost-user devices' call eventfds are bound in it.
+    vm: Mutex<Option<(RawFd, bool)>>,
 }
 
 fn eventfd() -> Result<EventFd, VirtioSetupError> {
@@ -176,6 +185,13 @@ impl Virtio {
             }
             (VirtioKind::Net, Some(ModelState::Net(s))) => {
                 Box::new(Net::from_state(s, backing()?).map_err(|e| err(e.into()))?)
+            }
+            (VirtioKind::VhostUserBlock, None | Some(ModelState::Block(_))) => {
+                let conn = slot
+                    .vhost
+                    .clone()
+                    .ok_or_else(|| err("the device has no backend connection".into()))?;
+                Box::new(vhost_user::VhostUserBlk::new(conn, slot.id.clone()))
             }
             (VirtioKind::Rng, None) => Box::new(Rng::new()),
             (VirtioKind::Rng, Some(ModelState::Rng(s))) => Box::new(Rng::from_state(s)),
@@ -225,8 +241,17 @@ impl Virtio {
                 Some(s) => MmioTransport::from_state(&s.mmio, device, mem.clone(), raise)
                     .map_err(|e| VirtioSetupError::Device(i, e.into()))?,
             };
-            vm.register_irqfd(&slot.irq, slot.gsi)
-                .map_err(|e| VirtioSetupError::Kvm(i, e))?;
+            if slot.vhost.is_some() {
+                vhost_user::irqfd::set(vm.as_raw_fd(), &slot.irq, slot.gsi, true).map_err(|e| {
+                    VirtioSetupError::Kvm(
+                        i,
+                        kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+                    )
+                })?;
+            } else {
+                vm.register_irqfd(&slot.irq, slot.gsi)
+                    .map_err(|e| VirtioSetupError::Kvm(i, e))?;
+            }
             for (q, evt) in slot.notify.iter().enumerate() {
                 let addr = IoEventAddress::Mmio(slot.base + MmioTransport::NOTIFY_OFFSET);
                 vm.register_ioevent(evt, &addr, q as u32)
@@ -234,14 +259,35 @@ impl Virtio {
             }
             *lock(&slot.transport) = Some(transport);
         }
+        *lock(&self.vm) = Some((vm.as_raw_fd(), true));
         Ok(())
     }
 
     /// Drops the transports (before the KVM VM they were wired to goes away).
     pub fn detach(&self) {
+        self.bind_vhost_irqfds(false);
+        *lock(&self.vm) = None;
         for slot in &self.slots {
             *lock(&slot.transport) = None;
         }
+    }
+
+    /// Binds or unbinds the vhost-user devices' call eventfds in the current VM (see
+    /// [`vhost_user::irqfd`]).
+    fn bind_vhost_irqfds(&self, bind: bool) {
+        let mut vm = lock(&self.vm);
+        let Some((fd, bound)) = vm.as_mut() else {
+            return;
+        };
+        if *bound == bind {
+            return;
+        }
+        for slot in self.slots.iter().filter(|s| s.vhost.is_some()) {
+            if let Err(e) = vhost_user::irqfd::set(*fd, &slot.irq, slot.gsi, bind) {
+                log::error!("vhost-user: irqfd of GSI {} (bind {bind}): {e}", slot.gsi);
+            }
+        }
+        *bound = bind;
     }
 
     /// The devices' state (call with the vCPUs paused and the devices quiesced).
@@ -267,6 +313,7 @@ impl Virtio {
                     Some(ModelState::Block(b)) => Some(b.io_errors),
                     _ => None,
                 },
+                vhost_user: s.vhost.as_ref().map(|c| c.info()),
             })
             .collect()
     }
@@ -275,6 +322,15 @@ impl Virtio {
     /// the guest queued meanwhile, as its notifications were not acted on.
     pub fn quiesce(&self, stop: bool) {
         self.quiesced.store(stop, Ordering::SeqCst);
+        if stop {
+            self.bind_vhost_irqfds(false);
+        }
+        for conn in self.slots.iter().filter_map(|s| s.vhost.as_ref()) {
+            conn.set_quiesced(stop);
+        }
+        if !stop {
+            self.bind_vhost_irqfds(true);
+        }
         if !stop {
             for slot in &self.slots {
                 if let Some(t) = lock(&slot.transport).as_mut() {
@@ -299,6 +355,11 @@ impl Virtio {
             Some(t) => t.read(offset, data),
             None => data.fill(0),
         }
+        if slot.vhost.is_some() && offset == INTERRUPT_STATUS && data.len() == 4 {
+            // The backend raises the interrupt itself (call eventfd into the irqfd), so the
+            // transport never learns of used buffers: the driver always checks its rings.
+            data[0] |= VIRTIO_MMIO_INT_VRING;
+        }
         true
     }
 
@@ -321,6 +382,10 @@ impl Virtio {
     pub fn watched_fds(&self) -> Vec<(RawFd, usize, Option<usize>)> {
         let mut fds = Vec::new();
         for (i, slot) in self.slots.iter().enumerate() {
+            if slot.vhost.is_some() {
+                // The backend reads these kicks.
+                continue;
+            }
             for (q, evt) in slot.notify.iter().enumerate() {
                 fds.push((evt.as_raw_fd(), i, Some(q)));
             }
@@ -361,6 +426,8 @@ pub fn pending_requests(states: &[SlotState], mem: &arch::GuestMemory) -> u64 {
     use vm_memory::{Bytes, GuestAddress};
     states
         .iter()
+        // A vhost-user backend's progress is its own; molt's copy of the indices is stale.
+        .filter(|s| s.kind != VirtioKind::VhostUserBlock)
         .flat_map(|s| s.mmio.queues.iter())
         .filter(|q| q.ready)
         .filter_map(|q| {

@@ -1,0 +1,425 @@
+//! vhost-user disks served by qemu-storage-daemon: the guest's disk records continue through
+//! cpr-exec updates and cpr-transfers while the backend keeps its one connection, and a
+//! backend that dies and comes back costs the guest nothing but the requests it had taken.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use molt_tests::api::{self, Reply};
+use molt_tests::{guest_lines, molt_bin, GuestLine, Molt, TempDir};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+const QSD: &str = "qemu-storage-daemon";
+
+/// A qemu-storage-daemon exporting one image as vhost-user-blk; killed when dropped.
+struct Backend {
+    child: Child,
+    image: PathBuf,
+    socket: PathBuf,
+}
+
+impl Backend {
+    /// Starts the daemon, or says why the test cannot run.
+    fn start(dir: &TempDir) -> Option<Backend> {
+        let found = Command::new(QSD)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            molt_tests::skip(
+                "vhost-user tests",
+                "qemu-storage-daemon is not installed (Debian package qemu-utils)",
+            );
+            return None;
+        }
+        let image = dir.join("disk.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(8 << 20))
+            .unwrap();
+        Some(Backend::serve(image, dir.join("vhost.sock")))
+    }
+
+    fn serve(image: PathBuf, socket: PathBuf) -> Backend {
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(QSD)
+            .args([
+                "--blockdev",
+                &format!(
+                    "driver=file,node-name=disk,filename={}",
+                    image.display()
+                ),
+                "--export",
+                &format!(
+                    "type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path={},writable=on",
+                    socket.display()
+                ),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + WAIT;
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "{QSD} never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Backend {
+            child,
+            image,
+            socket,
+        }
+    }
+
+    /// The daemon's open unix sockets (inodes): its listener and every connection it
+    /// accepted and still holds. A reconnection would show up as a new inode.
+    fn sockets(&self) -> BTreeSet<String> {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|l| l.display().to_string())
+            .filter(|l| l.starts_with("socket:"))
+            .collect()
+    }
+
+    fn kill(mut self) -> (PathBuf, PathBuf) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        (self.image.clone(), self.socket.clone())
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A VM with a vhost-user disk, its console in a file (the file travels with the VM).
+struct Vm {
+    first: Molt,
+    receivers: Vec<Molt>,
+    api: PathBuf,
+    console: PathBuf,
+    dir: TempDir,
+}
+
+impl Vm {
+    fn start(dir: TempDir, backend: &Backend) -> Vm {
+        let api = dir.join("api.sock");
+        let console = dir.join("console.log");
+        let disk = format!("vhost_user=on,socket={}", backend.socket.display());
+        let args = [
+            "--api-socket".to_string(),
+            api.display().to_string(),
+            "--serial".into(),
+            format!("file={}", console.display()),
+            "--disk".into(),
+            disk,
+            "--cmdline".into(),
+            "molt.memtest=4 molt.blk=on".into(),
+        ];
+        let first = Molt::spawn(&args);
+        api::wait_ready(&api, WAIT);
+        let vm = Vm {
+            first,
+            receivers: Vec::new(),
+            api,
+            console,
+            dir,
+        };
+        vm.wait_records(3);
+        vm
+    }
+
+    fn console(&self) -> String {
+        let mut text = std::fs::read_to_string(&self.console).unwrap_or_default();
+        text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
+        text
+    }
+
+    fn lines(&self) -> Vec<GuestLine> {
+        guest_lines(self.console().lines())
+    }
+
+    fn last(&self, kind: &str, key: &str) -> u64 {
+        self.lines()
+            .iter()
+            .filter(|l| l.kind == kind && l.get(key).is_some() && !l.has("FAIL"))
+            .map(|l| l.num(key))
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn wait_for(&self, kind: &str, key: &str, more: u64) {
+        let target = self.last(kind, key) + more;
+        let deadline = Instant::now() + WAIT;
+        while self.last(kind, key) < target {
+            assert!(
+                Instant::now() < deadline,
+                "no {kind} {key}={target}:\n{}",
+                self.tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_records(&self, more: u64) {
+        self.wait_for("blk", "n", more);
+    }
+
+    fn wait_ticks(&self, more: u64) {
+        self.wait_for("tick", "n", more);
+    }
+
+    fn tail(&self) -> String {
+        let text = self.console();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    fn info(&self) -> Value {
+        let r = api::get(&self.api, "vm.info");
+        assert_eq!(r.status, 200, "{r:?}");
+        r.body
+    }
+
+    fn device(&self) -> Value {
+        self.info()["devices"][0]["vhost_user"].clone()
+    }
+
+    fn cpr_exec(&self) -> Reply {
+        let body = format!(r#"{{"binary": "{}"}}"#, molt_bin().display());
+        api::put(&self.api, "vm.cpr-exec", &body)
+    }
+
+    fn transfer(&mut self) -> Reply {
+        let socket = self.dir.join(&format!("in{}.sock", self.receivers.len()));
+        let args = ["--incoming".to_string(), socket.display().to_string()];
+        self.receivers.push(Molt::spawn(&args));
+        let deadline = Instant::now() + WAIT;
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the receiver never listened");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let body = format!(r#"{{"socket": "{}"}}"#, socket.display());
+        api::put(&self.api, "vm.cpr-transfer", &body)
+    }
+
+    /// Every completed record exactly once, in order, from 1; nothing failed.
+    fn assert_records_continuous(&self) {
+        let text = self.console();
+        assert!(!text.contains("FAIL"), "{text}");
+        let records: Vec<u64> = guest_lines(text.lines())
+            .iter()
+            .filter(|l| l.kind == "blk" && l.get("n").is_some())
+            .map(|l| l.num("n"))
+            .collect();
+        assert!(records.len() > 10, "too few disk records:\n{text}");
+        for (i, n) in records.iter().enumerate() {
+            assert_eq!(*n, i as u64 + 1, "disk records out of sequence");
+        }
+        let boots = guest_lines(text.lines())
+            .iter()
+            .filter(|l| l.kind == "boot")
+            .count();
+        assert_eq!(boots, 1, "{text}");
+    }
+
+    fn shutdown(self) {
+        assert_eq!(api::put(&self.api, "vm.shutdown", "{}").status, 204);
+        let out = self.first.finish(WAIT);
+        assert_eq!(out.code(), Some(0), "{}", out.describe());
+        for r in self.receivers {
+            let out = r.finish(WAIT);
+            assert!(out.code().is_some(), "{}", out.describe());
+            out.assert_no_panic();
+        }
+    }
+}
+
+fn assert_connected(device: &Value, reconnects: u64) {
+    assert_eq!(device["state"], "connected", "{device}");
+    assert_eq!(device["reconnects"], reconnects, "{device}");
+}
+
+#[test]
+fn disk_records_continue_through_twenty_updates_on_one_backend_connection() {
+    let dir = TempDir::new("vhost-exec");
+    let Some(backend) = Backend::start(&dir) else {
+        return;
+    };
+    let vm = Vm::start(dir, &backend);
+    let sockets = backend.sockets();
+    assert_eq!(sockets.len(), 2, "listener and one connection: {sockets:?}");
+    let pid = vm.info()["pid"].clone();
+    let mut fds = Vec::new();
+    for i in 0..20 {
+        let r = vm.cpr_exec();
+        assert_eq!(r.status, 200, "update {i}: {r:?}");
+        assert_eq!(r.body["pid"], pid);
+        vm.wait_records(2);
+        if i == 0 || i == 19 {
+            // No API request in flight while the fds are listed.
+            std::thread::sleep(Duration::from_millis(500));
+            fds.push(molt_tests::host::fd_kinds(pid.as_u64().unwrap()));
+        }
+    }
+    assert_eq!(fds[0], fds[1], "molt's fds grew over the updates");
+    vm.wait_ticks(1);
+    assert_eq!(vm.info()["updates"]["count"], 20);
+    assert_connected(&vm.device(), 0);
+    assert_eq!(
+        backend.sockets(),
+        sockets,
+        "the backend saw another connection"
+    );
+    vm.assert_records_continuous();
+    vm.shutdown();
+}
+
+#[test]
+fn disk_records_continue_through_transfers_and_updates_on_one_backend_connection() {
+    let dir = TempDir::new("vhost-transfer");
+    let Some(backend) = Backend::start(&dir) else {
+        return;
+    };
+    let mut vm = Vm::start(dir, &backend);
+    let sockets = backend.sockets();
+    for i in 0..3 {
+        let r = vm.transfer();
+        assert_eq!(r.status, 200, "transfer {i}: {r:?}");
+        assert_eq!(r.body["mode"], "transfer");
+        vm.wait_records(2);
+        let r = vm.cpr_exec();
+        assert_eq!(r.status, 200, "update after transfer {i}: {r:?}");
+        vm.wait_records(2);
+    }
+    assert_eq!(vm.info()["updates"]["count"], 6);
+    assert_connected(&vm.device(), 0);
+    assert_eq!(
+        backend.sockets(),
+        sockets,
+        "the backend saw another connection"
+    );
+    vm.assert_records_continuous();
+    vm.shutdown();
+}
+
+#[test]
+fn a_backend_that_dies_and_comes_back_is_reconnected_and_the_guest_keeps_running() {
+    let dir = TempDir::new("vhost-restart");
+    let Some(backend) = Backend::start(&dir) else {
+        return;
+    };
+    let vm = Vm::start(dir, &backend);
+    let (image, socket) = backend.kill();
+    // The guest keeps ticking while its disk does not answer.
+    vm.wait_ticks(2);
+    let device = vm.device();
+    assert_eq!(device["state"], "disconnected", "{device}");
+    let stalled = vm.last("blk", "n");
+    vm.wait_ticks(1);
+    assert_eq!(vm.last("blk", "n"), stalled, "records without a backend");
+    // An update while the backend is away carries the disconnected device along.
+    let r = vm.cpr_exec();
+    assert_eq!(r.status, 200, "{r:?}");
+    vm.wait_ticks(1);
+    assert_eq!(vm.device()["state"], "disconnected");
+    let backend = Backend::serve(image, socket);
+    vm.wait_records(5);
+    let device = vm.device();
+    assert_connected(&device, 1);
+    // And the new session survives updates as the first one did.
+    let sockets = backend.sockets();
+    for _ in 0..3 {
+        let r = vm.cpr_exec();
+        assert_eq!(r.status, 200, "{r:?}");
+        vm.wait_records(2);
+    }
+    assert_connected(&vm.device(), 1);
+    assert_eq!(
+        backend.sockets(),
+        sockets,
+        "the backend saw another connection"
+    );
+    // Each record at most once and in order; a request the dead backend had taken reached
+    // the guest as an I/O error, never as silence.
+    let lines = vm.lines();
+    let records: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.kind == "blk" && l.get("n").is_some() && l.has("ok"))
+        .map(|l| l.num("n"))
+        .collect();
+    assert!(
+        records.windows(2).all(|w| w[1] == w[0] + 1),
+        "records: {records:?}"
+    );
+    let failures: Vec<&GuestLine> = lines.iter().filter(|l| l.has("FAIL")).collect();
+    assert!(
+        failures.iter().all(|l| l.raw.contains("status=1")),
+        "{failures:?}"
+    );
+    assert!(
+        failures.len() as u64 <= device["failed_requests"].as_u64().unwrap(),
+        "{failures:?} {device}"
+    );
+    vm.shutdown();
+    drop(backend);
+}
+
+/// A fake backend: answers SET_OWNER silently and GET_FEATURES with `reply`.
+fn fake_backend(socket: &Path, reply: Vec<u8>) -> std::thread::JoinHandle<()> {
+    let listener = UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        let mut header = [0u8; 12];
+        while s.read_exact(&mut header).is_ok() {
+            let size = u32::from_le_bytes(header[8..12].try_into().unwrap());
+            let mut body = vec![0u8; size as usize];
+            if s.read_exact(&mut body).is_err() {
+                return;
+            }
+            if header[0] == 1 {
+                let _ = s.write_all(&reply);
+            }
+        }
+    })
+}
+
+#[test]
+fn a_backend_that_talks_garbage_or_lacks_features_is_a_clear_error() {
+    let dir = TempDir::new("vhost-garbage");
+    let run = |socket: &Path| {
+        molt_tests::run(&[
+            "--disk".to_string(),
+            format!("vhost_user=on,socket={}", socket.display()),
+        ])
+    };
+    let missing = run(&dir.join("nobody.sock"));
+    missing.assert_error(&["vhost-user", "cannot connect", "nobody.sock"]);
+
+    let garbage = dir.join("garbage.sock");
+    let fake = fake_backend(&garbage, b"\xde\xad\xbe\xef garbage garbage".to_vec());
+    run(&garbage).assert_error(&["vhost-user", "GET_FEATURES"]);
+    fake.join().unwrap();
+
+    // A well-formed reply offering only features molt does not know (no VERSION_1).
+    let odd = dir.join("odd.sock");
+    let mut reply = Vec::new();
+    for v in [1u32, 0x5, 8] {
+        reply.extend_from_slice(&v.to_le_bytes());
+    }
+    reply.extend_from_slice(&0xfff0_0000_ffffu64.to_le_bytes());
+    let fake = fake_backend(&odd, reply);
+    run(&odd).assert_error(&["vhost-user", "VIRTIO_F_VERSION_1"]);
+    fake.join().unwrap();
+}

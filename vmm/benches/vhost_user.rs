@@ -1,0 +1,153 @@
+//! Benchmark (not a test): the guest's disk records with the built-in virtio-blk and with a
+//! vhost-user disk served by qemu-storage-daemon, across live updates. For each it prints the
+//! record rate, the longest gap between two completed records around each update (records
+//! as molt's stdout delivers them), and the update's pause.
+//!
+//! `cargo bench -p molt-vmm --bench vhost_user [-- --updates N]` (MOLT_BIN picks the binary).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use molt_tests::{api, molt_bin, GuestLine, Molt, Stream, TempDir};
+
+const WAIT: Duration = Duration::from_secs(60);
+/// Records are counted over this long before the updates.
+const RATE_WINDOW: Duration = Duration::from_secs(3);
+/// Time between two updates.
+const SPACING: Duration = Duration::from_millis(700);
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_daemon(image: &Path, socket: &Path) -> Option<Daemon> {
+    let child = Command::new("qemu-storage-daemon")
+        .args([
+            "--blockdev",
+            &format!("driver=file,node-name=disk,filename={}", image.display()),
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path={},writable=on",
+                socket.display()
+            ),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .ok()?;
+    let daemon = Daemon(child);
+    let deadline = Instant::now() + WAIT;
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Some(daemon)
+}
+
+/// Arrival times of the completed-record lines.
+fn record_times(molt: &Molt) -> Vec<Instant> {
+    molt.lines()
+        .iter()
+        .filter(|l| l.stream == Stream::Stdout)
+        .filter(|l| {
+            GuestLine::parse(&l.text)
+                .is_some_and(|g| g.kind == "blk" && g.get("n").is_some() && g.has("ok"))
+        })
+        .map(|l| l.at)
+        .collect()
+}
+
+fn run(name: &str, disk: &str, updates: usize, dir: &TempDir) {
+    let socket = dir.join(&format!("{name}.api"));
+    let mut molt = Molt::spawn(&[
+        "--api-socket",
+        &socket.display().to_string(),
+        "--disk",
+        disk,
+        "--cmdline",
+        "molt.memtest=0 molt.blk=on",
+    ]);
+    api::wait_ready(&socket, WAIT);
+    molt.wait_stdout("blk n=1 ok", WAIT);
+    let start = Instant::now();
+    molt.collect_for(RATE_WINDOW);
+    let rate = record_times(&molt).iter().filter(|t| **t >= start).count() as f64
+        / RATE_WINDOW.as_secs_f64();
+    let (mut gaps, mut pauses) = (Vec::new(), Vec::new());
+    for _ in 0..updates {
+        let before = Instant::now();
+        let body = format!(r#"{{"binary": "{}"}}"#, molt_bin().display());
+        let r = api::put(&socket, "vm.cpr-exec", &body);
+        let after = Instant::now();
+        assert_eq!(r.status, 200, "{r:?}");
+        pauses.push(r.body["pause_ms"].as_f64().unwrap_or(f64::NAN));
+        molt.collect_for(SPACING);
+        // The longest gap between records that spans the update's request.
+        let times = record_times(&molt);
+        let gap = times
+            .windows(2)
+            .filter(|w| w[1] >= before && w[0] <= after)
+            .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+            .fold(0.0, f64::max);
+        gaps.push(gap);
+    }
+    assert_eq!(api::put(&socket, "vm.shutdown", "{}").status, 204);
+    let out = molt.finish(WAIT);
+    let failed = out.stdout().iter().filter(|l| l.contains("FAIL")).count();
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let (gap_max, pause_max) = (max(&gaps), max(&pauses));
+    println!(
+        "| {name} | {rate:.0} | {:.2} / {gap_max:.2} ms | {:.2} / {pause_max:.2} ms | {failed} |",
+        median(&mut gaps),
+        median(&mut pauses),
+    );
+}
+
+fn main() {
+    let updates: usize = std::env::args()
+        .skip_while(|a| a != "--updates")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let dir = TempDir::new("bench-vhost");
+    let (file_img, vu_img, vu_sock) = (
+        dir.join("file.img"),
+        dir.join("vu.img"),
+        dir.join("vu.sock"),
+    );
+    for img in [&file_img, &vu_img] {
+        std::fs::File::create(img)
+            .and_then(|f| f.set_len(64 << 20))
+            .expect("disk image");
+    }
+    println!("| disk | records/s | record gap across an update p50 / max | update pause p50 / max | guest failures |");
+    println!("|---|---:|---:|---:|---:|");
+    run(
+        "built-in virtio-blk",
+        &format!("path={}", file_img.display()),
+        updates,
+        &dir,
+    );
+    let Some(_daemon) = start_daemon(&vu_img, &vu_sock) else {
+        println!("SKIPPED: vhost-user: qemu-storage-daemon (Debian qemu-utils) cannot run");
+        return;
+    };
+    run(
+        "vhost-user (qemu-storage-daemon)",
+        &format!("vhost_user=on,socket={}", vu_sock.display()),
+        updates,
+        &dir,
+    );
+}
