@@ -302,6 +302,18 @@ fn disk_records_continue_through_transfers_and_updates_on_one_backend_connection
         vm.wait_records(2);
     }
     assert_eq!(vm.info()["updates"]["count"], 6);
+    // A snapshot would not hold the backend's requests: refused, and the guest runs on.
+    let snap = vm.dir.join("snap");
+    let r = api::put(
+        &vm.api,
+        "vm.snapshot",
+        &format!(r#"{{"path": "{}"}}"#, snap.display()),
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.body.to_string().contains("vhost-user"), "{r:?}");
+    assert!(!snap.exists(), "a refused snapshot left {}", snap.display());
+    assert_eq!(vm.info()["state"], "running");
+    vm.wait_records(2);
     assert_connected(&vm.device(), 0);
     assert_eq!(
         backend.sockets(),

@@ -233,6 +233,13 @@ pub enum SnapshotError {
     /// Another snapshot or a live update is running.
     #[error("a snapshot is being written; try again when it is done")]
     Busy,
+    /// A disk's data path is outside molt: its backend keeps serving requests after the
+    /// capture, so the snapshot would not be consistent (nothing was paused).
+    #[error(
+        "disk {0} is a vhost-user disk: snapshots of VMs with vhost-user disks are not supported \
+         (live updates are)"
+    )]
+    VhostUser(String),
     /// Live mode could not arm write protection (nothing was written).
     #[error("cannot write-protect guest RAM for a live snapshot")]
     Protect(#[source] std::io::Error),
@@ -273,7 +280,7 @@ impl SnapshotError {
     /// The HTTP status answering this error.
     pub fn status(&self) -> u16 {
         match self {
-            SnapshotError::BadPath(..) => 400,
+            SnapshotError::BadPath(..) | SnapshotError::VhostUser(_) => 400,
             SnapshotError::Busy => 409,
             SnapshotError::Write { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 507

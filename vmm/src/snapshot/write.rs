@@ -51,6 +51,9 @@ pub fn begin(
     done: EventFd,
 ) -> Result<Pending, SnapshotError> {
     let target = check_target(&req.path)?;
+    if let Some(d) = vmm.config().disks.iter().find(|d| d.vhost_user) {
+        return Err(SnapshotError::VhostUser(d.path.display().to_string()));
+    }
     // The memfds hold all of RAM only once a lazy restore has loaded it.
     super::lazy::wait_until_filled();
     let t0 = Instant::now();
