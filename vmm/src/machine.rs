@@ -65,6 +65,12 @@ impl Prebuilt {
     }
 }
 
+/// vCPU states being captured on their own threads ([`Machine::pause_capturing`]).
+pub struct VcpuCaptures(Vec<(u8, Option<CaptureRx>)>);
+
+type CaptureRx =
+    std::sync::mpsc::Receiver<Result<vcpu_state::VcpuState, vcpu_state::VcpuStateError>>;
+
 /// The KVM VM and everything running in it.
 pub struct Machine {
     vm_fd: VmFd,
@@ -197,6 +203,7 @@ impl Machine {
             });
         }
         let t2 = Instant::now();
+        let mut laps = crate::laps::Laps::start("restore into");
         let has_xsave = vcpu_state::xsave_usable(&vm_fd);
         let elapsed = state.elapsed_ns();
         let tsc_advance = state.tsc_ticks(elapsed);
@@ -204,9 +211,11 @@ impl Machine {
             vcpu_state::restore(fd, v, tsc_advance, has_xsave)?;
         }
         let fds = vcpus;
+        laps.mark("vcpus");
         fault::inject(Step::Vcpus)?;
         let t3 = Instant::now();
         vm_state::restore(&vm_fd, &state.kvm, elapsed)?;
+        laps.mark("vm state");
         // The MSRs worth saving are the ones the captured state has.
         let msrs = Arc::new(MsrSet::from_indices(
             state
@@ -217,10 +226,14 @@ impl Machine {
         ));
         let tsc_khz = state.vcpus.first().map(|v| v.tsc_khz).unwrap_or(0);
         let bus = build_bus(&vm_fd, shared, out, &state.devices)?;
+        laps.mark("bus");
         shared
             .virtio
             .attach(&vm_fd, &ram.mem, Some(&state.virtio))?;
+        laps.mark("virtio");
         let vcpus = spawn_all(fds, &bus, shared, VcpuRunState::Paused)?;
+        laps.mark("threads");
+        laps.log();
         fault::inject(Step::Devices)?;
         log::debug!(
             "restore: vCPUs {:?}, VM state + devices {:?}",
@@ -256,15 +269,41 @@ impl Machine {
         }
     }
 
+    /// Queues a state capture on every vCPU thread: each runs as soon as its vCPU parks.
+    pub fn queue_captures(&self) -> VcpuCaptures {
+        VcpuCaptures(
+            self.vcpus
+                .iter()
+                .map(|v| {
+                    let msrs = self.msrs.clone();
+                    let has_xsave = self.has_xsave;
+                    let index = v.index;
+                    let rx = v.queue(move |fd| vcpu_state::capture(fd, index, &msrs, has_xsave));
+                    (index, rx)
+                })
+                .collect(),
+        )
+    }
+
+    /// Pauses with the vCPU captures queued first: every vCPU thread saves its own state
+    /// the moment it stops (in parallel, with no second wake-up).
+    pub fn pause_capturing(&self) -> VcpuCaptures {
+        let captures = self.queue_captures();
+        self.pause();
+        captures
+    }
+
     /// Captures the whole VM. The machine must be paused.
     pub fn capture(&self) -> Result<VmState, Error> {
-        let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for v in &self.vcpus {
-            let msrs = self.msrs.clone();
-            let has_xsave = self.has_xsave;
-            let index = v.index;
-            let state = v
-                .with_vcpu(move |fd| vcpu_state::capture(fd, index, &msrs, has_xsave))
+        self.capture_with(self.queue_captures())
+    }
+
+    /// Captures the whole VM, the vCPUs' states from `captures`. The machine must be paused.
+    pub fn capture_with(&self, captures: VcpuCaptures) -> Result<VmState, Error> {
+        let mut vcpus = Vec::with_capacity(captures.0.len());
+        for (index, rx) in captures.0 {
+            let state = rx
+                .and_then(|rx| rx.recv().ok())
                 .ok_or(Error::VcpuGone(index))??;
             vcpus.push(state);
         }

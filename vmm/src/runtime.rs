@@ -273,6 +273,19 @@ impl Vmm {
         Ok(())
     }
 
+    /// Pauses with a state capture queued on every vCPU thread first (each vCPU saves its
+    /// own state the moment it stops); collect them with [`Machine::capture_with`].
+    pub fn pause_capturing(&mut self) -> Result<crate::machine::VcpuCaptures, Error> {
+        if self.paused {
+            return Ok(self.machine()?.queue_captures());
+        }
+        let captures = self.machine()?.pause_capturing();
+        self.shared.virtio.quiesce(true);
+        self.paused = true;
+        self.counters.pauses += 1;
+        Ok(captures)
+    }
+
     /// Resumes every vCPU (no-op when running).
     pub fn resume(&mut self) -> Result<(), Error> {
         if self.paused {

@@ -208,18 +208,27 @@ impl VcpuHandle {
         &self,
         f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
     ) -> Option<R> {
+        self.queue(f)?.recv().ok()
+    }
+
+    /// Queues `f` to run on the vCPU's own thread as soon as it is parked (at once if it
+    /// is; queued before a pause request, it runs the moment the vCPU stops, with no
+    /// further wake-up). The receiver yields the result, or an error if the thread ended
+    /// first; `None` if it has already ended.
+    pub fn queue<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Option<mpsc::Receiver<R>> {
         let (tx, rx) = mpsc::sync_channel(1);
-        {
-            let mut st = self.control.lock();
-            if st.current == VcpuRunState::Exiting {
-                return None;
-            }
-            st.jobs.push_back(Box::new(move |fd: &mut VcpuFd| {
-                let _ = tx.send(f(fd));
-            }));
-            self.control.changed.notify_all();
+        let mut st = self.control.lock();
+        if st.current == VcpuRunState::Exiting {
+            return None;
         }
-        rx.recv().ok()
+        st.jobs.push_back(Box::new(move |fd: &mut VcpuFd| {
+            let _ = tx.send(f(fd));
+        }));
+        self.control.changed.notify_all();
+        Some(rx)
     }
 
     /// Asks the thread to exit and joins it.

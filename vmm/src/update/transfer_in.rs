@@ -161,27 +161,34 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
     let (prebuilt, commit) = prebuild(chan)?;
     let handoff = expect(chan.recv(HANDOFF)?, "handoff", |m| *m == Message::Handoff)?;
     let received_ns = now_ns();
+    let mut laps = crate::laps::Laps::start("transfer: receiver's pause");
     let h = cpr::decode_kind::<Handoff>(&handoff.payload, HANDOFF_KIND)
         .map_err(ReceiveError::Decode)?
         .state;
+    laps.mark("decode");
     let mut fds = RestoreFds::new(Inherited::from_owned(handoff.fds).map_err(ReceiveError::Fds)?);
     let parts = components::restore_parts(&h.parts, &h.config, &mut fds)?;
     let unclaimed = fds.unclaimed();
     if !unclaimed.is_empty() {
         return Err(ReceiveError::Unclaimed(unclaimed));
     }
+    laps.mark("parts");
     let book = h.book.taken_over();
     let source = MachineSource::RestoreInto {
         state: &h.vm,
         prebuilt,
     };
     let mut runtime = assemble(h.config.clone(), parts, source, book, started)?;
+    laps.mark("assemble");
     let restore_ms = now_ns().saturating_sub(received_ns) as f64 / 1e6;
     let t_resume = Instant::now();
     super::incoming::take_ownership(&commit, &mut runtime)?;
+    laps.mark("commit");
     if !h.update.was_paused {
         runtime.vmm.resume()?;
     }
+    laps.mark("resume");
+    laps.log();
     let resume_ms = t_resume.elapsed().as_secs_f64() * 1e3;
     let resumed_ns = now_ns();
     let _ = chan.send(
