@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use arch::vcpu_state::{self, MsrSet};
+use arch::vcpu_state::{self, MsrSet, VcpuIdentity};
 use arch::vm_state;
 use devices::debug_port::DebugPort;
 use devices::i8042::I8042;
@@ -21,7 +21,7 @@ use crate::memory::{self, GuestRam, RamRegion};
 use crate::pio::PioBus;
 use crate::serial_backend::SerialOut;
 use crate::state::{PioDevicesState, VmState};
-use crate::vcpu::{VcpuHandle, VcpuRunState};
+use crate::vcpu::{ParkedThread, VcpuHandle, VcpuRunState};
 use crate::virtio::Virtio;
 use crate::{boot, vm, Error};
 
@@ -41,17 +41,27 @@ pub struct Shared {
     pub virtio: Arc<Virtio>,
 }
 
-/// A KVM VM over guest RAM (memory slots, irqchip, PIT) with its vCPUs created but not set:
-/// everything of a restore that grows with RAM, built before the state is known.
+/// A KVM VM over guest RAM (memory slots, irqchip, PIT) with its vCPUs created but not set
+/// and their threads started: everything of a restore that grows with RAM, built before the
+/// state is known.
 pub struct Prebuilt {
     vm_fd: VmFd,
     vcpus: Vec<VcpuFd>,
+    /// The identities set on the vCPUs (empty if none was known beforehand).
+    identities: Vec<VcpuIdentity>,
+    threads: Vec<ParkedThread>,
     ram: GuestRam,
 }
 
 impl Prebuilt {
-    /// Creates the VM over `ram` and `vcpus` vCPUs.
-    pub fn new(kvm: &Kvm, ram: GuestRam, vcpus: usize) -> Result<Self, Error> {
+    /// Creates the VM over `ram` and `vcpus` vCPUs; when `identities` has one per vCPU
+    /// (a transfer sends them ahead), they are set now rather than inside the pause.
+    pub fn new(
+        kvm: &Kvm,
+        ram: GuestRam,
+        vcpus: usize,
+        identities: &[VcpuIdentity],
+    ) -> Result<Self, Error> {
         let vm_fd = vm::create_vm(kvm, &ram)?;
         fault::inject(Step::Vm)?;
         let vcpus = (0..vcpus as u64)
@@ -61,7 +71,24 @@ impl Prebuilt {
                     .map_err(|e| vm::VmError::Kvm("KVM_CREATE_VCPU", e).into())
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        Ok(Self { vm_fd, vcpus, ram })
+        let identities = if identities.len() == vcpus.len() {
+            for (i, (fd, id)) in vcpus.iter().zip(identities).enumerate() {
+                vcpu_state::set_identity(fd, i as u8, id)?;
+            }
+            identities.to_vec()
+        } else {
+            Vec::new()
+        };
+        let threads = (0..vcpus.len())
+            .map(|i| ParkedThread::spawn(i as u8).map_err(Error::from))
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(Self {
+            vm_fd,
+            vcpus,
+            identities,
+            threads,
+            ram,
+        })
     }
 }
 
@@ -80,6 +107,8 @@ pub struct Machine {
     msrs: Arc<MsrSet>,
     has_xsave: bool,
     tsc_khz: u32,
+    /// Each vCPU's identity (CPUID, TSC rate), which never changes once it ran.
+    identities: Arc<Vec<VcpuIdentity>>,
     virtio: Arc<Virtio>,
 }
 
@@ -158,6 +187,11 @@ impl Machine {
         shared.virtio.attach(&vm_fd, &ram.mem, None)?;
         let msrs = Arc::new(MsrSet::probe(kvm, &fds[0]));
         let has_xsave = vcpu_state::xsave_usable(&vm_fd);
+        let identities = fds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| vcpu_state::identity(fd, i as u8))
+            .collect::<Result<Vec<_>, _>>()?;
         let bus = build_bus(&vm_fd, shared, out, &PioDevicesState::default())?;
         let vcpus = spawn_all(fds, &bus, shared, VcpuRunState::Running)?;
         Ok(Self {
@@ -168,6 +202,7 @@ impl Machine {
             msrs,
             has_xsave,
             tsc_khz,
+            identities: Arc::new(identities),
             virtio: shared.virtio.clone(),
         })
     }
@@ -182,7 +217,7 @@ impl Machine {
         shared: &Shared,
     ) -> Result<Self, Error> {
         // `restore_into` validates the state (once) before it touches the vCPUs.
-        let prebuilt = Prebuilt::new(kvm, ram, state.vcpus.len())?;
+        let prebuilt = Prebuilt::new(kvm, ram, state.vcpus.len(), &[])?;
         Self::restore_into(prebuilt, state, out, shared)
     }
 
@@ -195,7 +230,13 @@ impl Machine {
         shared: &Shared,
     ) -> Result<Self, Error> {
         state.validate(shared.virtio.slots.len())?;
-        let Prebuilt { vm_fd, vcpus, ram } = prebuilt;
+        let Prebuilt {
+            vm_fd,
+            vcpus,
+            identities,
+            threads,
+            ram,
+        } = prebuilt;
         if vcpus.len() != state.vcpus.len() {
             return Err(Error::PrebuiltMismatch {
                 built: vcpus.len(),
@@ -207,9 +248,13 @@ impl Machine {
         let has_xsave = vcpu_state::xsave_usable(&vm_fd);
         let elapsed = state.elapsed_ns();
         let tsc_advance = state.tsc_ticks(elapsed);
-        for (fd, v) in vcpus.iter().zip(&state.vcpus) {
-            vcpu_state::restore(fd, v, tsc_advance, has_xsave)?;
+        for (i, (fd, v)) in vcpus.iter().zip(&state.vcpus).enumerate() {
+            let set = identities
+                .get(i)
+                .is_some_and(|id| id.cpuid == v.cpuid && id.tsc_khz == v.tsc_khz);
+            vcpu_state::restore(fd, v, tsc_advance, has_xsave, set)?;
         }
+        let identities: Vec<VcpuIdentity> = state.vcpus.iter().map(|v| v.identity()).collect();
         let fds = vcpus;
         laps.mark("vcpus");
         fault::inject(Step::Vcpus)?;
@@ -231,7 +276,14 @@ impl Machine {
             .virtio
             .attach(&vm_fd, &ram.mem, Some(&state.virtio))?;
         laps.mark("virtio");
-        let vcpus = spawn_all(fds, &bus, shared, VcpuRunState::Paused)?;
+        let vcpus = fds
+            .into_iter()
+            .zip(threads)
+            .map(|(fd, t)| {
+                t.start(fd, bus.clone(), shared.exits.clone())
+                    .map_err(Error::from)
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         laps.mark("threads");
         laps.log();
         fault::inject(Step::Devices)?;
@@ -248,6 +300,7 @@ impl Machine {
             msrs,
             has_xsave,
             tsc_khz,
+            identities: Arc::new(identities),
             virtio: shared.virtio.clone(),
         })
     }
@@ -269,6 +322,18 @@ impl Machine {
         }
     }
 
+    /// Lets every vCPU run again and waits until they all do; returns the wall-clock ns
+    /// when the last one went back into the guest (the end of a pause as the guest sees
+    /// it, thread wake-up included).
+    pub fn resume_confirmed(&self) -> u64 {
+        self.resume();
+        self.vcpus
+            .iter()
+            .filter_map(|v| v.wait_running())
+            .max()
+            .unwrap_or_else(crate::state::now_ns)
+    }
+
     /// Queues a state capture on every vCPU thread: each runs as soon as its vCPU parks.
     pub fn queue_captures(&self) -> VcpuCaptures {
         VcpuCaptures(
@@ -278,7 +343,11 @@ impl Machine {
                     let msrs = self.msrs.clone();
                     let has_xsave = self.has_xsave;
                     let index = v.index;
-                    let rx = v.queue(move |fd| vcpu_state::capture(fd, index, &msrs, has_xsave));
+                    let ids = self.identities.clone();
+                    let rx = v.queue(move |fd| {
+                        let known = ids.get(usize::from(index));
+                        vcpu_state::capture(fd, index, &msrs, has_xsave, known)
+                    });
                     (index, rx)
                 })
                 .collect(),
@@ -387,6 +456,11 @@ impl Machine {
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len()
+    }
+
+    /// Each vCPU's identity (CPUID, TSC rate).
+    pub fn identities(&self) -> &[VcpuIdentity] {
+        &self.identities
     }
 
     /// TSC frequency in kHz.

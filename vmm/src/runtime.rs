@@ -297,6 +297,19 @@ impl Vmm {
         Ok(())
     }
 
+    /// Resumes every vCPU and waits until they run; returns the wall-clock ns when the last
+    /// one went back into the guest (now, if the VM was not paused).
+    pub fn resume_confirmed(&mut self) -> Result<u64, Error> {
+        if !self.paused {
+            return Ok(now_ns());
+        }
+        self.shared.virtio.quiesce(false);
+        let at = self.machine()?.resume_confirmed();
+        self.paused = false;
+        self.counters.resumes += 1;
+        Ok(at)
+    }
+
     /// Current run state.
     pub fn run_state(&self) -> RunState {
         if self.paused {

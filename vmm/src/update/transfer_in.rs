@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use arch::vcpu_state::VcpuIdentity;
 use cpr::transfer::{expect, Channel, Message, TransferError};
 use cpr::{CommitPage, Inherited};
 use nix::sys::socket::{
@@ -69,6 +70,9 @@ pub enum ReceiveError {
 struct MachineSpec {
     ram: Vec<MemoryRegionState>,
     vcpus: usize,
+    /// Each vCPU's CPUID and TSC rate (newer senders): set before the pause.
+    #[serde(default)]
+    identities: Vec<VcpuIdentity>,
 }
 
 /// Binds PATH (mode 0600, a stale socket replaced) and waits for one sender.
@@ -151,7 +155,8 @@ fn prebuild(chan: &Channel) -> Result<(Prebuilt, CommitPage), ReceiveError> {
         return Err(ReceiveError::Unclaimed(unclaimed));
     }
     let kvm = crate::vm::open_kvm().map_err(crate::Error::from)?;
-    let prebuilt = Prebuilt::new(&kvm, ram, spec.vcpus)?;
+    let prebuilt = Prebuilt::new(&kvm, ram, spec.vcpus, &spec.identities)?;
+    super::sys::populate_own_code();
     chan.send(&Message::Ready, &[], &[])?;
     Ok((prebuilt, commit))
 }
@@ -181,16 +186,18 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
     let mut runtime = assemble(h.config.clone(), parts, source, book, started)?;
     laps.mark("assemble");
     let restore_ms = now_ns().saturating_sub(received_ns) as f64 / 1e6;
-    let t_resume = Instant::now();
+    let resume_from_ns = now_ns();
     super::incoming::take_ownership(&commit, &mut runtime)?;
     laps.mark("commit");
-    if !h.update.was_paused {
-        runtime.vmm.resume()?;
-    }
+    // The pause ends when the last vCPU is back in the guest.
+    let resumed_ns = if h.update.was_paused {
+        now_ns()
+    } else {
+        runtime.vmm.resume_confirmed()?
+    };
     laps.mark("resume");
     laps.log();
-    let resume_ms = t_resume.elapsed().as_secs_f64() * 1e3;
-    let resumed_ns = now_ns();
+    let resume_ms = resumed_ns.saturating_sub(resume_from_ns) as f64 / 1e6;
     let _ = chan.send(
         &Message::Committed {
             pid: std::process::id(),

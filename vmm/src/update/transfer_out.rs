@@ -58,8 +58,14 @@ fn prepare(chan: &Channel, vmm: &Vmm, commit: &CommitPage) -> Result<(), Transfe
         .map(|(i, r)| (FdRole::Ram(i).to_string(), r.memfd.as_raw_fd()))
         .collect();
     fds.push((FdRole::Commit.to_string(), commit.fd().as_raw_fd()));
-    let spec = serde_json::json!({ "ram": layout, "vcpus": machine.vcpu_count() });
+    let spec = serde_json::json!({
+        "ram": layout,
+        "vcpus": machine.vcpu_count(),
+        "identities": machine.identities(),
+    });
     chan.send(&Message::Prepare { machine: spec }, &[], &fds)?;
+    // While the receiver builds the machine.
+    super::sys::populate_own_code();
     expect(chan.recv(PREPARE)?, "ready", |m| *m == Message::Ready)?;
     Ok(())
 }
