@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use cpr::Transport;
+use cpr::{CommitPage, Transport};
 
 use super::exec::ExecTransport;
 use super::guardian::Guardian;
@@ -76,7 +76,12 @@ pub fn perform(
     };
     // The memfds hold all of RAM only once a lazy restore has loaded it.
     crate::snapshot::lazy::wait_until_filled();
-    // The guardian starts while the guest still runs; it gets the fds just before execve.
+    // The commit page and the guardian are made while the guest still runs; the guardian
+    // gets the fds just before execve.
+    let commit = match CommitPage::create() {
+        Ok(c) => c,
+        Err(e) => return UpdateError::CommitPage(e),
+    };
     let guardian = Guardian::spawn()
         .map_err(|e| log::warn!("live update without a guardian: {e}"))
         .ok();
@@ -88,7 +93,7 @@ pub fn perform(
     };
     let was_paused = paused.flight.was_paused;
     let err = match save(vmm, api, paused) {
-        Ok((handoff, fds)) => hand_over(vmm, plan, &handoff, fds, guardian),
+        Ok((handoff, fds)) => hand_over(vmm, plan, &handoff, fds, (guardian, commit)),
         Err(e) => {
             if let Some(g) = guardian {
                 g.dismiss();
@@ -206,7 +211,7 @@ fn hand_over(
     plan: Plan,
     handoff: &Handoff,
     fds: SaveFds,
-    guardian: Option<Guardian>,
+    (guardian, commit): (Option<Guardian>, CommitPage),
 ) -> UpdateError {
     let writer = format!("molt {}", crate::VERSION);
     let record = match cpr::encode(&writer, HANDOFF_KIND, handoff) {
@@ -223,6 +228,7 @@ fn hand_over(
         argv: plan.argv,
         previous_exe: vmm.identity.exe_file.as_ref(),
         guardian,
+        commit,
     };
     let mut registry = fds.into_registry();
     match transport.deliver(&record, &mut registry) {
