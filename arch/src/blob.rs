@@ -9,7 +9,7 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use serde::de::{self, Visitor};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{ser, Deserialize, Deserializer, Serialize, Serializer};
 
 /// Plain-old-data: every bit pattern is a valid value and the type has no padding whose
 /// contents matter.
@@ -55,6 +55,13 @@ impl<T: Pod> Blob<T> {
         // SAFETY: `T: Pod` has no invalid bit patterns or meaningful padding; the slice covers
         // exactly the value and lives as long as `self`.
         unsafe { std::slice::from_raw_parts((&self.0 as *const T).cast::<u8>(), size_of::<T>()) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`; any bit pattern written through the slice is a valid `T`.
+        unsafe {
+            std::slice::from_raw_parts_mut((&mut self.0 as *mut T).cast::<u8>(), size_of::<T>())
+        }
     }
 
     fn from_bytes(bytes: &[u8]) -> Self {
@@ -104,12 +111,13 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 
 impl<T: Pod> Serialize for Blob<T> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut out = String::with_capacity(size_of::<T>() * 2);
+        // Bytes, then text: hex digits are ASCII (this runs inside a live update's pause).
+        let mut out = Vec::with_capacity(size_of::<T>() * 2);
         for b in self.bytes() {
-            out.push(HEX[usize::from(b >> 4)] as char);
-            out.push(HEX[usize::from(b & 0xf)] as char);
+            out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
         }
-        s.serialize_str(&out)
+        let text = String::from_utf8(out).map_err(ser::Error::custom)?;
+        s.serialize_str(&text)
     }
 }
 
@@ -136,12 +144,21 @@ impl<T: Pod> Visitor<'_> for HexVisitor<T> {
         if s.len() % 2 != 0 {
             return Err(E::custom("odd-length hex string"));
         }
-        let bytes = s
-            .chunks(2)
-            .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
-            .collect::<Option<Vec<u8>>>()
-            .ok_or_else(|| E::custom("invalid hex digit"))?;
-        Ok(Blob::from_bytes(&bytes))
+        // Straight into the value: a shorter string zero-fills, a longer one is truncated
+        // (after its digits are checked).
+        let mut blob = Blob::<T>::default();
+        let n = size_of::<T>();
+        let bytes = blob.bytes_mut();
+        for (i, p) in s.chunks_exact(2).enumerate() {
+            let b = nibble(p[0])
+                .zip(nibble(p[1]))
+                .map(|(hi, lo)| hi << 4 | lo)
+                .ok_or_else(|| E::custom("invalid hex digit"))?;
+            if i < n {
+                bytes[i] = b;
+            }
+        }
+        Ok(blob)
     }
 }
 

@@ -217,12 +217,13 @@ fn all_msrs(index: u8, done: usize, entries: &[kvm_msr_entry]) -> Result<(), Vcp
 }
 
 /// Reads the complete state of a vCPU that is out of KVM_RUN (paused, pending I/O
-/// completed).
+/// completed); `known` is its identity if the caller keeps it (two ioctls fewer).
 pub fn capture(
     vcpu: &VcpuFd,
     index: u8,
     msrs: &MsrSet,
     has_xsave: bool,
+    known: Option<&VcpuIdentity>,
 ) -> Result<VcpuState, VcpuStateError> {
     let regs = vcpu.get_regs().map_err(kvm(index, "KVM_GET_REGS"))?;
     let sregs = vcpu.get_sregs().map_err(kvm(index, "KVM_GET_SREGS"))?;
@@ -268,14 +269,12 @@ pub fn capture(
     let debugregs = vcpu
         .get_debug_regs()
         .map_err(kvm(index, "KVM_GET_DEBUGREGS"))?;
-    let cpuid = vcpu
-        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm(index, "KVM_GET_CPUID2"))?
-        .as_slice()
-        .iter()
-        .map(|e| Blob(*e))
-        .collect();
-    let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+    // The identity never changes once the vCPU ran: read it only if the caller does not
+    // know it.
+    let VcpuIdentity { cpuid, tsc_khz } = match known {
+        Some(id) => id.clone(),
+        None => identity(vcpu, index)?,
+    };
     Ok(VcpuState {
         index,
         regs: Blob(regs),
@@ -291,26 +290,71 @@ pub fn capture(
     })
 }
 
-/// Writes `state` into a freshly created vCPU. `tsc_advance` is added to IA32_TSC so the
-/// guest's TSC accounts for the time the VM spent between capture and restore.
+/// What a vCPU is before it has any state: its CPUID and TSC rate. A restore sets it first;
+/// a transfer sets it on the new vCPUs before the pause, as it does not change.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VcpuIdentity {
+    /// The CPUID set on the vCPU.
+    pub cpuid: Vec<Blob<kvm_cpuid_entry2>>,
+    /// TSC frequency in kHz (0: unknown, leave the host's).
+    pub tsc_khz: u32,
+}
+
+impl VcpuState {
+    /// This vCPU's identity.
+    pub fn identity(&self) -> VcpuIdentity {
+        VcpuIdentity {
+            cpuid: self.cpuid.clone(),
+            tsc_khz: self.tsc_khz,
+        }
+    }
+}
+
+/// Reads the identity of a vCPU that is not running.
+pub fn identity(vcpu: &VcpuFd, index: u8) -> Result<VcpuIdentity, VcpuStateError> {
+    let cpuid = vcpu
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm(index, "KVM_GET_CPUID2"))?
+        .as_slice()
+        .iter()
+        .map(|e| Blob(*e))
+        .collect();
+    Ok(VcpuIdentity {
+        cpuid,
+        tsc_khz: vcpu.get_tsc_khz().unwrap_or(0),
+    })
+}
+
+/// Sets the identity of vCPU `index`, created and never run.
+pub fn set_identity(vcpu: &VcpuFd, index: u8, id: &VcpuIdentity) -> Result<(), VcpuStateError> {
+    if id.tsc_khz != 0 && vcpu.get_tsc_khz().ok() != Some(id.tsc_khz) {
+        // Keep the guest's TSC rate when the host's differs (needs TSC scaling).
+        if let Err(e) = vcpu.set_tsc_khz(id.tsc_khz) {
+            log::warn!("vcpu{index}: cannot keep TSC at {} kHz: {e}", id.tsc_khz);
+        }
+    }
+    let entries: Vec<kvm_cpuid_entry2> = id.cpuid.iter().map(|e| e.0).collect();
+    let cpuid =
+        CpuId::from_entries(&entries).map_err(|_| VcpuStateError::TooMany(index, "CPUID"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(kvm(index, "KVM_SET_CPUID2"))
+}
+
+/// Writes `state` into a freshly created vCPU, whose identity is set first unless
+/// `identity_set` says it already is. `tsc_advance` is added to IA32_TSC so the guest's TSC
+/// accounts for the time the VM spent between capture and restore.
 pub fn restore(
     vcpu: &VcpuFd,
     state: &VcpuState,
     tsc_advance: u64,
     has_xsave: bool,
+    identity_set: bool,
 ) -> Result<(), VcpuStateError> {
     let index = state.index;
-    if state.tsc_khz != 0 && vcpu.get_tsc_khz().ok() != Some(state.tsc_khz) {
-        // Keep the guest's TSC rate when the host's differs (needs TSC scaling).
-        if let Err(e) = vcpu.set_tsc_khz(state.tsc_khz) {
-            log::warn!("vcpu{index}: cannot keep TSC at {} kHz: {e}", state.tsc_khz);
-        }
+    if !identity_set {
+        set_identity(vcpu, index, &state.identity())?;
     }
-    let entries: Vec<kvm_cpuid_entry2> = state.cpuid.iter().map(|e| e.0).collect();
-    let cpuid =
-        CpuId::from_entries(&entries).map_err(|_| VcpuStateError::TooMany(index, "CPUID"))?;
-    vcpu.set_cpuid2(&cpuid)
-        .map_err(kvm(index, "KVM_SET_CPUID2"))?;
     vcpu.set_mp_state(state.mp_state.0)
         .map_err(kvm(index, "KVM_SET_MP_STATE"))?;
     vcpu.set_regs(&state.regs)

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use clap::Parser;
 
 /// Live-update benchmark of molt: runs the molt binary with its embedded test guest, performs
-/// N live updates (cpr-exec) per configuration — RAM size × 4K/2M pages × RAM idle/touched ×
-/// vCPUs — and writes a markdown table (stdout and DIR/results.md), the raw samples
+/// N live updates (cpr-exec and cpr-transfer) per configuration — RAM size × 4K/2M pages × RAM idle/touched ×
+/// vCPUs — next to QEMU's local migration as a peer when it is installed, and writes a
+/// markdown table (stdout and DIR/results.md), the raw samples
 /// (DIR/results.json) and a plot (DIR/pause.png). Exits 1 when any update failed.
 ///
 /// Needs root for 2 MiB pages (it raises /proc/sys/vm/nr_hugepages for those configurations
@@ -44,6 +45,21 @@ pub struct Args {
     /// also waits for the update's background work to end).
     #[arg(long, value_name = "MS", default_value_t = 300)]
     pub min_gap_ms: u64,
+
+    /// Hand-over modes, comma-separated: exec (`vm.cpr-exec`), transfer (`vm.cpr-transfer`
+    /// to a separately started `molt --incoming`).
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "exec,transfer"
+    )]
+    pub modes: Vec<String>,
+
+    /// Do not run the QEMU peer (local migration with x-ignore-shared) even if
+    /// qemu-system-x86_64 is installed.
+    #[arg(long)]
+    pub no_peer: bool,
 
     /// The guest's command line (e.g. add `molt.native=off` to keep it in KVM's emulator on a
     /// PVM host, or `molt.dirty=<MiB/s>` for a memory load).

@@ -25,6 +25,37 @@ impl Pages {
     }
 }
 
+/// How the VM is handed over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// `vm.cpr-exec`: molt re-executes itself (same PID).
+    Exec,
+    /// `vm.cpr-transfer`: to a separately started `molt --incoming PATH`.
+    Transfer,
+}
+
+impl Mode {
+    /// `exec` or `transfer`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Exec => "exec",
+            Mode::Transfer => "transfer",
+        }
+    }
+
+    /// Parses `exec` or `transfer`.
+    pub fn parse(s: &str) -> Result<Mode> {
+        match s.trim() {
+            "exec" => Ok(Mode::Exec),
+            "transfer" => Ok(Mode::Transfer),
+            other => Err(Error::Usage(format!(
+                "unknown mode {other:?}: expected exec or transfer"
+            ))),
+        }
+    }
+}
+
 /// One line of the plot and of the goals: a page size, RAM idle or touched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Series {
@@ -65,6 +96,8 @@ impl Series {
 /// One benchmark configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Config {
+    /// cpr-exec or cpr-transfer.
+    pub mode: Mode,
     /// Guest RAM in MiB.
     pub mem_mib: u64,
     /// Page size.
@@ -105,11 +138,12 @@ impl Config {
         }
     }
 
-    /// A short name for progress lines and file names: `1G-2M-touched-2cpu`.
+    /// A short name for progress lines and file names: `exec-1GiB-2M-touched-2cpu`.
     pub fn name(&self) -> String {
         let ram = if self.touched { "touched" } else { "idle" };
         format!(
-            "{}-{}-{ram}-{}cpu",
+            "{}-{}-{}-{ram}-{}cpu",
+            self.mode.label(),
             size_label(self.mem_mib).replace(' ', ""),
             self.pages.label(),
             self.vcpus
@@ -142,19 +176,22 @@ pub fn parse_size(s: &str) -> Result<u64> {
     }
 }
 
-/// All configurations: vCPU counts outermost (so the 1-vCPU rows, which the goals use, come
-/// first), then page size, idle before touched, then RAM size ascending.
-pub fn matrix(sizes_mib: &[u64], vcpus: &[u8]) -> Vec<Config> {
+/// All configurations: modes outermost, then vCPU counts (so the 1-vCPU rows, which the
+/// goals use, come first), then page size, idle before touched, then RAM size ascending.
+pub fn matrix(sizes_mib: &[u64], vcpus: &[u8], modes: &[Mode]) -> Vec<Config> {
     let mut out = Vec::new();
-    for &v in vcpus {
-        for series in Series::ALL {
-            for &mem_mib in sizes_mib {
-                out.push(Config {
-                    mem_mib,
-                    pages: series.pages,
-                    touched: series.touched,
-                    vcpus: v,
-                });
+    for &mode in modes {
+        for &v in vcpus {
+            for series in Series::ALL {
+                for &mem_mib in sizes_mib {
+                    out.push(Config {
+                        mode,
+                        mem_mib,
+                        pages: series.pages,
+                        touched: series.touched,
+                        vcpus: v,
+                    });
+                }
             }
         }
     }
@@ -178,10 +215,13 @@ mod tests {
 
     #[test]
     fn matrix_and_args() {
-        let m = matrix(&[256, 1024], &[1, 2]);
-        assert_eq!(m.len(), 2 * 4 * 2);
+        let m = matrix(&[256, 1024], &[1, 2], &[Mode::Exec, Mode::Transfer]);
+        assert_eq!(m.len(), 2 * 2 * 4 * 2);
         assert_eq!(m[0].vcpus, 1);
+        assert_eq!(m[16].mode, Mode::Transfer);
+        assert!(Mode::parse("copy").is_err());
         let c = Config {
+            mode: Mode::Exec,
             mem_mib: 1024,
             pages: Pages::Huge,
             touched: true,
@@ -189,6 +229,6 @@ mod tests {
         };
         assert_eq!(c.memory_arg(), "size=1024M,hugepages=on,prefault=on");
         assert_eq!(c.huge_pages_needed(), 512);
-        assert_eq!(c.name(), "1GiB-2M-touched-2cpu");
+        assert_eq!(c.name(), "exec-1GiB-2M-touched-2cpu");
     }
 }

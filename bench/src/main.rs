@@ -11,12 +11,15 @@ mod machine;
 mod plot;
 mod process;
 mod procfs;
+mod qemu;
 mod report;
+mod report_peer;
 mod results;
 mod run;
 mod settle;
 mod signals;
 mod stats;
+mod transfer;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -81,7 +84,12 @@ fn bench(args: &cli::Args) -> Result<usize> {
     let molt = molt_path(args)?;
     let machine = machine::describe(&molt);
     let sizes = sizes(args, machine.ram_gib)?;
-    let configs: Vec<Config> = config::matrix(&sizes, &args.vcpus());
+    let modes = args
+        .modes
+        .iter()
+        .map(|m| config::Mode::parse(m))
+        .collect::<Result<Vec<_>>>()?;
+    let configs: Vec<Config> = config::matrix(&sizes, &args.vcpus(), &modes);
     let runs = args.runs();
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::io(format!("cannot create {}", args.out.display()), e))?;
@@ -122,9 +130,10 @@ fn bench(args: &cli::Args) -> Result<usize> {
         match (&r.skipped, r.pause()) {
             (Some(why), _) => eprintln!("skipped: {why}"),
             (None, Some(p)) => eprintln!(
-                "  pause p50 {:.2} ms, p99 {:.2} ms, {} failure(s)",
+                "  pause p50 {:.2} ms, p99 {:.2} ms, stopped p50 {:.2} ms, {} failure(s)",
                 p.p50,
                 p.p99,
+                r.stopped().map_or(f64::NAN, |s| s.p50),
                 r.failures.len()
             ),
             (None, None) => eprintln!("  no sample; {} failure(s)", r.failures.len()),
@@ -134,20 +143,56 @@ fn bench(args: &cli::Args) -> Result<usize> {
         }
         results.push(r);
     }
+    let (peer, peer_skipped) = run_peer(args, &sizes, runs, tmp.path());
     let report = Report {
         machine,
         runs,
         min_gap_ms: args.min_gap_ms,
         guest_cmdline: args.guest_cmdline.clone(),
         configs: results,
+        peer,
+        peer_skipped,
     };
     write_outputs(&report, &args.out)?;
     eprintln!(
-        "molt-bench: done in {:.0} s; wrote {}/results.md, results.json, pause.png",
+        "molt-bench: done in {:.0} s; wrote {}/results.md, results.json, pause.png, transfer.png",
         t0.elapsed().as_secs_f64(),
         args.out.display()
     );
     Ok(report.failures())
+}
+
+/// Runs the QEMU peer for every size with 1 and 2 vCPUs (those of `--vcpus`), if installed.
+fn run_peer(
+    args: &cli::Args,
+    sizes: &[u64],
+    runs: usize,
+    tmp: &Path,
+) -> (Vec<qemu::PeerResult>, Option<String>) {
+    if args.no_peer {
+        return (Vec::new(), Some("--no-peer".into()));
+    }
+    let version = match qemu::version() {
+        Ok(v) => v,
+        Err(why) => {
+            eprintln!("molt-bench: {why}");
+            return (Vec::new(), Some(why));
+        }
+    };
+    eprintln!("molt-bench: peer: {version}, local migration with x-ignore-shared");
+    let mut out = Vec::new();
+    for v in args.vcpus().into_iter().filter(|&v| v <= 2) {
+        for &mem in sizes {
+            eprint!("[peer] qemu {mem} MiB {v} vCPU ");
+            let r = qemu::run(tmp, mem, v, runs);
+            match r.pause() {
+                Some(p) => eprintln!(" STOP→RESUME p50 {:.2} ms, p99 {:.2} ms", p.p50, p.p99),
+                None => eprintln!(" no sample: {:?}", r.failures),
+            }
+            out.push(r);
+        }
+    }
+    (out, None)
 }
 
 /// Writes `results.md` (also printed), `results.json` and `pause.png` into `out`.
@@ -163,9 +208,25 @@ fn write_outputs(report: &Report, out: &Path) -> Result<()> {
         "results.json",
         serde_json::to_string_pretty(report)?.as_bytes(),
     )?;
-    let title = format!(
-        "molt live-update pause vs guest RAM ({})",
-        report.machine.molt_version
-    );
-    plot::draw(&report.configs, &title, &out.join("pause.png"))
+    for (mode, file) in [
+        (config::Mode::Exec, "pause.png"),
+        (config::Mode::Transfer, "transfer.png"),
+    ] {
+        let rows: Vec<_> = report
+            .configs
+            .iter()
+            .filter(|c| c.config.mode == mode)
+            .cloned()
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let title = format!(
+            "molt cpr-{} vs guest RAM ({})",
+            mode.label(),
+            report.machine.molt_version
+        );
+        plot::draw(&rows, &title, &out.join(file))?;
+    }
+    Ok(())
 }

@@ -1,4 +1,4 @@
-//! `pause.png`: p50 pause against guest RAM size (log₂ axis) for 1 vCPU, one line per page
+//! `pause.png` / `transfer.png`: p50 stopped span against guest RAM size (log₂ axis) for 1 vCPU, one line per page
 //! size and RAM use, with bars from the smallest sample to the p99. Pure-Rust drawing
 //! (plotters' bitmap backend, text through ab_glyph with the DejaVu Sans bytes compiled in).
 
@@ -33,7 +33,7 @@ pub fn points(configs: &[ConfigResult], series: Series) -> Vec<Point> {
         .iter()
         .filter(|c| c.config.vcpus == 1 && c.config.series() == series)
         .filter_map(|c| {
-            let s = c.pause()?;
+            let s = c.stopped()?;
             Some(Point {
                 mem_mib: c.config.mem_mib,
                 min: s.min,
@@ -94,7 +94,7 @@ pub fn draw(configs: &[ConfigResult], title: &str, path: &Path) -> Result<()> {
     chart
         .configure_mesh()
         .x_desc("guest RAM (log scale)")
-        .y_desc("live-update pause, p50 (ms)")
+        .y_desc("stopped span (vCPUs stopped → running), p50 (ms)")
         .x_labels((x_hi - x_lo).ceil() as usize + 1)
         .x_label_formatter(&|x| {
             // Label whole powers of two only (the axis is log2 of MiB).

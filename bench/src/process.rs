@@ -23,16 +23,21 @@ impl Molt {
     /// reaches only the benchmark (which then stops molt itself), and gets SIGKILL if the
     /// benchmark dies without cleaning up.
     pub fn spawn(bin: &Path, args: &[String], out_dir: &Path) -> Result<Molt> {
-        let open = |name: &str| {
-            let p = out_dir.join(name);
+        Self::spawn_named(bin, args, out_dir, "molt")
+    }
+
+    /// Like [`Molt::spawn`], its output in `<name>.out` and `<name>.err`.
+    pub fn spawn_named(bin: &Path, args: &[String], out_dir: &Path, name: &str) -> Result<Molt> {
+        let open = |file: String| {
+            let p = out_dir.join(file);
             File::create(&p).map_err(|e| Error::io(format!("cannot create {}", p.display()), e))
         };
-        let stderr_path = out_dir.join("molt.err");
+        let stderr_path = out_dir.join(format!("{name}.err"));
         let mut cmd = Command::new(bin);
         cmd.args(args)
             .stdin(Stdio::null())
-            .stdout(open("molt.out")?)
-            .stderr(open("molt.err")?)
+            .stdout(open(format!("{name}.out"))?)
+            .stderr(open(format!("{name}.err"))?)
             .env_remove("RUST_LOG")
             .env_remove("RUST_BACKTRACE")
             .process_group(0);

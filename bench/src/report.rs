@@ -13,24 +13,27 @@ pub fn ms(v: Option<f64>) -> String {
 }
 
 /// The table header (two lines).
-const HEADER: &str = "| RAM | pages | RAM use | vCPUs | updates ok | pause p50 | pause p99 | \
-pause max | phases p50: pause / save / exec / restore / resume | guest gap p50 | idle gap p50 | \
-background p50 | failures |\n|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|\n";
+const HEADER: &str = "| mode | RAM | pages | RAM use | vCPUs | updates ok | pause p50 | pause p99 | \
+pause max | stopped p50 | stopped p99 | phases p50: pause (kick) / save / exec / restore / resume | \
+guest gap p50 | idle gap p50 | background p50 | failures |\n\
+|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|\n";
 
 /// One table row.
 pub fn row(c: &ConfigResult) -> String {
     let cfg = &c.config;
     let use_ = if cfg.touched { "touched" } else { "idle" };
     let head = format!(
-        "| {} | {} | {use_} | {} |",
+        "| {} | {} | {} | {use_} | {} |",
+        cfg.mode.label(),
         size_label(cfg.mem_mib),
         cfg.pages.label(),
         cfg.vcpus
     );
     if c.skipped.is_some() {
-        return format!("{head} — | — | — | — | — | — | — | — | skipped (see below) |");
+        return format!("{head} — | — | — | — | — | — | — | — | — | — | skipped (see below) |");
     }
     let pause = c.pause();
+    let stopped = c.stopped();
     let phases: Vec<String> = Phases::NAMES.iter().map(|n| ms(c.phase_p50(n))).collect();
     let failures = if c.failures.is_empty() {
         "0".to_string()
@@ -38,12 +41,14 @@ pub fn row(c: &ConfigResult) -> String {
         format!("**{}**", c.failures.len())
     };
     format!(
-        "{head} {}/{} | {} | {} | {} | {} | {} | {} | {} | {failures} |",
+        "{head} {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {failures} |",
         c.samples.len(),
         c.attempted,
         ms(pause.map(|s| s.p50)),
         ms(pause.map(|s| s.p99)),
         ms(pause.map(|s| s.max)),
+        ms(stopped.map(|s| s.p50)),
+        ms(stopped.map(|s| s.p99)),
         phases.join(" / "),
         ms(c.guest_gap_p50()),
         ms(c.idle_gap_p50()),
@@ -98,8 +103,10 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "Machine: {}.\n", r.machine.line());
     let _ = writeln!(
         s,
-        "{} updates (`PUT /api/v1/vm.cpr-exec`, body `{{}}`) per configuration, embedded test \
-         guest (`{}`). Times in ms; p50/p99 by nearest rank (with 20 updates the \
+        "{} updates (`PUT /api/v1/vm.cpr-exec`, body `{{}}`, or `PUT /api/v1/vm.cpr-transfer` \
+         to a `molt --incoming` started beside it) per configuration, embedded test \
+         guest (`{}`). *stopped* is `stopped_ms` (all vCPUs stopped → the last one back in \
+         the guest), *pause* adds the kick (the `pause` phase). Times in ms; p50/p99 by nearest rank (with 20 updates the \
          p99 is the largest). *pause* is molt's `pause_ms` (vCPUs stopped → running again) and \
          the phases its `phases_ms`. *guest gap* is the largest `gap_max_us` of the guest's tick \
          lines up to the first tick printed after the response; *idle gap* is the same figure \
@@ -111,7 +118,10 @@ pub fn markdown(r: &Report) -> String {
         r.runs, r.guest_cmdline, r.min_gap_ms
     );
     s.push_str(&table(&r.configs));
-    s.push_str("\n## Goals (issue 6, 1-vCPU rows, p50 pause)\n\n");
+    s.push_str(&crate::report_peer::section(r));
+    s.push_str("\n## Goals (issue 14, p50 stopped span)\n\n");
+    s.push_str(&goals_table(&goals::evaluate_stopped(&r.configs, &r.peer)));
+    s.push_str("\n## Goals (issue 6, cpr-exec 1-vCPU rows, p50 pause)\n\n");
     s.push_str(&goals_table(&goals::evaluate(&r.configs)));
     let skipped: Vec<&ConfigResult> = r.configs.iter().filter(|c| c.skipped.is_some()).collect();
     if !skipped.is_empty() {
@@ -152,13 +162,13 @@ mod tests {
         let t = table(&[a.clone(), skipped.clone()]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 4);
-        assert!(lines[0].starts_with("| RAM | pages |"));
+        assert!(lines[0].starts_with("| mode | RAM | pages |"));
         assert_eq!(
             lines[2],
-            "| 1 GiB | 2M | idle | 1 | 4/4 | 4.00 | 6.00 | 6.00 | \
+            "| exec | 1 GiB | 2M | idle | 1 | 4/4 | 4.00 | 6.00 | 6.00 | 3.90 | 5.90 | \
              0.10 / 0.20 / 1.50 / 2.10 / 0.10 | 5.00 | 4.00 | 50.00 | **1** |"
         );
-        assert!(lines[3].contains("| 8 GiB | 2M | touched | 1 | — |"));
+        assert!(lines[3].contains("| exec | 8 GiB | 2M | touched | 1 | — |"));
         assert!(lines[3].ends_with("skipped (see below) |"));
         // Every row has as many cells as the header.
         let cells = |l: &str| l.matches('|').count();

@@ -43,8 +43,11 @@ impl Phases {
 pub struct Sample {
     /// 1-based number of the update within its configuration.
     pub update: usize,
-    /// `pause_ms` of the response: vCPUs stopped → vCPUs running again.
+    /// `pause_ms` of the response: the request to stop the vCPUs → vCPUs running again.
     pub pause_ms: f64,
+    /// `stopped_ms` of the response: all vCPUs stopped → running again (`pause_ms` less the
+    /// kick, the `pause` phase).
+    pub stopped_ms: f64,
     /// `phases_ms` of the response.
     pub phases_ms: Phases,
     /// The largest `gap_max_us` (in ms) of the guest's tick lines from the request until the
@@ -104,6 +107,17 @@ impl ConfigResult {
     /// Summary of `pause_ms`.
     pub fn pause(&self) -> Option<Summary> {
         Summary::of(&self.samples.iter().map(|s| s.pause_ms).collect::<Vec<_>>())
+    }
+
+    /// Summary of `stopped_ms`.
+    pub fn stopped(&self) -> Option<Summary> {
+        Summary::of(
+            &self
+                .samples
+                .iter()
+                .map(|s| s.stopped_ms)
+                .collect::<Vec<_>>(),
+        )
     }
 
     /// Median of phase `name`.
@@ -177,6 +191,10 @@ pub struct Report {
     pub guest_cmdline: String,
     /// Every configuration.
     pub configs: Vec<ConfigResult>,
+    /// The QEMU peer, side by side (empty when not run).
+    pub peer: Vec<crate::qemu::PeerResult>,
+    /// Why the peer did not run, when it did not.
+    pub peer_skipped: Option<String>,
 }
 
 impl Report {
@@ -195,6 +213,7 @@ pub mod fake {
     /// A 1-vCPU configuration whose updates paused for `pauses` ms.
     pub fn result(mem_mib: u64, pages: Pages, touched: bool, pauses: &[f64]) -> ConfigResult {
         let mut r = ConfigResult::new(Config {
+            mode: crate::config::Mode::Exec,
             mem_mib,
             pages,
             touched,
@@ -207,6 +226,7 @@ pub mod fake {
             .map(|(i, &p)| Sample {
                 update: i + 1,
                 pause_ms: p,
+                stopped_ms: p - 0.1,
                 phases_ms: Phases {
                     pause: 0.1,
                     save: 0.2,

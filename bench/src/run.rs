@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::api::{self, Reply};
-use crate::config::{Config, Pages};
+use crate::config::{Config, Mode, Pages};
 use crate::error::{Error, Result};
 use crate::guest_log::GuestLog;
 use crate::hugepages::Reservation;
@@ -100,24 +100,42 @@ fn drive(cfg: &Config, opts: &Options, res: &mut ConfigResult) -> Result<()> {
                 .extend(gaps.map(|t| t.gap_max_us as f64 / 1e3));
         }
         res.attempted += 1;
+        let receiver = match cfg.mode {
+            Mode::Exec => None,
+            Mode::Transfer => Some(crate::transfer::start_receiver(&opts.molt, &dir, update)?),
+        };
         let t0 = Instant::now();
-        let reply = api::request(
-            &sock,
-            "PUT",
-            "/api/v1/vm.cpr-exec",
-            Some("{}"),
-            REQUEST_TIMEOUT,
-        );
+        let reply = match &receiver {
+            None => api::request(
+                &sock,
+                "PUT",
+                "/api/v1/vm.cpr-exec",
+                Some("{}"),
+                REQUEST_TIMEOUT,
+            ),
+            Some(r) => crate::transfer::request(&sock, r, REQUEST_TIMEOUT),
+        };
         let request_ms = t0.elapsed().as_secs_f64() * 1e3;
         let replied = Instant::now();
         let log_size = log.size();
+        let expected_pid = receiver.as_ref().map_or(molt.pid(), |r| r.molt.pid());
         let sample = match reply {
-            Ok(r) => check_reply(&r, update, molt.pid(), &mut res.failures),
+            Ok(r) => check_reply(&r, update, expected_pid, &mut res.failures),
             Err(e) => {
                 res.failures.push(format!("update {update}: {e}"));
                 None
             }
         };
+        if let (Some(r), Some(_)) = (receiver, &sample) {
+            // The receiver runs the guest now; the sender must have exited 0.
+            let mut old = std::mem::replace(&mut molt, r.molt);
+            match old.wait_exit(Duration::from_secs(10)) {
+                Ok(Some(0)) => {}
+                other => res.failures.push(format!(
+                    "update {update}: the sender ended with {other:?} after the transfer"
+                )),
+            }
+        }
         molt.check_alive()?;
         // The first tick that starts after the response was surely printed after the resume;
         // the largest gap from `mark` up to it includes the tick whose interval spans the
@@ -181,6 +199,8 @@ fn check_reply(r: &Reply, update: usize, pid: u32, failures: &mut Vec<String>) -
         Some(Sample {
             update,
             pause_ms: num(&b["pause_ms"])?,
+            stopped_ms: num(&b["stopped_ms"])
+                .or_else(|| Some(num(&b["pause_ms"])? - num(&p["pause"])?))?,
             phases_ms: Phases {
                 pause: num(&p["pause"])?,
                 save: num(&p["save"])?,

@@ -23,7 +23,7 @@
 //! Such changes bump the *minor* version, which readers accept; a different
 //! *major* version is refused.
 
-use crc::{Crc, CRC_64_XZ};
+use crc::{Crc, Table, CRC_64_XZ};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -42,7 +42,9 @@ pub const MAX_RECORD_LEN: usize = 64 << 20;
 
 /// Header bytes covered by the checksum (everything before it).
 const CHECKSUMMED_HEADER: usize = 20;
-const CHECKSUM: Crc<u64> = Crc::<u64>::new(&CRC_64_XZ);
+/// Slice-by-16 tables: the same CRC, several times faster than byte-wise (the record is
+/// checksummed inside a live update's pause).
+const CHECKSUM: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_XZ);
 
 /// Why a record could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]

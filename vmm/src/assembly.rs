@@ -60,6 +60,7 @@ pub fn assemble(
 ) -> Result<Runtime, Error> {
     // Before any thread that gets a filter starts.
     crate::seccomp::init(config.seccomp)?;
+    let mut laps = crate::laps::Laps::start("assemble");
     let shared = Shared {
         exits: Arc::new(ExitNotifier::new().map_err(Error::EventLoop)?),
         serial_drained: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventLoop)?,
@@ -69,8 +70,11 @@ pub fn assemble(
         virtio: Arc::new(parts.virtio),
     };
     // Before any vCPU thread exists: it blocks SIGINT/SIGTERM for them.
+    laps.mark("shared");
     let em = event_loop::build(&shared, parts.serial.input())?;
+    laps.mark("event loop");
     let kvm = crate::vm::open_kvm()?;
+    laps.mark("open kvm");
     let out = parts.serial.try_clone().map_err(Error::SerialClone)?;
     let (machine, paused) = match source {
         MachineSource::Boot => (Machine::boot(&kvm, &config, out, &shared)?, false),
@@ -81,7 +85,10 @@ pub fn assemble(
             (Machine::restore_into(prebuilt, state, out, &shared)?, true)
         }
     };
+    laps.mark("machine");
     let vmm = Vmm::new(kvm, config, machine, parts.serial, shared, book, paused);
+    laps.mark("vmm");
+    laps.log();
     Ok(Runtime {
         vmm,
         em,

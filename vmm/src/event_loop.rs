@@ -48,20 +48,36 @@ pub fn build(
     Ok(em)
 }
 
-/// Blocks SIGINT and SIGTERM in the calling thread (and threads it spawns later) and returns
-/// a signalfd delivering them.
-pub fn termination_signalfd() -> io::Result<File> {
-    // SAFETY: the sigset is initialised by sigemptyset before use; pthread_sigmask and
-    // signalfd only read it; the returned fd is checked and then owned by the File.
+fn termination_set() -> libc::sigset_t {
+    // SAFETY: the sigset is initialised by sigemptyset before sigaddset fills it.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
-        }
+        set
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread (and threads it spawns later).
+pub fn block_termination_signals() -> io::Result<()> {
+    let set = termination_set();
+    // SAFETY: pthread_sigmask only reads the initialised set.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread (and threads it spawns later) and returns
+/// a signalfd delivering them.
+pub fn termination_signalfd() -> io::Result<File> {
+    block_termination_signals()?;
+    let set = termination_set();
+    // SAFETY: signalfd only reads the initialised set; the returned fd is checked and then
+    // owned by the File.
+    unsafe {
         let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
         if fd < 0 {
             return Err(io::Error::last_os_error());

@@ -19,6 +19,7 @@ pub mod exit;
 pub mod fault;
 pub mod guest_image;
 pub mod inherited_fds;
+pub mod laps;
 pub mod machine;
 pub mod memory;
 pub mod memory_persist;

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use arch::vcpu_state::{self, MsrSet};
+use arch::vcpu_state::{self, MsrSet, VcpuIdentity};
 use arch::vm_state;
 use devices::debug_port::DebugPort;
 use devices::i8042::I8042;
@@ -21,7 +21,7 @@ use crate::memory::{self, GuestRam, RamRegion};
 use crate::pio::PioBus;
 use crate::serial_backend::SerialOut;
 use crate::state::{PioDevicesState, VmState};
-use crate::vcpu::{VcpuHandle, VcpuRunState};
+use crate::vcpu::{ParkedThread, VcpuHandle, VcpuRunState};
 use crate::virtio::Virtio;
 use crate::{boot, vm, Error};
 
@@ -41,17 +41,27 @@ pub struct Shared {
     pub virtio: Arc<Virtio>,
 }
 
-/// A KVM VM over guest RAM (memory slots, irqchip, PIT) with its vCPUs created but not set:
-/// everything of a restore that grows with RAM, built before the state is known.
+/// A KVM VM over guest RAM (memory slots, irqchip, PIT) with its vCPUs created but not set
+/// and their threads started: everything of a restore that grows with RAM, built before the
+/// state is known.
 pub struct Prebuilt {
     vm_fd: VmFd,
     vcpus: Vec<VcpuFd>,
+    /// The identities set on the vCPUs (empty if none was known beforehand).
+    identities: Vec<VcpuIdentity>,
+    threads: Vec<ParkedThread>,
     ram: GuestRam,
 }
 
 impl Prebuilt {
-    /// Creates the VM over `ram` and `vcpus` vCPUs.
-    pub fn new(kvm: &Kvm, ram: GuestRam, vcpus: usize) -> Result<Self, Error> {
+    /// Creates the VM over `ram` and `vcpus` vCPUs; when `identities` has one per vCPU
+    /// (a transfer sends them ahead), they are set now rather than inside the pause.
+    pub fn new(
+        kvm: &Kvm,
+        ram: GuestRam,
+        vcpus: usize,
+        identities: &[VcpuIdentity],
+    ) -> Result<Self, Error> {
         let vm_fd = vm::create_vm(kvm, &ram)?;
         fault::inject(Step::Vm)?;
         let vcpus = (0..vcpus as u64)
@@ -61,9 +71,32 @@ impl Prebuilt {
                     .map_err(|e| vm::VmError::Kvm("KVM_CREATE_VCPU", e).into())
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        Ok(Self { vm_fd, vcpus, ram })
+        let identities = if identities.len() == vcpus.len() {
+            for (i, (fd, id)) in vcpus.iter().zip(identities).enumerate() {
+                vcpu_state::set_identity(fd, i as u8, id)?;
+            }
+            identities.to_vec()
+        } else {
+            Vec::new()
+        };
+        let threads = (0..vcpus.len())
+            .map(|i| ParkedThread::spawn(i as u8).map_err(Error::from))
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(Self {
+            vm_fd,
+            vcpus,
+            identities,
+            threads,
+            ram,
+        })
     }
 }
+
+/// vCPU states being captured on their own threads ([`Machine::pause_capturing`]).
+pub struct VcpuCaptures(Vec<(u8, Option<CaptureRx>)>);
+
+type CaptureRx =
+    std::sync::mpsc::Receiver<Result<vcpu_state::VcpuState, vcpu_state::VcpuStateError>>;
 
 /// The KVM VM and everything running in it.
 pub struct Machine {
@@ -74,6 +107,8 @@ pub struct Machine {
     msrs: Arc<MsrSet>,
     has_xsave: bool,
     tsc_khz: u32,
+    /// Each vCPU's identity (CPUID, TSC rate), which never changes once it ran.
+    identities: Arc<Vec<VcpuIdentity>>,
     virtio: Arc<Virtio>,
 }
 
@@ -152,6 +187,11 @@ impl Machine {
         shared.virtio.attach(&vm_fd, &ram.mem, None)?;
         let msrs = Arc::new(MsrSet::probe(kvm, &fds[0]));
         let has_xsave = vcpu_state::xsave_usable(&vm_fd);
+        let identities = fds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| vcpu_state::identity(fd, i as u8))
+            .collect::<Result<Vec<_>, _>>()?;
         let bus = build_bus(&vm_fd, shared, out, &PioDevicesState::default())?;
         let vcpus = spawn_all(fds, &bus, shared, VcpuRunState::Running)?;
         Ok(Self {
@@ -162,6 +202,7 @@ impl Machine {
             msrs,
             has_xsave,
             tsc_khz,
+            identities: Arc::new(identities),
             virtio: shared.virtio.clone(),
         })
     }
@@ -176,7 +217,7 @@ impl Machine {
         shared: &Shared,
     ) -> Result<Self, Error> {
         // `restore_into` validates the state (once) before it touches the vCPUs.
-        let prebuilt = Prebuilt::new(kvm, ram, state.vcpus.len())?;
+        let prebuilt = Prebuilt::new(kvm, ram, state.vcpus.len(), &[])?;
         Self::restore_into(prebuilt, state, out, shared)
     }
 
@@ -189,7 +230,13 @@ impl Machine {
         shared: &Shared,
     ) -> Result<Self, Error> {
         state.validate(shared.virtio.slots.len())?;
-        let Prebuilt { vm_fd, vcpus, ram } = prebuilt;
+        let Prebuilt {
+            vm_fd,
+            vcpus,
+            identities,
+            threads,
+            ram,
+        } = prebuilt;
         if vcpus.len() != state.vcpus.len() {
             return Err(Error::PrebuiltMismatch {
                 built: vcpus.len(),
@@ -197,16 +244,23 @@ impl Machine {
             });
         }
         let t2 = Instant::now();
+        let mut laps = crate::laps::Laps::start("restore into");
         let has_xsave = vcpu_state::xsave_usable(&vm_fd);
         let elapsed = state.elapsed_ns();
         let tsc_advance = state.tsc_ticks(elapsed);
-        for (fd, v) in vcpus.iter().zip(&state.vcpus) {
-            vcpu_state::restore(fd, v, tsc_advance, has_xsave)?;
+        for (i, (fd, v)) in vcpus.iter().zip(&state.vcpus).enumerate() {
+            let set = identities
+                .get(i)
+                .is_some_and(|id| id.cpuid == v.cpuid && id.tsc_khz == v.tsc_khz);
+            vcpu_state::restore(fd, v, tsc_advance, has_xsave, set)?;
         }
+        let identities: Vec<VcpuIdentity> = state.vcpus.iter().map(|v| v.identity()).collect();
         let fds = vcpus;
+        laps.mark("vcpus");
         fault::inject(Step::Vcpus)?;
         let t3 = Instant::now();
         vm_state::restore(&vm_fd, &state.kvm, elapsed)?;
+        laps.mark("vm state");
         // The MSRs worth saving are the ones the captured state has.
         let msrs = Arc::new(MsrSet::from_indices(
             state
@@ -217,10 +271,21 @@ impl Machine {
         ));
         let tsc_khz = state.vcpus.first().map(|v| v.tsc_khz).unwrap_or(0);
         let bus = build_bus(&vm_fd, shared, out, &state.devices)?;
+        laps.mark("bus");
         shared
             .virtio
             .attach(&vm_fd, &ram.mem, Some(&state.virtio))?;
-        let vcpus = spawn_all(fds, &bus, shared, VcpuRunState::Paused)?;
+        laps.mark("virtio");
+        let vcpus = fds
+            .into_iter()
+            .zip(threads)
+            .map(|(fd, t)| {
+                t.start(fd, bus.clone(), shared.exits.clone())
+                    .map_err(Error::from)
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        laps.mark("threads");
+        laps.log();
         fault::inject(Step::Devices)?;
         log::debug!(
             "restore: vCPUs {:?}, VM state + devices {:?}",
@@ -235,6 +300,7 @@ impl Machine {
             msrs,
             has_xsave,
             tsc_khz,
+            identities: Arc::new(identities),
             virtio: shared.virtio.clone(),
         })
     }
@@ -256,15 +322,57 @@ impl Machine {
         }
     }
 
+    /// Lets every vCPU run again and waits until they all do; returns the wall-clock ns
+    /// when the last one went back into the guest (the end of a pause as the guest sees
+    /// it, thread wake-up included).
+    pub fn resume_confirmed(&self) -> u64 {
+        self.resume();
+        self.vcpus
+            .iter()
+            .filter_map(|v| v.wait_running())
+            .max()
+            .unwrap_or_else(crate::state::now_ns)
+    }
+
+    /// Queues a state capture on every vCPU thread: each runs as soon as its vCPU parks.
+    pub fn queue_captures(&self) -> VcpuCaptures {
+        VcpuCaptures(
+            self.vcpus
+                .iter()
+                .map(|v| {
+                    let msrs = self.msrs.clone();
+                    let has_xsave = self.has_xsave;
+                    let index = v.index;
+                    let ids = self.identities.clone();
+                    let rx = v.queue(move |fd| {
+                        let known = ids.get(usize::from(index));
+                        vcpu_state::capture(fd, index, &msrs, has_xsave, known)
+                    });
+                    (index, rx)
+                })
+                .collect(),
+        )
+    }
+
+    /// Pauses with the vCPU captures queued first: every vCPU thread saves its own state
+    /// the moment it stops (in parallel, with no second wake-up).
+    pub fn pause_capturing(&self) -> VcpuCaptures {
+        let captures = self.queue_captures();
+        self.pause();
+        captures
+    }
+
     /// Captures the whole VM. The machine must be paused.
     pub fn capture(&self) -> Result<VmState, Error> {
-        let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for v in &self.vcpus {
-            let msrs = self.msrs.clone();
-            let has_xsave = self.has_xsave;
-            let index = v.index;
-            let state = v
-                .with_vcpu(move |fd| vcpu_state::capture(fd, index, &msrs, has_xsave))
+        self.capture_with(self.queue_captures())
+    }
+
+    /// Captures the whole VM, the vCPUs' states from `captures`. The machine must be paused.
+    pub fn capture_with(&self, captures: VcpuCaptures) -> Result<VmState, Error> {
+        let mut vcpus = Vec::with_capacity(captures.0.len());
+        for (index, rx) in captures.0 {
+            let state = rx
+                .and_then(|rx| rx.recv().ok())
                 .ok_or(Error::VcpuGone(index))??;
             vcpus.push(state);
         }
@@ -348,6 +456,11 @@ impl Machine {
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len()
+    }
+
+    /// Each vCPU's identity (CPUID, TSC rate).
+    pub fn identities(&self) -> &[VcpuIdentity] {
+        &self.identities
     }
 
     /// TSC frequency in kHz.

@@ -279,6 +279,19 @@ impl Vmm {
         Ok(())
     }
 
+    /// Pauses with a state capture queued on every vCPU thread first (each vCPU saves its
+    /// own state the moment it stops); collect them with [`Machine::capture_with`].
+    pub fn pause_capturing(&mut self) -> Result<crate::machine::VcpuCaptures, Error> {
+        if self.paused {
+            return Ok(self.machine()?.queue_captures());
+        }
+        let captures = self.machine()?.pause_capturing();
+        self.shared.virtio.quiesce(true);
+        self.paused = true;
+        self.counters.pauses += 1;
+        Ok(captures)
+    }
+
     /// Resumes every vCPU (no-op when running).
     pub fn resume(&mut self) -> Result<(), Error> {
         if self.paused {
@@ -288,6 +301,19 @@ impl Vmm {
             self.counters.resumes += 1;
         }
         Ok(())
+    }
+
+    /// Resumes every vCPU and waits until they run; returns the wall-clock ns when the last
+    /// one went back into the guest (now, if the VM was not paused).
+    pub fn resume_confirmed(&mut self) -> Result<u64, Error> {
+        if !self.paused {
+            return Ok(now_ns());
+        }
+        self.shared.virtio.quiesce(false);
+        let at = self.machine()?.resume_confirmed();
+        self.paused = false;
+        self.counters.resumes += 1;
+        Ok(at)
     }
 
     /// Current run state.

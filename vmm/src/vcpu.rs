@@ -61,6 +61,10 @@ struct Shared {
     requested: VcpuRunState,
     current: VcpuRunState,
     jobs: VecDeque<Job>,
+    /// The vCPU of a thread started ahead of it, until the thread takes it.
+    start: Option<Start>,
+    /// Wall-clock ns when the thread last went from parked to running the guest.
+    running_since_ns: u64,
 }
 
 /// The control block shared between a vCPU thread and the VMM.
@@ -76,6 +80,8 @@ impl VcpuControl {
                 requested: initial,
                 current: VcpuRunState::Paused,
                 jobs: VecDeque::new(),
+                start: None,
+                running_since_ns: 0,
             }),
             changed: Condvar::new(),
         }
@@ -92,8 +98,29 @@ impl VcpuControl {
     fn report(&self, s: VcpuRunState) {
         let mut st = self.lock();
         if st.current != s {
+            if s == VcpuRunState::Running {
+                st.running_since_ns = crate::state::now_ns();
+            }
             st.current = s;
             self.changed.notify_all();
+        }
+    }
+
+    /// Sleeps until the thread has its vCPU and a request to run or a job, and takes the
+    /// vCPU; `None` if the thread is to end first.
+    fn wait_for_start(&self) -> Option<Start> {
+        let mut st = self.lock();
+        loop {
+            if st.requested == VcpuRunState::Exiting {
+                st.current = VcpuRunState::Exiting;
+                st.jobs.clear();
+                self.changed.notify_all();
+                return None;
+            }
+            if st.start.is_some() && (st.requested != VcpuRunState::Paused || !st.jobs.is_empty()) {
+                return st.start.take();
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -134,6 +161,70 @@ pub enum VcpuError {
     /// The thread cannot be spawned.
     #[error("cannot spawn vCPU thread {0}")]
     Spawn(u8, #[source] std::io::Error),
+    /// A thread started ahead of its vCPU ended before it got it.
+    #[error("vCPU thread {0} ended before its vCPU was handed to it")]
+    Gone(u8),
+}
+
+/// What a thread started ahead of its vCPU waits for.
+struct Start {
+    vcpu: VcpuFd,
+    bus: Arc<PioBus>,
+    exits: Arc<ExitNotifier>,
+}
+
+/// A vCPU thread started ahead of its vCPU (creating a thread is the costly part). It sleeps
+/// until it has its vCPU ([`ParkedThread::start`]) *and* something to do with it (a request
+/// to run, or a job): handing the vCPU over inside a pause wakes nothing. Dropped
+/// unstarted, the thread ends.
+pub struct ParkedThread {
+    handle: VcpuHandle,
+}
+
+impl ParkedThread {
+    /// Starts the thread of vCPU `index`; it will begin in the Paused state.
+    pub fn spawn(index: u8) -> Result<Self, VcpuError> {
+        install_kick_handler().map_err(VcpuError::Signal)?;
+        let control = Arc::new(VcpuControl::new(VcpuRunState::Paused));
+        let ctl = control.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                // Started before the event loop blocked them for every later thread:
+                // termination signals belong to the event loop's signalfd.
+                if let Err(e) = crate::event_loop::block_termination_signals() {
+                    log::warn!("vcpu{index}: cannot block SIGINT/SIGTERM: {e}");
+                }
+                if let Some(s) = ctl.wait_for_start() {
+                    VcpuLoop::new(index, s.vcpu, s.bus, s.exits, ctl).run();
+                }
+            })
+            .map_err(|e| VcpuError::Spawn(index, e))?;
+        Ok(Self {
+            handle: VcpuHandle {
+                index,
+                control,
+                thread: Some(thread),
+            },
+        })
+    }
+
+    /// Hands the thread its vCPU, paused: it wakes at the first request to run or job.
+    pub fn start(
+        self,
+        vcpu: VcpuFd,
+        bus: Arc<PioBus>,
+        exits: Arc<ExitNotifier>,
+    ) -> Result<VcpuHandle, VcpuError> {
+        {
+            let mut st = self.handle.control.lock();
+            if st.current == VcpuRunState::Exiting {
+                return Err(VcpuError::Gone(self.handle.index));
+            }
+            st.start = Some(Start { vcpu, bus, exits });
+        }
+        Ok(self.handle)
+    }
 }
 
 impl VcpuHandle {
@@ -169,7 +260,11 @@ impl VcpuHandle {
             st.requested = state;
             self.control.changed.notify_all();
         }
-        self.kick();
+        // Only KVM_RUN needs a kick; a parked thread wakes on the notification alone (a
+        // signal costs tens of microseconds here).
+        if state != VcpuRunState::Running {
+            self.kick();
+        }
     }
 
     /// Interrupts KVM_RUN on the vCPU thread.
@@ -197,6 +292,14 @@ impl VcpuHandle {
         }
     }
 
+    /// Waits until the vCPU runs the guest (after a request to run); returns the wall-clock
+    /// ns when it went back into the guest, `None` if the thread ended.
+    pub fn wait_running(&self) -> Option<u64> {
+        self.wait_for(VcpuRunState::Running);
+        let st = self.control.lock();
+        (st.current == VcpuRunState::Running).then_some(st.running_since_ns)
+    }
+
     /// The state the vCPU last reported.
     pub fn current(&self) -> VcpuRunState {
         self.control.lock().current
@@ -208,18 +311,27 @@ impl VcpuHandle {
         &self,
         f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
     ) -> Option<R> {
+        self.queue(f)?.recv().ok()
+    }
+
+    /// Queues `f` to run on the vCPU's own thread as soon as it is parked (at once if it
+    /// is; queued before a pause request, it runs the moment the vCPU stops, with no
+    /// further wake-up). The receiver yields the result, or an error if the thread ended
+    /// first; `None` if it has already ended.
+    pub fn queue<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Option<mpsc::Receiver<R>> {
         let (tx, rx) = mpsc::sync_channel(1);
-        {
-            let mut st = self.control.lock();
-            if st.current == VcpuRunState::Exiting {
-                return None;
-            }
-            st.jobs.push_back(Box::new(move |fd: &mut VcpuFd| {
-                let _ = tx.send(f(fd));
-            }));
-            self.control.changed.notify_all();
+        let mut st = self.control.lock();
+        if st.current == VcpuRunState::Exiting {
+            return None;
         }
-        rx.recv().ok()
+        st.jobs.push_back(Box::new(move |fd: &mut VcpuFd| {
+            let _ = tx.send(f(fd));
+        }));
+        self.control.changed.notify_all();
+        Some(rx)
     }
 
     /// Asks the thread to exit and joins it.

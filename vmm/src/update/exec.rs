@@ -26,6 +26,8 @@ pub struct ExecTransport<'a> {
     pub previous_exe: Option<&'a File>,
     /// Started before the pause; gets the fds just before `execve`.
     pub guardian: Option<Guardian>,
+    /// The handoff's commit page, created before the pause.
+    pub commit: CommitPage,
 }
 
 impl Transport for ExecTransport<'_> {
@@ -35,8 +37,7 @@ impl Transport for ExecTransport<'_> {
         let memfd = cpr::write_sealed(record).map_err(UpdateError::Memfd)?;
         fds.register(&FdRole::Record.to_string(), &memfd)
             .map_err(UpdateError::Fds)?;
-        let commit = CommitPage::create().map_err(UpdateError::CommitPage)?;
-        fds.register(&FdRole::Commit.to_string(), commit.fd())
+        fds.register(&FdRole::Commit.to_string(), self.commit.fd())
             .map_err(UpdateError::Fds)?;
         if let Some(exe) = self.previous_exe {
             fds.register(&FdRole::PreviousExe.to_string(), exe)
@@ -49,7 +50,7 @@ impl Transport for ExecTransport<'_> {
             self.target.display()
         );
         fds.preserve_all().map_err(UpdateError::Fds)?;
-        let err = self.exec_with_safety_nets(memfd.as_fd().as_raw_fd(), &commit, fds);
+        let err = self.exec_with_safety_nets(memfd.as_fd().as_raw_fd(), fds);
         // execve failed: undo.
         if let Err(e) = fds.restore_cloexec() {
             log::error!("cannot restore close-on-exec after a failed update: {e}");
@@ -61,12 +62,7 @@ impl Transport for ExecTransport<'_> {
 impl ExecTransport<'_> {
     /// Gives the guardian its copies, starts the holder, and executes; returns the error once
     /// the guardian and the holder are gone again.
-    fn exec_with_safety_nets(
-        &mut self,
-        record_fd: RawFd,
-        commit: &CommitPage,
-        fds: &FdRegistry,
-    ) -> UpdateError {
+    fn exec_with_safety_nets(&mut self, record_fd: RawFd, fds: &FdRegistry) -> UpdateError {
         let t0 = Instant::now();
         let guardian = self.guardian.take().and_then(|g| {
             let list: Vec<(String, RawFd)> =
@@ -100,7 +96,7 @@ impl ExecTransport<'_> {
             rollback: None,
             takeover: false,
             guardian_pidfd,
-            commit_fd: Some(commit.fd().as_raw_fd()),
+            commit_fd: Some(self.commit.fd().as_raw_fd()),
         };
         let err = exec(&self.target, &self.argv, env);
         if let Some(h) = holder {

@@ -160,14 +160,15 @@ fn take_over(
     // Restore runs from this image's main() to the rebuilt, still paused machine.
     let restore_ms = now_ns().saturating_sub(main_ns) as f64 / 1e6;
     fault::inject(Step::BeforeResume)?;
-    let t_resume = Instant::now();
+    let resume_from_ns = now_ns();
     take_ownership(commit, &mut runtime)?;
-    if !h.update.was_paused {
-        runtime.vmm.resume()?;
-    }
-    let resume_ms = t_resume.elapsed().as_secs_f64() * 1e3;
-    // The pause ends here: the guest runs.
-    let resumed_ns = now_ns();
+    // The pause ends when the last vCPU is back in the guest.
+    let resumed_ns = if h.update.was_paused {
+        now_ns()
+    } else {
+        runtime.vmm.resume_confirmed()?
+    };
+    let resume_ms = resumed_ns.saturating_sub(resume_from_ns) as f64 / 1e6;
     fault::inject(Step::AfterResume)?;
     let phases = h.update.phases(main_ns, restore_ms, resume_ms);
     dismiss_guardian(env);

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use cpr::Transport;
+use cpr::{CommitPage, Transport};
 
 use super::exec::ExecTransport;
 use super::guardian::Guardian;
@@ -12,6 +12,7 @@ use super::handoff::{BookkeepingState, Handoff, InFlight};
 use super::{validate_target, UpdateError, HANDOFF_KIND};
 use crate::api::{ApiServer, ConnId, CprExecRequest};
 use crate::components::{self, Running};
+use crate::machine::VcpuCaptures;
 use crate::persist::SaveFds;
 use crate::runtime::{RunState, Vmm};
 use crate::state::now_ns;
@@ -76,7 +77,12 @@ pub fn perform(
     };
     // The memfds hold all of RAM only once a lazy restore has loaded it.
     crate::snapshot::lazy::wait_until_filled();
-    // The guardian starts while the guest still runs; it gets the fds just before execve.
+    // The commit page and the guardian are made while the guest still runs; the guardian
+    // gets the fds just before execve.
+    let commit = match CommitPage::create() {
+        Ok(c) => c,
+        Err(e) => return UpdateError::CommitPage(e),
+    };
     // Started by the unfiltered launcher: a child of a filtered thread could not exec.
     let guardian = crate::seccomp::launcher::run(Guardian::spawn)
         .unwrap_or_else(|| Err(std::io::Error::other("the launcher thread is gone")))
@@ -84,13 +90,13 @@ pub fn perform(
         .ok();
     // One update at a time: clients that ask for another meanwhile get 409 now; everything
     // else they sent is carried over and answered by the new image.
-    let flight = match pause_for_handoff(vmm, api, conn, plan.target.clone(), "exec") {
-        Ok(f) => f,
+    let paused = match pause_for_handoff(vmm, api, conn, plan.target.clone(), "exec") {
+        Ok(p) => p,
         Err(e) => return e,
     };
-    let was_paused = flight.was_paused;
-    let err = match save(vmm, api, flight) {
-        Ok((handoff, fds)) => hand_over(vmm, plan, &handoff, fds, guardian),
+    let was_paused = paused.flight.was_paused;
+    let err = match save(vmm, api, paused) {
+        Ok((handoff, fds)) => hand_over(vmm, plan, &handoff, fds, (guardian, commit)),
         Err(e) => {
             if let Some(g) = guardian {
                 g.dismiss();
@@ -107,6 +113,14 @@ pub fn perform(
     err
 }
 
+/// A paused guest, its handoff begun: the update in flight and the vCPU states its
+/// threads are capturing.
+pub(super) struct Paused {
+    /// The update in flight.
+    pub flight: InFlight,
+    captures: VcpuCaptures,
+}
+
 /// Refuses other updates, then pauses the guest: the start of every handoff.
 pub(super) fn pause_for_handoff(
     vmm: &mut Vmm,
@@ -114,7 +128,7 @@ pub(super) fn pause_for_handoff(
     conn: ConnId,
     target: PathBuf,
     mode: &str,
-) -> Result<InFlight, UpdateError> {
+) -> Result<Paused, UpdateError> {
     // One update at a time: clients that ask for another meanwhile get 409 now; everything
     // else they sent is carried over and answered by the new keeper.
     api.begin_handoff(conn);
@@ -130,12 +144,15 @@ pub(super) fn pause_for_handoff(
         mode: mode.into(),
         ..InFlight::default()
     };
-    if let Err(e) = vmm.pause() {
-        api.end_handoff();
-        return Err(UpdateError::Capture(e));
-    }
+    let captures = match vmm.pause_capturing() {
+        Ok(c) => c,
+        Err(e) => {
+            api.end_handoff();
+            return Err(UpdateError::Capture(e));
+        }
+    };
     flight.pause_ms = ms(t0.elapsed());
-    Ok(flight)
+    Ok(Paused { flight, captures })
 }
 
 /// Captures the machine and saves every part; the fds the parts declared come back with the
@@ -143,13 +160,21 @@ pub(super) fn pause_for_handoff(
 pub(super) fn save(
     vmm: &Vmm,
     api: &ApiServer,
-    mut flight: InFlight,
+    paused: Paused,
 ) -> Result<(Handoff, SaveFds), UpdateError> {
+    let Paused {
+        mut flight,
+        captures,
+    } = paused;
     let t1 = Instant::now();
     let machine = vmm
         .machine_ref()
         .ok_or(UpdateError::Capture(crate::Error::NoMachine))?;
-    let vm = machine.capture().map_err(UpdateError::Capture)?;
+    let mut laps = crate::laps::Laps::start("save");
+    let vm = machine
+        .capture_with(captures)
+        .map_err(UpdateError::Capture)?;
+    laps.mark("capture");
     let mut fds = SaveFds::new();
     let running = Running {
         ram: machine.ram(),
@@ -159,6 +184,8 @@ pub(super) fn save(
     };
     let parts = components::save(&running, &mut fds).map_err(UpdateError::Save)?;
     flight.carried_requests = crate::virtio::pending_requests(&vm.virtio, &machine.ram().mem);
+    laps.mark("parts");
+    laps.log();
     flight.save_ms = ms(t1.elapsed());
     flight.saved_at_ns = now_ns();
     let handoff = Handoff {
@@ -187,7 +214,7 @@ fn hand_over(
     plan: Plan,
     handoff: &Handoff,
     fds: SaveFds,
-    guardian: Option<Guardian>,
+    (guardian, commit): (Option<Guardian>, CommitPage),
 ) -> UpdateError {
     let writer = format!("molt {}", crate::VERSION);
     let record = match cpr::encode(&writer, HANDOFF_KIND, handoff) {
@@ -204,6 +231,7 @@ fn hand_over(
         argv: plan.argv,
         previous_exe: vmm.identity.exe_file.as_ref(),
         guardian,
+        commit,
     };
     let mut registry = fds.into_registry();
     match transport.deliver(&record, &mut registry) {

@@ -91,3 +91,44 @@ pub fn place_at_numbers(
     }
     Ok(placed)
 }
+
+/// Maps in every page of this process's own binary (code and read-only data) ahead of a
+/// handoff's pause, so the paths that run inside the pause for the first time take no page
+/// faults there (each costs microseconds on a virtualised host). Best effort: a kernel
+/// without `MADV_POPULATE_READ` (5.14) just skips it.
+pub fn populate_own_code() {
+    const MADV_POPULATE_READ: libc::c_int = 22;
+    let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
+        return;
+    };
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    let exe = exe.to_string_lossy();
+    for line in maps.lines().filter(|l| l.ends_with(exe.as_ref())) {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (
+            usize::from_str_radix(start, 16),
+            usize::from_str_radix(end, 16),
+        ) else {
+            continue;
+        };
+        if !perms.starts_with('r') || end <= start {
+            continue;
+        }
+        // SAFETY: the range is a mapping of this process as /proc/self/maps lists it;
+        // MADV_POPULATE_READ only faults its pages in, changing no contents.
+        let rc =
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_READ) };
+        if rc != 0 {
+            log::debug!("populating {range}: {}", io::Error::last_os_error());
+            return;
+        }
+    }
+}

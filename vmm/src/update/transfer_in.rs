@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use arch::vcpu_state::VcpuIdentity;
 use cpr::transfer::{expect, Channel, Message, TransferError};
 use cpr::{CommitPage, Inherited};
 use nix::sys::socket::{
@@ -69,6 +70,9 @@ pub enum ReceiveError {
 struct MachineSpec {
     ram: Vec<MemoryRegionState>,
     vcpus: usize,
+    /// Each vCPU's CPUID and TSC rate (newer senders): set before the pause.
+    #[serde(default)]
+    identities: Vec<VcpuIdentity>,
 }
 
 /// Binds PATH (mode 0600, a stale socket replaced) and waits for one sender.
@@ -151,7 +155,8 @@ fn prebuild(chan: &Channel) -> Result<(Prebuilt, CommitPage), ReceiveError> {
         return Err(ReceiveError::Unclaimed(unclaimed));
     }
     let kvm = crate::vm::open_kvm().map_err(crate::Error::from)?;
-    let prebuilt = Prebuilt::new(&kvm, ram, spec.vcpus)?;
+    let prebuilt = Prebuilt::new(&kvm, ram, spec.vcpus, &spec.identities)?;
+    super::sys::populate_own_code();
     chan.send(&Message::Ready, &[], &[])?;
     Ok((prebuilt, commit))
 }
@@ -161,29 +166,38 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
     let (prebuilt, commit) = prebuild(chan)?;
     let handoff = expect(chan.recv(HANDOFF)?, "handoff", |m| *m == Message::Handoff)?;
     let received_ns = now_ns();
+    let mut laps = crate::laps::Laps::start("transfer: receiver's pause");
     let h = cpr::decode_kind::<Handoff>(&handoff.payload, HANDOFF_KIND)
         .map_err(ReceiveError::Decode)?
         .state;
+    laps.mark("decode");
     let mut fds = RestoreFds::new(Inherited::from_owned(handoff.fds).map_err(ReceiveError::Fds)?);
     let parts = components::restore_parts(&h.parts, &h.config, &mut fds)?;
     let unclaimed = fds.unclaimed();
     if !unclaimed.is_empty() {
         return Err(ReceiveError::Unclaimed(unclaimed));
     }
+    laps.mark("parts");
     let book = h.book.taken_over();
     let source = MachineSource::RestoreInto {
         state: &h.vm,
         prebuilt,
     };
     let mut runtime = assemble(h.config.clone(), parts, source, book, started)?;
+    laps.mark("assemble");
     let restore_ms = now_ns().saturating_sub(received_ns) as f64 / 1e6;
-    let t_resume = Instant::now();
+    let resume_from_ns = now_ns();
     super::incoming::take_ownership(&commit, &mut runtime)?;
-    if !h.update.was_paused {
-        runtime.vmm.resume()?;
-    }
-    let resume_ms = t_resume.elapsed().as_secs_f64() * 1e3;
-    let resumed_ns = now_ns();
+    laps.mark("commit");
+    // The pause ends when the last vCPU is back in the guest.
+    let resumed_ns = if h.update.was_paused {
+        now_ns()
+    } else {
+        runtime.vmm.resume_confirmed()?
+    };
+    laps.mark("resume");
+    laps.log();
+    let resume_ms = resumed_ns.saturating_sub(resume_from_ns) as f64 / 1e6;
     // systemd learns the new main PID before the sender (the old one) exits.
     crate::sd_notify::ready();
     let _ = chan.send(

@@ -12,7 +12,7 @@ use cpr::transfer::{expect, Channel, Message, TransferError};
 use cpr::CommitPage;
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
-use super::handoff::InFlight;
+use super::outgoing::Paused;
 use super::{UpdateError, HANDOFF_KIND};
 use crate::api::{ApiServer, ConnId};
 use crate::persist::FdRole;
@@ -58,8 +58,14 @@ fn prepare(chan: &Channel, vmm: &Vmm, commit: &CommitPage) -> Result<(), Transfe
         .map(|(i, r)| (FdRole::Ram(i).to_string(), r.memfd.as_raw_fd()))
         .collect();
     fds.push((FdRole::Commit.to_string(), commit.fd().as_raw_fd()));
-    let spec = serde_json::json!({ "ram": layout, "vcpus": machine.vcpu_count() });
+    let spec = serde_json::json!({
+        "ram": layout,
+        "vcpus": machine.vcpu_count(),
+        "identities": machine.identities(),
+    });
     chan.send(&Message::Prepare { machine: spec }, &[], &fds)?;
+    // While the receiver builds the machine.
+    super::sys::populate_own_code();
     expect(chan.recv(PREPARE)?, "ready", |m| *m == Message::Ready)?;
     Ok(())
 }
@@ -79,18 +85,18 @@ pub fn perform(vmm: &mut Vmm, api: &mut ApiServer, conn: ConnId, socket: &Path) 
     if let Err(e) = prepare(&chan, vmm, &commit) {
         return failed(e);
     }
-    let flight = match super::outgoing::pause_for_handoff(
+    let paused = match super::outgoing::pause_for_handoff(
         vmm,
         api,
         conn,
         socket.to_path_buf(),
         "transfer",
     ) {
-        Ok(f) => f,
+        Ok(p) => p,
         Err(e) => return e,
     };
-    let was_paused = flight.was_paused;
-    let err = match hand_over(&chan, vmm, api, flight) {
+    let was_paused = paused.flight.was_paused;
+    let err = match hand_over(&chan, vmm, api, paused) {
         Ok(()) => committed(vmm, api),
         Err(e) => e,
     };
@@ -121,12 +127,15 @@ fn hand_over(
     chan: &Channel,
     vmm: &Vmm,
     api: &ApiServer,
-    flight: InFlight,
+    paused: Paused,
 ) -> Result<(), TransferError> {
     let refuse = |e: &dyn std::error::Error| TransferError::Refused(crate::error_chain(e));
-    let (handoff, fds) = super::outgoing::save(vmm, api, flight).map_err(|e| refuse(&e))?;
+    let mut laps = crate::laps::Laps::start("transfer: sender's pause");
+    let (handoff, fds) = super::outgoing::save(vmm, api, paused).map_err(|e| refuse(&e))?;
+    laps.mark("save");
     let writer = format!("molt {}", crate::VERSION);
     let record = cpr::encode(&writer, HANDOFF_KIND, &handoff).map_err(|e| refuse(&e))?;
+    laps.mark("encode");
     let rest: Vec<(String, RawFd)> = fds
         .describe()
         .into_iter()
@@ -134,6 +143,8 @@ fn hand_over(
         .map(|p| (p.name, p.fd))
         .collect();
     chan.send(&Message::Handoff, &record, &rest)?;
+    laps.mark("send");
+    laps.log();
     expect(chan.recv(COMMIT)?, "committed", |m| {
         matches!(m, Message::Committed { .. })
     })?;
