@@ -299,3 +299,103 @@ fn network_answers_before_during_and_after_updates() {
     assert_eq!(api::put(&socket, "vm.shutdown", "").status, 204);
     molt.finish(WAIT).assert_code(0);
 }
+
+/// Starts `molt --incoming` and waits until it listens.
+fn receiver(dir: &TempDir, n: usize) -> (Molt, PathBuf) {
+    let socket = dir.join(&format!("in{n}.sock"));
+    let molt = Molt::spawn(&["--incoming", &socket.display().to_string()]);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the receiver never listened"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (molt, socket)
+}
+
+#[test]
+fn network_answers_through_transfers_to_new_processes() {
+    let ns = match NetNs::create("net-xfer") {
+        Ok(ns) => ns,
+        Err(why) => {
+            molt_tests::skip("virtio-net in a network namespace", &why.to_string());
+            return;
+        }
+    };
+    let dir = TempDir::new("virtio-net-transfer");
+    let socket = dir.join("api.sock");
+    let molt_path = molt_bin().display().to_string();
+    let socket_arg = socket.display().to_string();
+    let cmdline = format!("molt.memtest=0 molt.net={GUEST_IP}/16");
+    let mut first = Molt::spawn_bin(
+        Path::new("ip"),
+        &[
+            "netns",
+            "exec",
+            &ns.name,
+            &molt_path,
+            "--api-socket",
+            &socket_arg,
+            "--net",
+            "tap=tap0,mac=02:00:00:00:77:03",
+            "--cmdline",
+            &cmdline,
+        ],
+    );
+    api::wait_ready(&socket, WAIT);
+    first.wait_line(Stream::Stdout, WAIT, |l| {
+        l.contains("net mac=02:00:00:00:77:03")
+    });
+    let echo = ns.run(|| netns::udp_echo(GUEST_IP, b"before", Duration::from_secs(5)));
+    assert_eq!(echo.as_deref(), Some(&b"before"[..]));
+    // Pings at 50/s while the VM moves to two new processes and is updated in place once.
+    let pinger = {
+        let name = ns.name.clone();
+        std::thread::spawn(move || {
+            netns::run_in(&name, || {
+                netns::ping(
+                    GUEST_IP,
+                    150,
+                    Duration::from_millis(20),
+                    Duration::from_secs(5),
+                )
+            })
+        })
+    };
+    let mut receivers = Vec::new();
+    let mut pids = vec![api::get(&socket, "vm.info").body["pid"].clone()];
+    for n in 0..2 {
+        std::thread::sleep(Duration::from_millis(400));
+        let (rx, path) = receiver(&dir, n);
+        let body = format!(r#"{{"socket": "{}"}}"#, path.display());
+        let r = api::put(&socket, "vm.cpr-transfer", &body);
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body["mode"], "transfer", "{r:?}");
+        api::assert_phases_add_up(&r.body);
+        pids.push(r.body["pid"].clone());
+        receivers.push(rx);
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    let r = api::put(&socket, "vm.cpr-exec", "{}");
+    assert_eq!(r.status, 200, "{r:?}");
+    let during = pinger.join().unwrap();
+    let lost = during.iter().filter(|r| r.is_none()).count();
+    assert_eq!(
+        lost,
+        0,
+        "{lost} of {} pings lost across transfers",
+        during.len()
+    );
+    let echo = ns.run(|| netns::udp_echo(GUEST_IP, b"after", Duration::from_secs(5)));
+    assert_eq!(echo.as_deref(), Some(&b"after"[..]));
+    // The API path is answered by the last receiver; each sender exited 0.
+    assert_eq!(api::get(&socket, "vm.info").body["pid"], pids[2]);
+    first.finish(WAIT).assert_code(0);
+    let mut receivers = receivers.into_iter();
+    let middle = receivers.next().unwrap();
+    middle.finish(WAIT).assert_code(0);
+    assert_eq!(api::put(&socket, "vm.shutdown", "").status, 204);
+    receivers.next().unwrap().finish(WAIT).assert_code(0);
+}
