@@ -17,6 +17,8 @@
 mod conn;
 pub mod ctl;
 pub mod http;
+#[cfg(test)]
+mod http_props;
 mod routes;
 mod server;
 mod socket;
