@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use routes::{Route, API_PREFIX, ROUTES};
+pub use routes::{route, Route, RouteError, API_PREFIX, ROUTES};
 pub use server::{ApiServer, ApiState, ConnState};
 
 /// Identifies one client connection of an [`ApiServer`]. Ids are never reused within a
