@@ -18,7 +18,7 @@ mod virtio;
 pub use http::http;
 pub use manifest::manifest;
 pub use options::options;
-pub use record::record;
+pub use record::{record, state};
 pub use transfer::transfer;
 pub use virtio::virtio;
 
@@ -28,6 +28,7 @@ pub type Target = fn(&[u8]);
 /// Every target by name (the name of its AFL binary and of its regression folder).
 pub const TARGETS: &[(&str, Target)] = &[
     ("record", record),
+    ("state", state),
     ("manifest", manifest),
     ("transfer", transfer),
     ("http", http),
