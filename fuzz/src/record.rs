@@ -79,7 +79,7 @@ fn json<T: serde::Serialize>(state: &T) -> Value {
 /// Equal, except that floats may differ in their last bits: serde_json (without its
 /// `float_roundtrip` feature) may read a decimal as a neighbour of the nearest f64, and
 /// the number it then writes reads back as the nearest one.
-fn same(a: &Value, b: &Value) -> bool {
+pub(crate) fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
             let (x, y) = (
