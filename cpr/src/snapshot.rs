@@ -79,10 +79,12 @@ impl MemoryFile {
     }
 
     /// Whether the description is self-consistent: a chunk size that is a multiple of 4 KiB
-    /// and one entry per chunk.
+    /// and at most [`CHUNK_SIZE`] (readers load a chunk into a buffer of that size), one entry
+    /// per chunk, and a snapshot file name.
     pub fn is_consistent(&self) -> bool {
         self.chunk_size != 0
             && self.chunk_size % 4096 == 0
+            && self.chunk_size <= CHUNK_SIZE
             && self.chunks.len() == Self::chunk_count(self.size, self.chunk_size)
             && is_snapshot_file(&self.file)
     }
@@ -110,6 +112,15 @@ mod tests {
         assert_eq!(f.chunk_range(2), (4 << 20, 5 << 20));
         assert!(!MemoryFile {
             chunks: vec![],
+            ..f.clone()
+        }
+        .is_consistent());
+        // A chunk larger than the readers' buffer (it crashed a restore), with one entry for
+        // the single chunk it makes.
+        assert!(!MemoryFile {
+            chunk_size: CHUNK_SIZE * 2,
+            chunks: vec![Some(1)],
+            size: CHUNK_SIZE * 2,
             ..f
         }
         .is_consistent());

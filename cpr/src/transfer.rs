@@ -144,16 +144,8 @@ impl Channel {
         payload: &[u8],
         fds: &[(String, RawFd)],
     ) -> Result<(), TransferError> {
-        let envelope = Envelope {
-            protocol: PROTOCOL.into(),
-            major: MAJOR,
-            minor: MINOR,
-            message: message.clone(),
-            fds: fds.iter().map(|(n, _)| n.clone()).collect(),
-            payload: payload.len() as u64,
-        };
-        let head =
-            serde_json::to_vec(&envelope).map_err(|e| TransferError::Garbage(e.to_string()))?;
+        let names: Vec<String> = fds.iter().map(|(n, _)| n.clone()).collect();
+        let head = encode_head(message, &names, payload.len() as u64)?;
         let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
         fdpass::send(&self.sock, &head, &raw)?;
         for chunk in payload.chunks(CHUNK) {
@@ -192,54 +184,34 @@ impl Channel {
     pub fn recv(&self, limit: Duration) -> Result<Received, TransferError> {
         let deadline = Instant::now() + limit;
         let (head, fds) = self.packet(deadline, limit)?;
-        let envelope: Envelope = serde_json::from_slice(&head).map_err(|e| {
-            TransferError::Garbage(format!(
-                "{e} in {:?}",
-                String::from_utf8_lossy(&head[..head.len().min(64)])
-            ))
-        })?;
-        if envelope.protocol != PROTOCOL {
-            return Err(TransferError::Garbage(format!(
-                "protocol {:?}",
-                envelope.protocol
-            )));
-        }
-        if envelope.major != MAJOR {
-            return Err(TransferError::Version(envelope.major));
-        }
-        if envelope.fds.len() != fds.len() {
+        let head = decode_head(&head)?;
+        if head.fds.len() != fds.len() {
             return Err(TransferError::Garbage(format!(
                 "{} fds named, {} attached",
-                envelope.fds.len(),
+                head.fds.len(),
                 fds.len()
             )));
         }
-        if envelope.payload > MAX_PAYLOAD {
-            return Err(TransferError::Garbage(format!(
-                "a payload of {} bytes",
-                envelope.payload
-            )));
-        }
-        let mut payload = Vec::with_capacity(envelope.payload as usize);
-        while (payload.len() as u64) < envelope.payload {
+        let mut payload = Vec::with_capacity(head.payload as usize);
+        while (payload.len() as u64) < head.payload {
             let (chunk, extra) = self.packet(deadline, limit)?;
             if !extra.is_empty() || chunk.is_empty() {
                 return Err(TransferError::Garbage("a malformed payload packet".into()));
             }
             payload.extend_from_slice(&chunk);
         }
-        if payload.len() as u64 != envelope.payload {
+        if payload.len() as u64 != head.payload {
             return Err(TransferError::Garbage(
                 "payload longer than announced".into(),
             ));
         }
-        if let Message::Refused { reason } = envelope.message {
+        if let Message::Refused { reason } = head.message {
             return Err(TransferError::Refused(reason));
         }
         Ok(Received {
-            message: envelope.message,
+            message: head.message,
             payload,
-            fds: envelope.fds.into_iter().zip(fds).collect(),
+            fds: head.fds.into_iter().zip(fds).collect(),
         })
     }
 
@@ -247,6 +219,67 @@ impl Channel {
     pub fn fd(&self) -> RawFd {
         self.sock.as_raw_fd()
     }
+}
+
+/// The first packet of a message, decoded: what [`decode_head`] checked and returns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Head {
+    /// The message.
+    pub message: Message,
+    /// Names of the fds attached to the packet, in order.
+    pub fds: Vec<String>,
+    /// Bytes of payload that follow in further packets (at most [`MAX_PAYLOAD`]).
+    pub payload: u64,
+}
+
+/// Encodes the first packet of a message: the envelope naming `fds` and announcing
+/// `payload` bytes.
+pub fn encode_head(
+    message: &Message,
+    fds: &[String],
+    payload: u64,
+) -> Result<Vec<u8>, TransferError> {
+    let envelope = Envelope {
+        protocol: PROTOCOL.into(),
+        major: MAJOR,
+        minor: MINOR,
+        message: message.clone(),
+        fds: fds.to_vec(),
+        payload,
+    };
+    serde_json::to_vec(&envelope).map_err(|e| TransferError::Garbage(e.to_string()))
+}
+
+/// Decodes the first packet of a message, refusing another protocol, another major version
+/// and a payload above [`MAX_PAYLOAD`]. Whether the named fds came with it is the caller's
+/// to check.
+pub fn decode_head(bytes: &[u8]) -> Result<Head, TransferError> {
+    let envelope: Envelope = serde_json::from_slice(bytes).map_err(|e| {
+        TransferError::Garbage(format!(
+            "{e} in {:?}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(64)])
+        ))
+    })?;
+    if envelope.protocol != PROTOCOL {
+        return Err(TransferError::Garbage(format!(
+            "protocol {:?}",
+            envelope.protocol
+        )));
+    }
+    if envelope.major != MAJOR {
+        return Err(TransferError::Version(envelope.major));
+    }
+    if envelope.payload > MAX_PAYLOAD {
+        return Err(TransferError::Garbage(format!(
+            "a payload of {} bytes",
+            envelope.payload
+        )));
+    }
+    Ok(Head {
+        message: envelope.message,
+        fds: envelope.fds,
+        payload: envelope.payload,
+    })
 }
 
 /// Expects `got` to be the message `expected` names, or says what came instead.

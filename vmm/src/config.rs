@@ -283,7 +283,8 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     }
     let mut mac = [0u8; 6];
     for (b, p) in mac.iter_mut().zip(parts) {
-        if p.len() != 2 {
+        // Exactly two hex digits: `from_str_radix` alone would also take "+f".
+        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         *b = u8::from_str_radix(p, 16).ok()?;
@@ -381,6 +382,10 @@ pub struct VmConfig {
 }
 
 #[cfg(test)]
+#[path = "config_props.rs"]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -450,6 +455,7 @@ mod tests {
             "fd=x",
             "fd=1",
             "tap=t,mac=01:00:00:00:00:00",
+            "tap=t,mac=+2:00:00:00:00:01",
             "mac=zz",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");

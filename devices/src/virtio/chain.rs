@@ -289,6 +289,10 @@ impl<'a> Cursor<'a> {
 }
 
 #[cfg(test)]
+#[path = "chain_props.rs"]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

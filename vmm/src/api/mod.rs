@@ -17,6 +17,8 @@
 mod conn;
 pub mod ctl;
 pub mod http;
+#[cfg(test)]
+mod http_props;
 mod progress;
 mod routes;
 mod server;
@@ -28,7 +30,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use routes::{Route, API_PREFIX, ROUTES};
+pub use routes::{route, Route, RouteError, API_PREFIX, ROUTES};
 pub use server::{ApiServer, ApiState, ConnState};
 
 /// Identifies one client connection of an [`ApiServer`]. Ids are never reused within a
