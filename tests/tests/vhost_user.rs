@@ -347,7 +347,10 @@ fn a_backend_that_dies_and_comes_back_is_reconnected_and_the_guest_keeps_running
     let backend = Backend::serve(image, socket);
     vm.wait_records(5);
     let device = vm.device();
-    assert_connected(&device, 1);
+    // At least one reconnection (a first attempt may meet a daemon still starting up).
+    let reconnects = device["reconnects"].as_u64().unwrap_or(0);
+    assert!(reconnects >= 1, "{device}");
+    assert_connected(&device, reconnects);
     // And the new session survives updates as the first one did.
     let sockets = backend.sockets();
     for _ in 0..3 {
@@ -355,7 +358,7 @@ fn a_backend_that_dies_and_comes_back_is_reconnected_and_the_guest_keeps_running
         assert_eq!(r.status, 200, "{r:?}");
         vm.wait_records(2);
     }
-    assert_connected(&vm.device(), 1);
+    assert_connected(&vm.device(), reconnects);
     assert_eq!(
         backend.sockets(),
         sockets,
