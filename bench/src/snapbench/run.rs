@@ -202,6 +202,15 @@ fn restore(bin: &Path, dir: &Path, snap: &Path, c: &Config, s: &mut Sample) -> R
         // The restored guest's next memtest pass checks what the snapshot held.
         let line = vm.wait_serial(Duration::from_secs(120), |l| l.contains(" memtest pass="))?;
         s.memtest_ok = line.contains(" ok");
+        if !s.memtest_ok {
+            // Keep the guest's output: the next run starts a new serial file.
+            let kept = vm.serial.with_extension("serial.failed");
+            let _ = std::fs::copy(&vm.serial, &kept);
+            eprintln!(
+                "  restored guest: {line} (output kept in {})",
+                kept.display()
+            );
+        }
     }
     vm.shutdown()
 }

@@ -226,8 +226,14 @@ impl Filler {
             self.uffd.zero(region.host + page, region.page)
         } else {
             buf.fill(0);
+            // Already there (a fault read before the page was served) is fine.
             self.uffd
-                .copy(region.host + page, &buf[..region.page as usize])
+                .copy(
+                    region.host + page,
+                    &buf[..region.page as usize],
+                    region.page,
+                )
+                .map(drop)
         };
         result.map_err(uffd_err(format!("zero page at {addr:#x}")))
     }
@@ -240,12 +246,22 @@ impl Filler {
         let sum = region.desc.chunks[c].unwrap_or_default();
         load_chunk(&region.file, chunk, start, sum, &region.path, when)
             .map_err(|e| e.to_string())?;
-        self.uffd
-            .copy(region.host + start, chunk)
+        let present = self
+            .uffd
+            .copy(region.host + start, chunk, region.page)
             .map_err(uffd_err(format!(
                 "copying {} at {start:#x}",
                 region.path.display()
             )))?;
+        if present > 0 {
+            // Only the loader puts pages into lazily restored RAM: one that is already there
+            // was written around it. The rest of the chunk is still copied.
+            log::warn!(
+                "lazy restore: {present} page(s) of {} at {start:#x} were already in guest RAM \
+                 and were kept",
+                region.path.display()
+            );
+        }
         region.loaded[c] = true;
         super::status::restore_loaded(end - start);
         Ok(())
@@ -297,6 +313,150 @@ mod tests {
         assert_eq!(z, 0);
         let z: u64 = fresh.mem.read_obj(GuestAddress((2 << 20) + 8)).unwrap();
         assert_eq!(z, 0);
+        wait_until_filled();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A value that tells page `addr` apart from every other.
+    fn tag(addr: u64) -> u64 {
+        addr ^ 0x6d6f_6c74_0000_0000
+    }
+
+    /// Writes every region of `ram` into `dir` as a paused snapshot does; its files, opened.
+    fn snapshot_of(ram: &GuestRam, dir: &std::path::Path) -> (Vec<File>, Vec<MemoryFile>) {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir(dir).unwrap();
+        let mut sources = super::super::ram::RegionSource::all(ram).unwrap();
+        super::super::ram::RegionSource::find_data(&mut sources).unwrap();
+        let mut descs = Vec::new();
+        for (i, src) in sources.iter().enumerate() {
+            let path = dir.join(format!("ram{i}.mem"));
+            let progress = super::super::status::Progress::new(
+                super::super::SnapshotMode::Paused,
+                path.clone(),
+                src.size,
+            );
+            let ctx = super::super::ram::WriteCtx {
+                index: i,
+                progress: &progress,
+                gate: None,
+            };
+            descs.push(super::super::ram::write_region(src, &path, &ctx).unwrap());
+        }
+        let files = descs
+            .iter()
+            .map(|d| super::super::ram::open_checked(dir, d, d.size).unwrap())
+            .collect();
+        (files, descs)
+    }
+
+    #[test]
+    fn concurrent_faults_and_the_background_fill_restore_every_page_of_both_regions() {
+        // RAM over the 32-bit hole: two regions, sparse but for 8 MiB below the hole and
+        // the 8 MiB above it; every page of those holds its own tag in its first and last
+        // words.
+        let hole = arch::layout::MMIO_HOLE_START;
+        let high = arch::layout::HIGH_RAM_START;
+        let cfg = MemoryConfig {
+            size: hole + (8 << 20),
+            hugepages: false,
+            prefault: false,
+        };
+        let ram = crate::memory::create(&cfg).unwrap();
+        assert_eq!(ram.regions.len(), 2);
+        let pages: Vec<u64> = (hole - (8 << 20)..hole)
+            .chain(high..high + (8 << 20))
+            .step_by(4096)
+            .collect();
+        for &p in &pages {
+            ram.mem.write_obj(tag(p), GuestAddress(p)).unwrap();
+            ram.mem.write_obj(!tag(p), GuestAddress(p + 4088)).unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!("molt-lazy-mt-{}", std::process::id()));
+        let (files, descs) = snapshot_of(&ram, &dir);
+        drop(ram);
+
+        let fresh = crate::memory::create(&cfg).unwrap();
+        if let Err(e) = start(&fresh, &files, &descs, &dir, Instant::now()) {
+            let why = crate::error_chain(&e);
+            return molt_tests::skip("lazy restore (userfaultfd)", &why);
+        }
+        // Four threads fault on the pages in different orders while the filler also loads
+        // them in the background; each reads holes too.
+        let fresh = std::sync::Arc::new(fresh);
+        let pages = std::sync::Arc::new(pages);
+        let readers: Vec<_> = (0..4usize)
+            .map(|t| {
+                let (mem, pages) = (fresh.clone(), pages.clone());
+                std::thread::spawn(move || {
+                    let n = pages.len();
+                    for k in 0..n {
+                        let i = match t {
+                            0 => k,
+                            1 => n - 1 - k,
+                            2 => (k * 7919) % n,
+                            _ => (k + n / 2) % n,
+                        };
+                        let p = pages[i];
+                        let first: u64 = mem.mem.read_obj(GuestAddress(p)).unwrap();
+                        let last: u64 = mem.mem.read_obj(GuestAddress(p + 4088)).unwrap();
+                        assert_eq!((first, last), (tag(p), !tag(p)), "page {p:#x}");
+                        if k % 512 == 0 {
+                            let h = (k as u64 * 4096 * 97) % (hole - (8 << 20));
+                            let z: u64 = mem.mem.read_obj(GuestAddress(h)).unwrap();
+                            assert_eq!(z, 0, "hole page {h:#x}");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for r in readers {
+            r.join().unwrap();
+        }
+        wait_until_filled();
+        // After the filler is done (RAM unregistered), every page still holds its data.
+        for &p in pages.iter() {
+            let v: u64 = fresh.mem.read_obj(GuestAddress(p)).unwrap();
+            assert_eq!(v, tag(p), "page {p:#x}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_page_already_in_ram_does_not_keep_the_rest_of_its_chunk_out() {
+        use std::os::unix::fs::FileExt;
+        let cfg = MemoryConfig {
+            size: 8 << 20,
+            hugepages: false,
+            prefault: false,
+        };
+        let ram = crate::memory::create(&cfg).unwrap();
+        // Chunk 1 (2..4 MiB) holds data on every page.
+        for p in ((2 << 20)..(4 << 20)).step_by(4096) {
+            ram.mem.write_obj(tag(p), GuestAddress(p)).unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!("molt-lazy-pre-{}", std::process::id()));
+        let (files, descs) = snapshot_of(&ram, &dir);
+        drop(ram);
+
+        // A page in the middle of that chunk is put into the fresh memfd around the loader.
+        let fresh = crate::memory::create(&cfg).unwrap();
+        let mid = 3 << 20;
+        fresh.regions[0]
+            .memfd
+            .write_all_at(&0x77u64.to_ne_bytes(), mid)
+            .unwrap();
+        if let Err(e) = start(&fresh, &files, &descs, &dir, Instant::now()) {
+            let why = crate::error_chain(&e);
+            return molt_tests::skip("lazy restore (userfaultfd)", &why);
+        }
+        // The pages after it come from the snapshot, not as zeros; the page itself is kept.
+        for p in [mid + 4096, (4 << 20) - 4096, 2 << 20] {
+            let v: u64 = fresh.mem.read_obj(GuestAddress(p)).unwrap();
+            assert_eq!(v, tag(p), "page {p:#x}");
+        }
+        let v: u64 = fresh.mem.read_obj(GuestAddress(mid)).unwrap();
+        assert_eq!(v, 0x77);
         wait_until_filled();
         std::fs::remove_dir_all(dir).unwrap();
     }

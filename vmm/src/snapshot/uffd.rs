@@ -204,11 +204,12 @@ impl Uffd {
         ioctl(&self.fd, UFFDIO_WAKE, &mut range)
     }
 
-    /// Copies `src` into the missing pages at `dst` and wakes threads waiting for them. Pages
-    /// already there are not an error.
-    pub fn copy(&self, dst: u64, src: &[u8]) -> io::Result<()> {
-        let mut done = 0u64;
+    /// Copies `src` into the missing `page`-sized pages at `dst` and wakes threads waiting for
+    /// them. A page already there is not an error: it is left as it is and the copy goes on
+    /// after it. Returns how many pages were already there.
+    pub fn copy(&self, dst: u64, src: &[u8], page: u64) -> io::Result<u64> {
         let len = src.len() as u64;
+        let (mut done, mut present) = (0u64, 0u64);
         while done < len {
             let mut c = UffdioCopy {
                 dst: dst + done,
@@ -217,18 +218,25 @@ impl Uffd {
                 ..UffdioCopy::default()
             };
             match ioctl(&self.fd, UFFDIO_COPY, &mut c) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && c.copy > 0 => {
-                    done += c.copy as u64
+                Ok(()) => break,
+                // Part of the range was copied (up to a page that failed), or nothing yet
+                // (the mappings were changing): go on where it stopped.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    done += c.copy.max(0) as u64;
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+                // The first page of what is left is already there.
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    return self.wake(dst, len);
+                    done += page;
+                    present += 1;
                 }
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        if present > 0 {
+            // A thread may wait on a page that was already there.
+            self.wake(dst, len)?;
+        }
+        Ok(present)
     }
 
     /// Maps zero pages at `[start, start + len)` and wakes threads waiting for them.
