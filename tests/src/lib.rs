@@ -232,6 +232,20 @@ impl Molt {
         }
     }
 
+    /// Starts `bin --incoming socket [extra…]` (a cpr-transfer receiver) with `env` and waits
+    /// until it listens on `socket`.
+    pub fn spawn_incoming(bin: &Path, socket: &Path, extra: &[&str], env: &[(&str, &str)]) -> Molt {
+        let mut args = vec!["--incoming".to_string(), socket.display().to_string()];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let molt = Molt::spawn_env(bin, &args, env);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the receiver never listened");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        molt
+    }
+
     /// Process id of the child.
     pub fn pid(&self) -> u32 {
         self.child.id()

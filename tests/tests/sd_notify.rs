@@ -114,16 +114,12 @@ fn ready_then_mainpid_of_the_receiver_then_stopping() {
     // A transfer: the receiver (started by the operator, in the service's environment) is
     // the main process from then on; the sender exits without STOPPING=1.
     let incoming = dir.join("in.sock");
-    let receiver = Molt::spawn_env(
+    let receiver = Molt::spawn_incoming(
         &molt_tests::molt_bin(),
-        &["--incoming", &incoming.display().to_string()],
+        &incoming,
+        &[],
         &[("NOTIFY_SOCKET", &notify.name)],
     );
-    let deadline = Instant::now() + WAIT;
-    while !incoming.exists() {
-        assert!(Instant::now() < deadline, "the receiver never listened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
     let body = format!(r#"{{"socket": "{}"}}"#, incoming.display());
     let r = api::put(&socket, "vm.cpr-transfer", &body);
     assert_eq!(r.status, 200, "{r:?}");

@@ -103,18 +103,7 @@ impl Vm {
     /// Starts a receiver (`bin`) and transfers the VM to it.
     fn transfer_to(&mut self, bin: &Path, env: &[(&str, &str)]) -> Reply {
         let socket = self.dir.join(&format!("in{}.sock", self.receivers.len()));
-        let args = [
-            "--incoming".to_string(),
-            socket.display().to_string(),
-            "--log-level".into(),
-            "info".into(),
-        ];
-        let receiver = Molt::spawn_env(bin, &args, env);
-        let deadline = Instant::now() + WAIT;
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "the receiver never listened");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let receiver = Molt::spawn_incoming(bin, &socket, &["--log-level", "info"], env);
         self.receivers.push(receiver);
         self.transfer(&socket)
     }

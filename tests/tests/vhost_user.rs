@@ -201,13 +201,8 @@ impl Vm {
 
     fn transfer(&mut self) -> Reply {
         let socket = self.dir.join(&format!("in{}.sock", self.receivers.len()));
-        let args = ["--incoming".to_string(), socket.display().to_string()];
-        self.receivers.push(Molt::spawn(&args));
-        let deadline = Instant::now() + WAIT;
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "the receiver never listened");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.receivers
+            .push(Molt::spawn_incoming(&molt_bin(), &socket, &[], &[]));
         let body = format!(r#"{{"socket": "{}"}}"#, socket.display());
         api::put(&self.api, "vm.cpr-transfer", &body)
     }

@@ -230,28 +230,7 @@ fn network_answers_before_during_and_after_updates() {
     };
     let dir = TempDir::new("virtio-net");
     let socket = dir.join("api.sock");
-    let molt_path = molt_bin().display().to_string();
-    let socket_arg = socket.display().to_string();
-    let cmdline = format!("molt.memtest=0 molt.net={GUEST_IP}/16");
-    let mut molt = Molt::spawn_bin(
-        Path::new("ip"),
-        &[
-            "netns",
-            "exec",
-            &ns.name,
-            &molt_path,
-            "--api-socket",
-            &socket_arg,
-            "--net",
-            "tap=tap0,mac=02:00:00:00:77:02",
-            "--cmdline",
-            &cmdline,
-        ],
-    );
-    api::wait_ready(&socket, WAIT);
-    molt.wait_line(Stream::Stdout, WAIT, |l| {
-        l.contains("net mac=02:00:00:00:77:02")
-    });
+    let molt = spawn_in(&ns, &socket, "02:00:00:00:77:02");
     let before = ns.run(|| {
         netns::ping(
             GUEST_IP,
@@ -300,19 +279,32 @@ fn network_answers_before_during_and_after_updates() {
     molt.finish(WAIT).assert_code(0);
 }
 
-/// Starts `molt --incoming` and waits until it listens.
-fn receiver(dir: &TempDir, n: usize) -> (Molt, PathBuf) {
-    let socket = dir.join(&format!("in{n}.sock"));
-    let molt = Molt::spawn(&["--incoming", &socket.display().to_string()]);
-    let deadline = std::time::Instant::now() + WAIT;
-    while !socket.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the receiver never listened"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    (molt, socket)
+/// Starts molt with a tap in `ns` (the guest at [`GUEST_IP`]) and waits until its network
+/// driver is up.
+fn spawn_in(ns: &NetNs, socket: &Path, mac: &str) -> Molt {
+    let cmdline = format!("molt.memtest=0 molt.net={GUEST_IP}/16");
+    let molt_path = molt_bin().display().to_string();
+    let net = format!("tap=tap0,mac={mac}");
+    let mut molt = Molt::spawn_bin(
+        Path::new("ip"),
+        &[
+            "netns",
+            "exec",
+            &ns.name,
+            &molt_path,
+            "--api-socket",
+            &socket.display().to_string(),
+            "--net",
+            &net,
+            "--cmdline",
+            &cmdline,
+        ],
+    );
+    api::wait_ready(socket, WAIT);
+    molt.wait_line(Stream::Stdout, WAIT, |l| {
+        l.contains(&format!("net mac={mac}"))
+    });
+    molt
 }
 
 #[test]
@@ -326,28 +318,7 @@ fn network_answers_through_transfers_to_new_processes() {
     };
     let dir = TempDir::new("virtio-net-transfer");
     let socket = dir.join("api.sock");
-    let molt_path = molt_bin().display().to_string();
-    let socket_arg = socket.display().to_string();
-    let cmdline = format!("molt.memtest=0 molt.net={GUEST_IP}/16");
-    let mut first = Molt::spawn_bin(
-        Path::new("ip"),
-        &[
-            "netns",
-            "exec",
-            &ns.name,
-            &molt_path,
-            "--api-socket",
-            &socket_arg,
-            "--net",
-            "tap=tap0,mac=02:00:00:00:77:03",
-            "--cmdline",
-            &cmdline,
-        ],
-    );
-    api::wait_ready(&socket, WAIT);
-    first.wait_line(Stream::Stdout, WAIT, |l| {
-        l.contains("net mac=02:00:00:00:77:03")
-    });
+    let first = spawn_in(&ns, &socket, "02:00:00:00:77:03");
     let echo = ns.run(|| netns::udp_echo(GUEST_IP, b"before", Duration::from_secs(5)));
     assert_eq!(echo.as_deref(), Some(&b"before"[..]));
     // Pings at 50/s while the VM moves to two new processes and is updated in place once.
@@ -368,7 +339,8 @@ fn network_answers_through_transfers_to_new_processes() {
     let mut pids = vec![api::get(&socket, "vm.info").body["pid"].clone()];
     for n in 0..2 {
         std::thread::sleep(Duration::from_millis(400));
-        let (rx, path) = receiver(&dir, n);
+        let path = dir.join(&format!("in{n}.sock"));
+        let rx = Molt::spawn_incoming(&molt_bin(), &path, &[], &[]);
         let body = format!(r#"{{"socket": "{}"}}"#, path.display());
         let r = api::put(&socket, "vm.cpr-transfer", &body);
         assert_eq!(r.status, 200, "{r:?}");
