@@ -246,19 +246,7 @@ fn network_answers_before_during_and_after_updates() {
     let echo = ns.run(|| netns::udp_echo(GUEST_IP, b"molt udp echo", Duration::from_secs(5)));
     assert_eq!(echo.as_deref(), Some(&b"molt udp echo"[..]));
     // Pings at 50/s while three updates run.
-    let pinger = {
-        let name = ns.name.clone();
-        std::thread::spawn(move || {
-            netns::run_in(&name, || {
-                netns::ping(
-                    GUEST_IP,
-                    150,
-                    Duration::from_millis(20),
-                    Duration::from_secs(5),
-                )
-            })
-        })
-    };
+    let pinger = pings_in_background(&ns, 150);
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(400));
         let r = api::put(&socket, "vm.cpr-exec", "{}");
@@ -277,6 +265,22 @@ fn network_answers_before_during_and_after_updates() {
     assert_eq!(echo.as_deref(), Some(&b"after the updates"[..]));
     assert_eq!(api::put(&socket, "vm.shutdown", "").status, 204);
     molt.finish(WAIT).assert_code(0);
+}
+
+/// Pings the guest `count` times at 50/s from `ns` on another thread; each answer's RTT or
+/// `None` for a lost one.
+fn pings_in_background(ns: &NetNs, count: u16) -> std::thread::JoinHandle<Vec<Option<Duration>>> {
+    let name = ns.name.clone();
+    std::thread::spawn(move || {
+        netns::run_in(&name, move || {
+            netns::ping(
+                GUEST_IP,
+                count,
+                Duration::from_millis(20),
+                Duration::from_secs(5),
+            )
+        })
+    })
 }
 
 /// Starts molt with a tap in `ns` (the guest at [`GUEST_IP`]) and waits until its network
@@ -322,19 +326,7 @@ fn network_answers_through_transfers_to_new_processes() {
     let echo = ns.run(|| netns::udp_echo(GUEST_IP, b"before", Duration::from_secs(5)));
     assert_eq!(echo.as_deref(), Some(&b"before"[..]));
     // Pings at 50/s while the VM moves to two new processes and is updated in place once.
-    let pinger = {
-        let name = ns.name.clone();
-        std::thread::spawn(move || {
-            netns::run_in(&name, || {
-                netns::ping(
-                    GUEST_IP,
-                    150,
-                    Duration::from_millis(20),
-                    Duration::from_secs(5),
-                )
-            })
-        })
-    };
+    let pinger = pings_in_background(&ns, 150);
     let mut receivers = Vec::new();
     let mut pids = vec![api::get(&socket, "vm.info").body["pid"].clone()];
     for n in 0..2 {
