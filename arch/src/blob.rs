@@ -112,8 +112,12 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 impl<T: Pod> Serialize for Blob<T> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         // Bytes, then text: hex digits are ASCII (this runs inside a live update's pause).
-        let mut out = Vec::with_capacity(size_of::<T>() * 2);
-        for b in self.bytes() {
+        // Trailing zero bytes are left out (a reader zero-fills a short string): most of an
+        // XSAVE area or a CPUID entry's padding is zeros, and the record stays small.
+        let bytes = self.bytes();
+        let used = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        let mut out = Vec::with_capacity(used * 2);
+        for &b in &bytes[..used] {
             out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
         }
         let text = String::from_utf8(out).map_err(ser::Error::custom)?;
@@ -185,10 +189,20 @@ mod tests {
         assert!(json.starts_with("\"8877665544332211"));
         let back: Blob<kvm_regs> = serde_json::from_str(&json).unwrap();
         assert_eq!(back, Blob(regs));
+        // Trailing zero bytes are not written: rflags (2) is the last non-zero byte.
+        let rflags_end = 2 * (std::mem::offset_of!(kvm_regs, rflags) + 1);
+        assert_eq!(json.len(), rflags_end + 2);
+        assert_eq!(
+            serde_json::to_string(&Blob::<kvm_regs>::default()).unwrap(),
+            "\"\""
+        );
+        let zero: Blob<kvm_regs> = serde_json::from_str("\"\"").unwrap();
+        assert_eq!(zero, Blob::default());
         // A shorter record (older, smaller struct) zero-fills; a longer one is truncated.
         let short: Blob<kvm_regs> = serde_json::from_str("\"0100\"").unwrap();
         assert_eq!((short.rax, short.rip), (1, 0));
-        let long = format!("{}00ff", &json[..json.len() - 1]);
+        let full = format!("{:0<w$}", &json[1..json.len() - 1], w = 2 * size_of::<kvm_regs>());
+        let long = format!("\"{full}00ff");
         let back: Blob<kvm_regs> = serde_json::from_str(&format!("{long}\"")).unwrap();
         assert_eq!(back, Blob(regs));
         assert!(serde_json::from_str::<Blob<kvm_regs>>("\"0g\"").is_err());

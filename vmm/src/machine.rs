@@ -369,13 +369,7 @@ impl Machine {
 
     /// Captures the whole VM, the vCPUs' states from `captures`. The machine must be paused.
     pub fn capture_with(&self, captures: VcpuCaptures) -> Result<VmState, Error> {
-        let mut vcpus = Vec::with_capacity(captures.0.len());
-        for (index, rx) in captures.0 {
-            let state = rx
-                .and_then(|rx| rx.recv().ok())
-                .ok_or(Error::VcpuGone(index))??;
-            vcpus.push(state);
-        }
+        // The VM-wide state first, while the vCPU threads capture theirs.
         let kvm = vm_state::capture(&self.vm_fd)?;
         let devices = PioDevicesState {
             serial: self
@@ -397,11 +391,19 @@ impl Machine {
                 .unwrap_or_else(|p| p.into_inner())
                 .state(),
         };
+        let virtio = self.virtio.states();
+        let mut vcpus = Vec::with_capacity(captures.0.len());
+        for (index, rx) in captures.0 {
+            let state = rx
+                .and_then(|rx| rx.recv().ok())
+                .ok_or(Error::VcpuGone(index))??;
+            vcpus.push(state);
+        }
         Ok(VmState {
             vcpus,
             kvm,
             devices,
-            virtio: self.virtio.states(),
+            virtio,
             captured_at_ns: crate::state::now_ns(),
         })
     }

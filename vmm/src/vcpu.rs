@@ -195,6 +195,11 @@ impl ParkedThread {
                 if let Err(e) = crate::event_loop::block_termination_signals() {
                     log::warn!("vcpu{index}: cannot block SIGINT/SIGTERM: {e}");
                 }
+                // The filter goes on now if the mode is known (a transfer's receiver sets it
+                // before the pause): installing it costs tens of µs that would otherwise
+                // fall inside the pause. Otherwise (or if that fails: it tries again and
+                // reports) `VcpuLoop::run` installs it.
+                let _ = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu);
                 if let Some(s) = ctl.wait_for_start() {
                     VcpuLoop::new(index, s.vcpu, s.bus, s.exits, ctl).run();
                 }

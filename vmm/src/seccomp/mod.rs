@@ -125,11 +125,20 @@ pub fn mode() -> SeccompMode {
     PROGRAMS.get().map_or(SeccompMode::Off, |p| p.mode)
 }
 
-/// Installs the filter for `kind` on the calling thread (nothing when off).
+thread_local! {
+    /// Whether [`apply`] installed a filter on this thread (it is not installed twice).
+    static APPLIED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs the filter for `kind` on the calling thread (nothing when off, or when this
+/// thread has its filter already: a vCPU thread started ahead of its vCPU installs it early).
 pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     let Some(p) = PROGRAMS.get() else {
         return Ok(());
     };
+    if APPLIED.get() {
+        return Ok(());
+    }
     let prog = match kind {
         ThreadKind::Vcpu => &p.vcpu,
         ThreadKind::Control => &p.control,
@@ -138,6 +147,7 @@ pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
         return Ok(());
     }
     seccompiler::apply_filter(prog).map_err(|e| SeccompError::Install(kind.name(), e))?;
+    APPLIED.set(true);
     log::debug!("seccomp: {} filter installed ({:?})", kind.name(), p.mode);
     Ok(())
 }

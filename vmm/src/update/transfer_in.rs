@@ -73,6 +73,10 @@ struct MachineSpec {
     /// Each vCPU's CPUID and TSC rate (newer senders): set before the pause.
     #[serde(default)]
     identities: Vec<VcpuIdentity>,
+    /// The VM's seccomp mode (newer senders): the filters are compiled, and the vCPU threads
+    /// filtered, before the pause.
+    #[serde(default)]
+    seccomp: Option<crate::seccomp::SeccompMode>,
 }
 
 /// Binds PATH (mode 0600, a stale socket replaced) and waits for one sender.
@@ -153,6 +157,9 @@ fn prebuild(chan: &Channel) -> Result<(Prebuilt, CommitPage), ReceiveError> {
     let unclaimed = fds.unclaimed();
     if !unclaimed.is_empty() {
         return Err(ReceiveError::Unclaimed(unclaimed));
+    }
+    if let Some(mode) = spec.seccomp {
+        crate::seccomp::init(mode).map_err(crate::Error::from)?;
     }
     let kvm = crate::vm::open_kvm().map_err(crate::Error::from)?;
     let prebuilt = Prebuilt::new(&kvm, ram, spec.vcpus, &spec.identities)?;

@@ -62,6 +62,7 @@ fn prepare(chan: &Channel, vmm: &Vmm, commit: &CommitPage) -> Result<(), Transfe
         "ram": layout,
         "vcpus": machine.vcpu_count(),
         "identities": machine.identities(),
+        "seccomp": vmm.config().seccomp,
     });
     chan.send(&Message::Prepare { machine: spec }, &[], &fds)?;
     // While the receiver builds the machine.
@@ -145,6 +146,7 @@ fn hand_over(
     chan.send(&Message::Handoff, &record, &rest)?;
     laps.mark("send");
     laps.log();
+    log::debug!("transfer: record of {} bytes, {} fds", record.len(), rest.len());
     expect(chan.recv(COMMIT)?, "committed", |m| {
         matches!(m, Message::Committed { .. })
     })?;
