@@ -47,6 +47,8 @@ pub enum MachineSource<'a> {
         state: &'a VmState,
         /// The KVM VM over its RAM, with its vCPUs.
         prebuilt: Prebuilt,
+        /// The KVM handle it was built with.
+        kvm: kvm_ioctls::Kvm,
     },
 }
 
@@ -73,17 +75,23 @@ pub fn assemble(
     laps.mark("shared");
     let em = event_loop::build(&shared, parts.serial.input())?;
     laps.mark("event loop");
-    let kvm = crate::vm::open_kvm()?;
-    laps.mark("open kvm");
     let out = parts.serial.try_clone().map_err(Error::SerialClone)?;
-    let (machine, paused) = match source {
-        MachineSource::Boot => (Machine::boot(&kvm, &config, out, &shared)?, false),
+    let (kvm, machine, paused) = match source {
+        MachineSource::Boot => {
+            let kvm = crate::vm::open_kvm()?;
+            let machine = Machine::boot(&kvm, &config, out, &shared)?;
+            (kvm, machine, false)
+        }
         MachineSource::Restore { state, ram } => {
-            (Machine::restore(&kvm, state, ram, out, &shared)?, true)
+            let kvm = crate::vm::open_kvm()?;
+            let machine = Machine::restore(&kvm, state, ram, out, &shared)?;
+            (kvm, machine, true)
         }
-        MachineSource::RestoreInto { state, prebuilt } => {
-            (Machine::restore_into(prebuilt, state, out, &shared)?, true)
-        }
+        MachineSource::RestoreInto {
+            state,
+            prebuilt,
+            kvm,
+        } => (kvm, Machine::restore_into(prebuilt, state, out, &shared)?, true),
     };
     laps.mark("machine");
     let vmm = Vmm::new(kvm, config, machine, parts.serial, shared, book, paused);

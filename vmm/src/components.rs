@@ -97,14 +97,22 @@ pub fn restore_parts(
     config: &VmConfig,
     fds: &mut RestoreFds,
 ) -> Result<Parts, Error> {
+    let mut laps = crate::laps::Laps::start("restore parts");
+    let serial = SerialOut::restore(&state.serial, (), fds)?;
+    laps.mark("serial");
+    let virtio = Virtio::restore(&state.devices, config.clone(), fds)?;
+    laps.mark("virtio");
+    let api = state
+        .api
+        .as_ref()
+        .map(|a| ApiServer::restore(a, (), fds))
+        .transpose()?;
+    laps.mark("api");
+    laps.log();
     let parts = Parts {
-        serial: SerialOut::restore(&state.serial, (), fds)?,
-        virtio: Virtio::restore(&state.devices, config.clone(), fds)?,
-        api: state
-            .api
-            .as_ref()
-            .map(|a| ApiServer::restore(a, (), fds))
-            .transpose()?,
+        serial,
+        virtio,
+        api,
     };
     fault::inject(Step::Api)?;
     Ok(parts)

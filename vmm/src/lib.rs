@@ -30,6 +30,7 @@ pub mod sd_notify;
 pub mod seccomp;
 pub mod serial_backend;
 pub mod snapshot;
+pub mod spin;
 pub mod state;
 pub mod update;
 pub mod vcpu;

@@ -46,12 +46,17 @@ pub struct Shared {
 /// state is known.
 pub struct Prebuilt {
     vm_fd: VmFd,
-    vcpus: Vec<VcpuFd>,
     /// The identities set on the vCPUs (empty if none was known beforehand).
     identities: Vec<VcpuIdentity>,
+    /// The vCPU threads, each with its vCPU.
     threads: Vec<ParkedThread>,
     ram: GuestRam,
+    has_xsave: bool,
+    /// The vCPU state restores running on the vCPU threads, once begun.
+    restoring: Option<Vec<(u8, Option<RestoreRx>)>>,
 }
+
+type RestoreRx = std::sync::mpsc::Receiver<Result<(), vcpu_state::VcpuStateError>>;
 
 impl Prebuilt {
     /// Creates the VM over `ram` and `vcpus` vCPUs; when `identities` has one per vCPU
@@ -79,17 +84,67 @@ impl Prebuilt {
         } else {
             Vec::new()
         };
-        let threads = (0..vcpus.len())
-            .map(|i| ParkedThread::spawn(i as u8).map_err(Error::from))
+        let threads = vcpus
+            .into_iter()
+            .enumerate()
+            .map(|(i, fd)| ParkedThread::spawn(i as u8, fd).map_err(Error::from))
             .collect::<Result<Vec<_>, Error>>()?;
+        let has_xsave = vcpu_state::xsave_usable(&vm_fd);
         Ok(Self {
             vm_fd,
-            vcpus,
             identities,
             threads,
             ram,
+            has_xsave,
+            restoring: None,
         })
     }
+
+    /// Begins restoring the vCPUs of `state`, each on its own thread, while the caller goes
+    /// on with the rest of the restore (a second call does nothing). The guest time they
+    /// are set to is advanced to now.
+    pub fn restore_vcpus(&mut self, state: &VmState) -> Result<(), Error> {
+        if self.restoring.is_some() {
+            return Ok(());
+        }
+        state.validate_vcpus()?;
+        if self.threads.len() != state.vcpus.len() {
+            return Err(Error::PrebuiltMismatch {
+                built: self.threads.len(),
+                saved: state.vcpus.len(),
+            });
+        }
+        let tsc_advance = state.tsc_ticks(state.elapsed_ns());
+        let has_xsave = self.has_xsave;
+        let restoring = self
+            .threads
+            .iter()
+            .zip(&state.vcpus)
+            .enumerate()
+            .map(|(i, (t, v))| {
+                let set = self
+                    .identities
+                    .get(i)
+                    .is_some_and(|id| id.cpuid == v.cpuid && id.tsc_khz == v.tsc_khz);
+                let v = v.clone();
+                let job = move |fd: &mut VcpuFd| {
+                    vcpu_state::restore(fd, &v, tsc_advance, has_xsave, set)
+                };
+                (i as u8, t.queue(job, true))
+            })
+            .collect();
+        self.restoring = Some(restoring);
+        Ok(())
+    }
+}
+
+/// Waits for the vCPU restores begun by [`Prebuilt::restore_vcpus`].
+fn vcpus_restored(restoring: Vec<(u8, Option<RestoreRx>)>) -> Result<(), Error> {
+    for (index, rx) in restoring {
+        rx.and_then(|rx| crate::spin::recv(&rx, crate::spin::PAUSE_SPIN))
+            .ok_or(Error::VcpuGone(index))??;
+    }
+    Ok(())
 }
 
 /// vCPU states being captured on their own threads ([`Machine::pause_capturing`]).
@@ -224,42 +279,33 @@ impl Machine {
     /// Restores `state` into a machine built beforehand (a transfer builds it while the
     /// guest still runs elsewhere). The vCPUs start paused; call [`Machine::resume`].
     pub fn restore_into(
-        prebuilt: Prebuilt,
+        mut prebuilt: Prebuilt,
         state: &VmState,
         out: SerialOut,
         shared: &Shared,
     ) -> Result<Self, Error> {
         state.validate(shared.virtio.slots.len())?;
-        let Prebuilt {
-            vm_fd,
-            vcpus,
-            identities,
-            threads,
-            ram,
-        } = prebuilt;
-        if vcpus.len() != state.vcpus.len() {
-            return Err(Error::PrebuiltMismatch {
-                built: vcpus.len(),
-                saved: state.vcpus.len(),
-            });
-        }
         let t2 = Instant::now();
         let mut laps = crate::laps::Laps::start("restore into");
-        let has_xsave = vcpu_state::xsave_usable(&vm_fd);
-        let elapsed = state.elapsed_ns();
-        let tsc_advance = state.tsc_ticks(elapsed);
-        for (i, (fd, v)) in vcpus.iter().zip(&state.vcpus).enumerate() {
-            let set = identities
-                .get(i)
-                .is_some_and(|id| id.cpuid == v.cpuid && id.tsc_khz == v.tsc_khz);
-            vcpu_state::restore(fd, v, tsc_advance, has_xsave, set)?;
-        }
+        prebuilt.restore_vcpus(state)?;
+        let Prebuilt {
+            vm_fd,
+            threads,
+            ram,
+            has_xsave,
+            restoring,
+            ..
+        } = prebuilt;
+        // While the vCPU threads restore their vCPUs.
+        let bus = build_bus(&vm_fd, shared, out, &state.devices)?;
+        laps.mark("bus");
+        vcpus_restored(restoring.unwrap_or_default())?;
         let identities: Vec<VcpuIdentity> = state.vcpus.iter().map(|v| v.identity()).collect();
-        let fds = vcpus;
         laps.mark("vcpus");
         fault::inject(Step::Vcpus)?;
         let t3 = Instant::now();
-        vm_state::restore(&vm_fd, &state.kvm, elapsed)?;
+        // After the local APICs: an interrupt the IOAPIC's state delivers must find them set.
+        vm_state::restore(&vm_fd, &state.kvm, state.elapsed_ns())?;
         laps.mark("vm state");
         // The MSRs worth saving are the ones the captured state has.
         let msrs = Arc::new(MsrSet::from_indices(
@@ -270,19 +316,13 @@ impl Machine {
                 .unwrap_or_default(),
         ));
         let tsc_khz = state.vcpus.first().map(|v| v.tsc_khz).unwrap_or(0);
-        let bus = build_bus(&vm_fd, shared, out, &state.devices)?;
-        laps.mark("bus");
         shared
             .virtio
             .attach(&vm_fd, &ram.mem, Some(&state.virtio))?;
         laps.mark("virtio");
-        let vcpus = fds
+        let vcpus = threads
             .into_iter()
-            .zip(threads)
-            .map(|(fd, t)| {
-                t.start(fd, bus.clone(), shared.exits.clone())
-                    .map_err(Error::from)
-            })
+            .map(|t| t.start(bus.clone(), shared.exits.clone()).map_err(Error::from))
             .collect::<Result<Vec<_>, Error>>()?;
         laps.mark("threads");
         laps.log();
@@ -395,7 +435,7 @@ impl Machine {
         let mut vcpus = Vec::with_capacity(captures.0.len());
         for (index, rx) in captures.0 {
             let state = rx
-                .and_then(|rx| rx.recv().ok())
+                .and_then(|rx| crate::spin::recv(&rx, crate::spin::PAUSE_SPIN))
                 .ok_or(Error::VcpuGone(index))??;
             vcpus.push(state);
         }

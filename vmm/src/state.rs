@@ -99,6 +99,18 @@ impl VmState {
     /// Checks what can be checked before touching KVM: the vCPU list and its TSC frequency,
     /// and that the virtio states match the `virtio_devices` configured.
     pub fn validate(&self, virtio_devices: usize) -> Result<(), InvalidState> {
+        self.validate_vcpus()?;
+        if self.virtio.len() != virtio_devices {
+            return Err(InvalidState::VirtioCount {
+                saved: self.virtio.len(),
+                configured: virtio_devices,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks the vCPU list and its TSC frequency.
+    pub fn validate_vcpus(&self) -> Result<(), InvalidState> {
         let first = self.vcpus.first().ok_or(InvalidState::NoVcpu)?;
         if self.vcpus.len() > MAX_VCPUS {
             return Err(InvalidState::TooManyVcpus(self.vcpus.len()));
@@ -120,12 +132,6 @@ impl VmState {
                     first: first.tsc_khz,
                 });
             }
-        }
-        if self.virtio.len() != virtio_devices {
-            return Err(InvalidState::VirtioCount {
-                saved: self.virtio.len(),
-                configured: virtio_devices,
-            });
         }
         Ok(())
     }

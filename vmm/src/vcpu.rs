@@ -4,6 +4,7 @@
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
@@ -61,8 +62,13 @@ struct Shared {
     requested: VcpuRunState,
     current: VcpuRunState,
     jobs: VecDeque<Job>,
-    /// The vCPU of a thread started ahead of it, until the thread takes it.
+    /// After the jobs it runs now, the thread polls for its next request for a moment
+    /// rather than sleeping (a restore inside a pause: the request to run follows at once).
+    spin_after_jobs: bool,
+    /// What a thread started ahead of its machine waits for, until it takes it.
     start: Option<Start>,
+    /// A thread started ahead of its machine is set up (signals, filter) and waits.
+    ready: bool,
     /// Wall-clock ns when the thread last went from parked to running the guest.
     running_since_ns: u64,
 }
@@ -71,6 +77,8 @@ struct Shared {
 pub struct VcpuControl {
     state: Mutex<Shared>,
     changed: Condvar,
+    /// Bumped with every notification, for a thread polling without the lock.
+    changes: AtomicU32,
 }
 
 impl VcpuControl {
@@ -80,11 +88,20 @@ impl VcpuControl {
                 requested: initial,
                 current: VcpuRunState::Paused,
                 jobs: VecDeque::new(),
+                spin_after_jobs: false,
                 start: None,
+                ready: false,
                 running_since_ns: 0,
             }),
             changed: Condvar::new(),
+            changes: AtomicU32::new(0),
         }
+    }
+
+    /// Wakes whoever waits for a change (call with the lock held).
+    fn notify(&self) {
+        self.changes.fetch_add(1, Ordering::Release);
+        self.changed.notify_all();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -102,25 +119,28 @@ impl VcpuControl {
                 st.running_since_ns = crate::state::now_ns();
             }
             st.current = s;
-            self.changed.notify_all();
+            self.notify();
         }
     }
 
-    /// Sleeps until the thread has its vCPU and a request to run or a job, and takes the
-    /// vCPU; `None` if the thread is to end first.
-    fn wait_for_start(&self) -> Option<Start> {
+    /// Runs jobs on `vcpu` until the thread has its machine and a request to run, then
+    /// takes the machine; `None` if the thread is to end first.
+    fn wait_for_start(&self, vcpu: &mut VcpuFd) -> Option<Start> {
         let mut st = self.lock();
+        st.ready = true;
+        self.notify();
         loop {
             if st.requested == VcpuRunState::Exiting {
                 st.current = VcpuRunState::Exiting;
                 st.jobs.clear();
-                self.changed.notify_all();
+                self.notify();
                 return None;
             }
-            if st.start.is_some() && (st.requested != VcpuRunState::Paused || !st.jobs.is_empty()) {
+            st = self.run_jobs(st, vcpu);
+            if st.start.is_some() && st.requested != VcpuRunState::Paused {
                 return st.start.take();
             }
-            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.wait(st);
         }
     }
 
@@ -129,17 +149,46 @@ impl VcpuControl {
     fn park(&self, vcpu: &mut VcpuFd) -> VcpuRunState {
         let mut st = self.lock();
         st.current = VcpuRunState::Paused;
-        self.changed.notify_all();
+        self.notify();
         loop {
-            while let Some(job) = st.jobs.pop_front() {
-                drop(st);
-                job(vcpu);
-                st = self.lock();
-            }
+            st = self.run_jobs(st, vcpu);
             if st.requested != VcpuRunState::Paused {
                 return st.requested;
             }
-            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.wait(st);
+        }
+    }
+
+    /// Runs the queued jobs; if one asked for it, polls for the next change for a moment.
+    fn run_jobs<'a>(
+        &'a self,
+        mut st: std::sync::MutexGuard<'a, Shared>,
+        vcpu: &mut VcpuFd,
+    ) -> std::sync::MutexGuard<'a, Shared> {
+        let mut ran = false;
+        while let Some(job) = st.jobs.pop_front() {
+            drop(st);
+            job(vcpu);
+            ran = true;
+            st = self.lock();
+        }
+        if ran && std::mem::take(&mut st.spin_after_jobs) {
+            let seen = self.changes.load(Ordering::Acquire);
+            drop(st);
+            crate::spin::changed(&self.changes, seen, crate::spin::PAUSE_SPIN);
+            st = self.lock();
+        }
+        st
+    }
+
+    fn wait<'a>(
+        &'a self,
+        st: std::sync::MutexGuard<'a, Shared>,
+    ) -> std::sync::MutexGuard<'a, Shared> {
+        if st.jobs.is_empty() {
+            self.changed.wait(st).unwrap_or_else(|p| p.into_inner())
+        } else {
+            st
         }
     }
 }
@@ -166,24 +215,24 @@ pub enum VcpuError {
     Gone(u8),
 }
 
-/// What a thread started ahead of its vCPU waits for.
+/// What a thread started ahead of its machine waits for.
 struct Start {
-    vcpu: VcpuFd,
     bus: Arc<PioBus>,
     exits: Arc<ExitNotifier>,
 }
 
-/// A vCPU thread started ahead of its vCPU (creating a thread is the costly part). It sleeps
-/// until it has its vCPU ([`ParkedThread::start`]) *and* something to do with it (a request
-/// to run, or a job): handing the vCPU over inside a pause wakes nothing. Dropped
+/// A vCPU thread started with its vCPU ahead of the rest of the machine (creating a thread
+/// is the costly part). It runs jobs on its vCPU (restoring its state, in parallel with the
+/// VMM's own work) and sleeps otherwise, until it has its machine ([`ParkedThread::start`])
+/// *and* a request to run: handing the machine over inside a pause wakes nothing. Dropped
 /// unstarted, the thread ends.
 pub struct ParkedThread {
     handle: VcpuHandle,
 }
 
 impl ParkedThread {
-    /// Starts the thread of vCPU `index`; it will begin in the Paused state.
-    pub fn spawn(index: u8) -> Result<Self, VcpuError> {
+    /// Starts the thread of vCPU `index` with its vCPU; it will begin in the Paused state.
+    pub fn spawn(index: u8, mut vcpu: VcpuFd) -> Result<Self, VcpuError> {
         install_kick_handler().map_err(VcpuError::Signal)?;
         let control = Arc::new(VcpuControl::new(VcpuRunState::Paused));
         let ctl = control.clone();
@@ -200,11 +249,17 @@ impl ParkedThread {
                 // fall inside the pause. Otherwise (or if that fails: it tries again and
                 // reports) `VcpuLoop::run` installs it.
                 let _ = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu);
-                if let Some(s) = ctl.wait_for_start() {
-                    VcpuLoop::new(index, s.vcpu, s.bus, s.exits, ctl).run();
+                if let Some(s) = ctl.wait_for_start(&mut vcpu) {
+                    VcpuLoop::new(index, vcpu, s.bus, s.exits, ctl).run();
                 }
             })
             .map_err(|e| VcpuError::Spawn(index, e))?;
+        // Its set-up (signal mask, seccomp filter: hundreds of µs) must not wait for a pause.
+        let mut st = control.lock();
+        while !st.ready && st.current != VcpuRunState::Exiting {
+            st = control.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(st);
         Ok(Self {
             handle: VcpuHandle {
                 index,
@@ -214,10 +269,19 @@ impl ParkedThread {
         })
     }
 
-    /// Hands the thread its vCPU, paused: it wakes at the first request to run or job.
+    /// Queues `f` on the thread's vCPU (see [`VcpuHandle::queue`]); `spin`: the thread
+    /// then polls for its next request for a moment instead of sleeping.
+    pub fn queue<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+        spin: bool,
+    ) -> Option<mpsc::Receiver<R>> {
+        self.handle.queue_job(f, spin)
+    }
+
+    /// Hands the thread its machine, paused: it goes on at the first request to run.
     pub fn start(
         self,
-        vcpu: VcpuFd,
         bus: Arc<PioBus>,
         exits: Arc<ExitNotifier>,
     ) -> Result<VcpuHandle, VcpuError> {
@@ -226,7 +290,7 @@ impl ParkedThread {
             if st.current == VcpuRunState::Exiting {
                 return Err(VcpuError::Gone(self.handle.index));
             }
-            st.start = Some(Start { vcpu, bus, exits });
+            st.start = Some(Start { bus, exits });
         }
         Ok(self.handle)
     }
@@ -263,7 +327,7 @@ impl VcpuHandle {
                 return;
             }
             st.requested = state;
-            self.control.changed.notify_all();
+            self.control.notify();
         }
         // Only KVM_RUN needs a kick; a parked thread wakes on the notification alone (a
         // signal costs tens of microseconds here).
@@ -327,15 +391,24 @@ impl VcpuHandle {
         &self,
         f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
     ) -> Option<mpsc::Receiver<R>> {
+        self.queue_job(f, false)
+    }
+
+    fn queue_job<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+        spin: bool,
+    ) -> Option<mpsc::Receiver<R>> {
         let (tx, rx) = mpsc::sync_channel(1);
         let mut st = self.control.lock();
         if st.current == VcpuRunState::Exiting {
             return None;
         }
+        st.spin_after_jobs |= spin;
         st.jobs.push_back(Box::new(move |fd: &mut VcpuFd| {
             let _ = tx.send(f(fd));
         }));
-        self.control.changed.notify_all();
+        self.control.notify();
         Some(rx)
     }
 
@@ -440,7 +513,7 @@ impl VcpuLoop {
         st.current = VcpuRunState::Exiting;
         // Jobs queued after the last park are dropped, which wakes their waiters.
         st.jobs.clear();
-        self.control.changed.notify_all();
+        self.control.notify();
     }
 
     /// Re-enters KVM_RUN with immediate_exit set so KVM finishes an in-flight PIO/MMIO

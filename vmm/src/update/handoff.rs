@@ -74,12 +74,17 @@ impl BookkeepingState {
     /// The bookkeeping of the process that takes the VM over: this binary, the VM's argv,
     /// boot time, counters and history.
     pub fn taken_over(&self) -> crate::runtime::Bookkeeping {
+        self.taken_over_by(crate::runtime::Identity::current())
+    }
+
+    /// As [`Self::taken_over`], with this process's identity found beforehand (`me`).
+    pub fn taken_over_by(&self, me: crate::runtime::Identity) -> crate::runtime::Bookkeeping {
         crate::runtime::Bookkeeping {
             counters: self.counters.clone(),
             identity: crate::runtime::Identity {
                 argv: self.argv.clone(),
                 booted_at_ns: self.booted_at_ns,
-                ..crate::runtime::Identity::current()
+                ..me
             },
             history: self.history.clone(),
         }

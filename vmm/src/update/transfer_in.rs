@@ -130,8 +130,16 @@ fn accept_one(path: &Path) -> Result<Channel, ReceiveError> {
     Ok(Channel::new(conn))
 }
 
+/// What the receiver builds before the pause.
+struct Built {
+    machine: Prebuilt,
+    kvm: kvm_ioctls::Kvm,
+    commit: CommitPage,
+    identity: crate::runtime::Identity,
+}
+
 /// Hello, then the machine built over the sender's RAM while the guest runs there.
-fn prebuild(chan: &Channel) -> Result<(Prebuilt, CommitPage), ReceiveError> {
+fn prebuild(chan: &Channel) -> Result<Built, ReceiveError> {
     expect(chan.recv(BEFORE_PAUSE)?, "hello", |m| {
         matches!(m, Message::Hello { .. })
     })?;
@@ -162,15 +170,26 @@ fn prebuild(chan: &Channel) -> Result<(Prebuilt, CommitPage), ReceiveError> {
         crate::seccomp::init(mode).map_err(crate::Error::from)?;
     }
     let kvm = crate::vm::open_kvm().map_err(crate::Error::from)?;
-    let prebuilt = Prebuilt::new(&kvm, ram, spec.vcpus, &spec.identities)?;
+    let machine = Prebuilt::new(&kvm, ram, spec.vcpus, &spec.identities)?;
+    let identity = crate::runtime::Identity::current();
     super::sys::populate_own_code();
     chan.send(&Message::Ready, &[], &[])?;
-    Ok((prebuilt, commit))
+    Ok(Built {
+        machine,
+        kvm,
+        commit,
+        identity,
+    })
 }
 
 /// Receives the paused VM and resumes it here; returns the runtime to run.
 fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
-    let (prebuilt, commit) = prebuild(chan)?;
+    let Built {
+        machine: mut prebuilt,
+        kvm,
+        commit,
+        identity,
+    } = prebuild(chan)?;
     let handoff = expect(chan.recv(HANDOFF)?, "handoff", |m| *m == Message::Handoff)?;
     let received_ns = now_ns();
     let mut laps = crate::laps::Laps::start("transfer: receiver's pause");
@@ -178,6 +197,8 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
         .map_err(ReceiveError::Decode)?
         .state;
     laps.mark("decode");
+    // The vCPU threads restore their vCPUs while this thread restores the rest.
+    prebuilt.restore_vcpus(&h.vm)?;
     let mut fds = RestoreFds::new(Inherited::from_owned(handoff.fds).map_err(ReceiveError::Fds)?);
     let parts = components::restore_parts(&h.parts, &h.config, &mut fds)?;
     let unclaimed = fds.unclaimed();
@@ -185,10 +206,11 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
         return Err(ReceiveError::Unclaimed(unclaimed));
     }
     laps.mark("parts");
-    let book = h.book.taken_over();
+    let book = h.book.taken_over_by(identity);
     let source = MachineSource::RestoreInto {
         state: &h.vm,
         prebuilt,
+        kvm,
     };
     let mut runtime = assemble(h.config.clone(), parts, source, book, started)?;
     laps.mark("assemble");
