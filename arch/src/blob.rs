@@ -201,7 +201,11 @@ mod tests {
         // A shorter record (older, smaller struct) zero-fills; a longer one is truncated.
         let short: Blob<kvm_regs> = serde_json::from_str("\"0100\"").unwrap();
         assert_eq!((short.rax, short.rip), (1, 0));
-        let full = format!("{:0<w$}", &json[1..json.len() - 1], w = 2 * size_of::<kvm_regs>());
+        let full = format!(
+            "{:0<w$}",
+            &json[1..json.len() - 1],
+            w = 2 * size_of::<kvm_regs>()
+        );
         let long = format!("\"{full}00ff");
         let back: Blob<kvm_regs> = serde_json::from_str(&format!("{long}\"")).unwrap();
         assert_eq!(back, Blob(regs));

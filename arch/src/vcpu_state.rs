@@ -15,13 +15,20 @@ use serde::{Deserialize, Serialize};
 use crate::blob::Blob;
 use crate::regs::msr;
 
-/// One MSR value, by index.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One MSR value, by index. Written as the pair `[index, data]` (a record carries dozens
+/// and is parsed inside a pause); read from that or from `{"index": .., "data": ..}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 pub struct MsrValue {
     /// MSR number.
     pub index: u32,
     /// Value.
     pub data: u64,
+}
+
+impl Serialize for MsrValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (self.index, self.data).serialize(s)
+    }
 }
 
 /// The FPU/SSE/AVX state: XSAVE area when KVM has XSAVE, else the legacy FPU block.
@@ -410,4 +417,22 @@ pub fn xsave_usable(vm: &kvm_ioctls::VmFd) -> bool {
     }
     let size = vm.check_extension_int(Cap::Xsave2);
     size <= 0 || size as usize <= std::mem::size_of::<kvm_xsave>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MsrValue;
+
+    #[test]
+    fn msr_values_are_pairs_and_older_objects_still_read() {
+        let m = MsrValue {
+            index: 0x10,
+            data: 1 << 40,
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(json, "[16,1099511627776]");
+        assert_eq!(serde_json::from_str::<MsrValue>(&json).unwrap(), m);
+        let old = r#"{"index":16,"data":1099511627776,"added":1}"#;
+        assert_eq!(serde_json::from_str::<MsrValue>(old).unwrap(), m);
+    }
 }

@@ -91,7 +91,11 @@ pub fn assemble(
             state,
             prebuilt,
             kvm,
-        } => (kvm, Machine::restore_into(prebuilt, state, out, &shared)?, true),
+        } => (
+            kvm,
+            Machine::restore_into(prebuilt, state, out, &shared)?,
+            true,
+        ),
     };
     laps.mark("machine");
     let vmm = Vmm::new(kvm, config, machine, parts.serial, shared, book, paused);

@@ -127,9 +127,8 @@ impl Prebuilt {
                     .get(i)
                     .is_some_and(|id| id.cpuid == v.cpuid && id.tsc_khz == v.tsc_khz);
                 let v = v.clone();
-                let job = move |fd: &mut VcpuFd| {
-                    vcpu_state::restore(fd, &v, tsc_advance, has_xsave, set)
-                };
+                let job =
+                    move |fd: &mut VcpuFd| vcpu_state::restore(fd, &v, tsc_advance, has_xsave, set);
                 (i as u8, t.queue(job, true))
             })
             .collect();
@@ -322,7 +321,10 @@ impl Machine {
         laps.mark("virtio");
         let vcpus = threads
             .into_iter()
-            .map(|t| t.start(bus.clone(), shared.exits.clone()).map_err(Error::from))
+            .map(|t| {
+                t.start(bus.clone(), shared.exits.clone())
+                    .map_err(Error::from)
+            })
             .collect::<Result<Vec<_>, Error>>()?;
         laps.mark("threads");
         laps.log();

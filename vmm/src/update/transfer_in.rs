@@ -30,6 +30,8 @@ use crate::state::now_ns;
 const BEFORE_PAUSE: Duration = Duration::from_secs(60);
 /// How long from Ready to the record (the sender pauses, captures and sends).
 const HANDOFF: Duration = Duration::from_secs(60);
+/// How long of that the receiver polls for the record rather than sleeping.
+const HANDOFF_POLL: Duration = Duration::from_millis(5);
 
 /// Errors receiving a VM (before the commit: the sender keeps the guest).
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +192,10 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
         commit,
         identity,
     } = prebuild(chan)?;
-    let handoff = expect(chan.recv(HANDOFF)?, "handoff", |m| *m == Message::Handoff)?;
+    // The sender pauses the guest as soon as it reads Ready: the record follows within a
+    // millisecond or so.
+    let handoff = chan.recv_polling(HANDOFF, HANDOFF_POLL)?;
+    let handoff = expect(handoff, "handoff", |m| *m == Message::Handoff)?;
     let received_ns = now_ns();
     let mut laps = crate::laps::Laps::start("transfer: receiver's pause");
     let h = cpr::decode_kind::<Handoff>(&handoff.payload, HANDOFF_KIND)

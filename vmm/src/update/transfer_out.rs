@@ -146,7 +146,11 @@ fn hand_over(
     chan.send(&Message::Handoff, &record, &rest)?;
     laps.mark("send");
     laps.log();
-    log::debug!("transfer: record of {} bytes, {} fds", record.len(), rest.len());
+    log::debug!(
+        "transfer: record of {} bytes, {} fds",
+        record.len(),
+        rest.len()
+    );
     expect(chan.recv(COMMIT)?, "committed", |m| {
         matches!(m, Message::Committed { .. })
     })?;
