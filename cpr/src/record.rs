@@ -24,8 +24,10 @@
 //! *major* version is refused.
 
 use crc::{Crc, Table, CRC_64_XZ};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use std::marker::PhantomData;
+
+use serde::de::{self, DeserializeOwned, DeserializeSeed, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
 /// Magic bytes opening every record. Never changes; versions live in the
@@ -258,6 +260,28 @@ fn decode_inner<T: DeserializeOwned>(
     expected_kind: Option<&str>,
 ) -> Result<Record<T>, RecordError> {
     let (header, payload) = verify(bytes)?;
+    // One pass over the payload when it is as this module writes it (the state after the
+    // kind, which matches); anything else takes the two-pass path, whose errors say what is
+    // wrong.
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let fast = OnePass::<T> {
+        expected_kind,
+        state: PhantomData,
+    }
+    .deserialize(&mut de)
+    .and_then(|v| de.end().map(|()| v));
+    match fast {
+        Ok((writer, kind, state)) => Ok(record(header, writer, kind, state)),
+        Err(_) => decode_two_pass(header, payload, expected_kind),
+    }
+}
+
+/// Decodes the envelope with the state kept raw, checks the kind, then decodes the state.
+fn decode_two_pass<T: DeserializeOwned>(
+    header: Header,
+    payload: &[u8],
+    expected_kind: Option<&str>,
+) -> Result<Record<T>, RecordError> {
     let envelope: EnvelopeIn<'_> =
         serde_json::from_slice(payload).map_err(RecordError::Envelope)?;
     if let Some(expected) = expected_kind {
@@ -278,20 +302,72 @@ fn decode_inner<T: DeserializeOwned>(
             })
         }
     };
+    Ok(record(header, envelope.writer, envelope.kind, state))
+}
+
+fn record<T>(header: Header, writer: String, kind: String, state: T) -> Record<T> {
     if header.version.1 != FORMAT_MINOR {
         log::info!(
             "reading record version {}.{} written by {:?} (this molt writes {FORMAT_MAJOR}.{FORMAT_MINOR})",
             header.version.0,
             header.version.1,
-            envelope.writer
+            writer
         );
     }
-    Ok(Record {
+    Record {
         version: header.version,
-        writer: envelope.writer,
-        kind: envelope.kind,
+        writer,
+        kind,
         state,
-    })
+    }
+}
+
+/// The envelope in one pass: `writer`, `kind`, then `state` parsed straight into `T` once
+/// the kind is known to match. Fails (for the two-pass path to explain) on anything else.
+struct OnePass<'k, T> {
+    expected_kind: Option<&'k str>,
+    state: PhantomData<T>,
+}
+
+impl<'de, T: DeserializeOwned> DeserializeSeed<'de> for OnePass<'_, T> {
+    type Value = (String, String, T);
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, T: DeserializeOwned> Visitor<'de> for OnePass<'_, T> {
+    type Value = (String, String, T);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a record envelope")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut writer, mut kind, mut state) = (None, None, None);
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "writer" if writer.is_none() => writer = Some(map.next_value::<String>()?),
+                "kind" if kind.is_none() => kind = Some(map.next_value::<String>()?),
+                "state" if state.is_none() => {
+                    let found = kind.as_deref();
+                    if found.is_none() || self.expected_kind.is_some_and(|k| Some(k) != found) {
+                        return Err(de::Error::custom("kind unknown or unexpected"));
+                    }
+                    state = Some(map.next_value::<T>()?);
+                }
+                "writer" | "kind" | "state" => return Err(de::Error::custom("duplicate field")),
+                _ => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        match (writer, kind, state) {
+            (Some(w), Some(k), Some(s)) => Ok((w, k, s)),
+            _ => Err(de::Error::custom("missing field")),
+        }
+    }
 }
 
 /// Checks magic, version, length and checksum; returns the header and the

@@ -293,3 +293,20 @@ fn unserializable_state_is_an_encode_error() {
     let err = encode(WRITER, "bad", &map).expect_err("encoded");
     assert!(matches!(err, RecordError::Encode { .. }));
 }
+
+#[test]
+fn envelope_fields_in_any_order_decode_alike() {
+    let written = br#"{"writer":"molt 9","kind":"k","state":{"id":1,"name":"n"}}"#;
+    let reordered = br#"{"state":{"id":1,"name":"n"},"kind":"k","writer":"molt 9"}"#;
+    let a: Record<OldState> = decode_kind(&forge(written), "k").expect("decode");
+    let b: Record<OldState> = decode_kind(&forge(reordered), "k").expect("decode");
+    assert_eq!(a, b);
+    let err = decode_kind::<OldState>(&forge(reordered), "other").expect_err("decoded");
+    assert!(matches!(err, RecordError::KindMismatch { .. }), "{err}");
+    let dup =
+        br#"{"writer":"w","kind":"k","state":{"id":1,"name":"n"},"state":{"id":2,"name":"n"}}"#;
+    assert!(matches!(
+        decode::<OldState>(&forge(dup)).expect_err("decoded"),
+        RecordError::Envelope(_)
+    ));
+}

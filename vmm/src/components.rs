@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ApiServer, ApiState};
+use crate::api::{ApiServer, ApiState, ApiTakeover};
 use crate::config::VmConfig;
 use crate::fault::{self, Step};
 use crate::memory::GuestRam;
@@ -80,23 +80,27 @@ pub fn save(parts: &Running<'_>, fds: &mut SaveFds) -> Result<PartsState, Persis
 }
 
 /// Takes every part over from `state` and the inherited `fds`; `config` is the VM's own (from
-/// the record), never the new command line.
+/// the record), never the new command line. The API server comes back as its fds, taken and
+/// checked ([`restore_parts`]).
 pub fn restore(
     state: &PartsState,
     config: &VmConfig,
     fds: &mut RestoreFds,
-) -> Result<(GuestRam, Parts), Error> {
+) -> Result<(GuestRam, Parts, Option<ApiTakeover>), Error> {
     let ram = GuestRam::restore(&state.ram, (), fds)?;
     fault::inject(Step::Memory)?;
-    Ok((ram, restore_parts(state, config, fds)?))
+    let (parts, api) = restore_parts(state, config, fds)?;
+    Ok((ram, parts, api))
 }
 
-/// Takes every part but guest RAM over (a transfer has taken RAM over before the pause).
+/// Takes every part but guest RAM over (a transfer has taken RAM over before the pause). The
+/// API server is not needed while the guest is paused: its fds are taken and checked here
+/// and the caller rebuilds it ([`ApiTakeover::into_server`]) once the guest runs.
 pub fn restore_parts(
     state: &PartsState,
     config: &VmConfig,
     fds: &mut RestoreFds,
-) -> Result<Parts, Error> {
+) -> Result<(Parts, Option<ApiTakeover>), Error> {
     let mut laps = crate::laps::Laps::start("restore parts");
     let serial = SerialOut::restore(&state.serial, (), fds)?;
     laps.mark("serial");
@@ -105,15 +109,15 @@ pub fn restore_parts(
     let api = state
         .api
         .as_ref()
-        .map(|a| ApiServer::restore(a, (), fds))
+        .map(|a| ApiTakeover::take(a, fds))
         .transpose()?;
     laps.mark("api");
     laps.log();
     let parts = Parts {
         serial,
         virtio,
-        api,
+        api: None,
     };
     fault::inject(Step::Api)?;
-    Ok(parts)
+    Ok((parts, api))
 }

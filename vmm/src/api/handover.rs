@@ -147,12 +147,35 @@ impl Persist for ApiServer {
     }
 
     fn restore(state: &ApiState, _: (), fds: &mut RestoreFds) -> Result<Self, ApiError> {
+        ApiTakeover::take(state, fds)?.into_server()
+    }
+}
+
+/// The API server's fds taken over and checked, the server not rebuilt yet: a live update
+/// rebuilds it once the guest runs again (clients wait in the socket's backlog meanwhile),
+/// which keeps its set-up out of the guest's pause.
+#[derive(Debug)]
+pub struct ApiTakeover {
+    listener: OwnedFd,
+    path: PathBuf,
+    waiting: Option<(OwnedFd, ConnId)>,
+    conns: Vec<CarriedConn<OwnedFd>>,
+    next_id: ConnId,
+}
+
+impl ApiTakeover {
+    /// Takes the server's fds from `fds` and checks the listener and the waiting connection.
+    pub fn take(state: &ApiState, fds: &mut RestoreFds) -> Result<Self, ApiError> {
         let listener = fds.take(FdRole::ApiListener)?;
+        check_socket(listener.as_raw_fd(), true)?;
         let waiting = match state.waiting {
-            Some(id) => Some((fds.take(FdRole::ApiConn(id))?, id)),
+            Some(id) => {
+                let fd = fds.take(FdRole::ApiConn(id))?;
+                check_socket(fd.as_raw_fd(), false)?;
+                Some((fd, id))
+            }
             None => None,
         };
-        let mut server = ApiServer::from_inherited(listener, state.path.clone(), waiting)?;
         let conns = state
             .conns
             .iter()
@@ -164,9 +187,23 @@ impl Persist for ApiServer {
                 })
             })
             .collect::<Result<Vec<_>, PersistError>>()?;
-        server.adopt(conns)?;
-        server.next_id = server.next_id.max(state.next_id);
-        server.handoff = state.waiting;
+        Ok(Self {
+            listener,
+            path: state.path.clone(),
+            waiting,
+            conns,
+            next_id: state.next_id,
+        })
+    }
+
+    /// Rebuilds the server: it answers the waiting request once told the outcome, refuses
+    /// other updates until then, and serves the carried connections.
+    pub fn into_server(self) -> Result<ApiServer, ApiError> {
+        let handoff = self.waiting.as_ref().map(|(_, id)| *id);
+        let mut server = ApiServer::from_inherited(self.listener, self.path, self.waiting)?;
+        server.adopt(self.conns)?;
+        server.next_id = server.next_id.max(self.next_id);
+        server.handoff = handoff;
         // The path stays until the new keeper commits: a rollback serves it again.
         server.remove_on_drop = false;
         server.refuse_updates();

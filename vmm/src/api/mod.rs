@@ -31,7 +31,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use routes::{route, Route, RouteError, API_PREFIX, ROUTES};
-pub use server::{ApiServer, ApiState, ConnState};
+pub use server::{ApiServer, ApiState, ApiTakeover, ConnState};
 
 /// Identifies one client connection of an [`ApiServer`]. Ids are never reused within a
 /// server (nor across a live update: the restored server continues the sequence).

@@ -26,7 +26,7 @@ use super::{http, ApiError, ApiRequest, ApiResponse, ConnId, Limits};
 #[path = "handover.rs"]
 mod handover;
 
-pub use handover::{ApiState, ConnState};
+pub use handover::{ApiState, ApiTakeover, ConnState};
 
 /// Connections accepted per listener event.
 const ACCEPT_BATCH: usize = 16;

@@ -149,7 +149,7 @@ fn take_over(
     // this one, and nothing in this process has taken them.
     let inherited = unsafe { received.inherited(&h.fds) }.map_err(IncomingError::Fds)?;
     let mut fds = RestoreFds::new(inherited);
-    let (ram, parts) = components::restore(&h.parts, &h.config, &mut fds)?;
+    let (ram, parts, api) = components::restore(&h.parts, &h.config, &mut fds)?;
     let unclaimed = fds.unclaimed();
     if !unclaimed.is_empty() {
         return Err(IncomingError::Unclaimed(unclaimed));
@@ -170,6 +170,7 @@ fn take_over(
     };
     let resume_ms = resumed_ns.saturating_sub(resume_from_ns) as f64 / 1e6;
     fault::inject(Step::AfterResume)?;
+    rebuild_api(&mut runtime, api);
     let phases = h.update.phases(main_ns, restore_ms, resume_ms);
     dismiss_guardian(env);
     finish(&h, &mut runtime, phases, resumed_ns, env.rollback.clone());
@@ -196,6 +197,25 @@ pub(super) fn take_ownership(
     }
     runtime.vmm.serial_out().set_remove_on_drop(true);
     Ok(())
+}
+
+/// Rebuilds the API server taken over, once the guest runs again: it serves the socket path
+/// from here on. If that fails, the guest runs on without an API socket.
+pub(super) fn rebuild_api(runtime: &mut Runtime, api: Option<crate::api::ApiTakeover>) {
+    let Some(api) = api else {
+        return;
+    };
+    match api.into_server() {
+        Ok(mut server) => {
+            server.set_remove_on_drop(true);
+            runtime.api = Some(server);
+        }
+        Err(e) => log::error!(
+            "the API server cannot be rebuilt after the update; the guest runs on without \
+             an API socket: {}",
+            crate::error_chain(&e)
+        ),
+    }
 }
 
 /// Closes an fd the previous image passed by number, once no rollback can need it.

@@ -205,7 +205,7 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
     // The vCPU threads restore their vCPUs while this thread restores the rest.
     prebuilt.restore_vcpus(&h.vm)?;
     let mut fds = RestoreFds::new(Inherited::from_owned(handoff.fds).map_err(ReceiveError::Fds)?);
-    let parts = components::restore_parts(&h.parts, &h.config, &mut fds)?;
+    let (parts, api) = components::restore_parts(&h.parts, &h.config, &mut fds)?;
     let unclaimed = fds.unclaimed();
     if !unclaimed.is_empty() {
         return Err(ReceiveError::Unclaimed(unclaimed));
@@ -231,6 +231,7 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
     };
     laps.mark("resume");
     laps.log();
+    super::incoming::rebuild_api(&mut runtime, api);
     let resume_ms = resumed_ns.saturating_sub(resume_from_ns) as f64 / 1e6;
     // systemd learns the new main PID before the sender (the old one) exits.
     crate::sd_notify::ready();
