@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 /// How long a waiter inside a pause polls before it sleeps.
 pub const PAUSE_SPIN: Duration = Duration::from_millis(2);
 
-/// Polls `done` until it returns true or `limit` passed; returns whether it did.
+/// Polls `done` until it returns true or `limit` passed; returns whether it did. Between
+/// rounds of polls it yields the CPU to any other runnable thread (a pause has more threads
+/// at work than this host has CPUs: the poller must not slow the thread it waits for).
 pub fn until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     loop {
@@ -23,6 +25,7 @@ pub fn until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
         if start.elapsed() >= limit {
             return false;
         }
+        std::thread::yield_now();
     }
 }
 
