@@ -759,10 +759,12 @@ fn record_clocks(path: &Path) -> RecordClocks {
         .unwrap_or_else(|e| panic!("the state record's payload is not JSON: {e}"));
     let vm = find(&json, "captured_at_ns").expect("no VM state in the record");
     let why = || format!("unexpected VM state in the record: {vm}");
-    // kvm_clock_data as hex bytes: its first field is the clock, a little-endian u64.
+    // kvm_clock_data as hex bytes: its first field is the clock, a little-endian u64 (trailing
+    // zero bytes are left out of the hex).
     let hex = vm["kvm"]["clock"]
         .as_str()
         .unwrap_or_else(|| panic!("{}", why()));
+    let hex = format!("{hex:0<16}");
     let le: Vec<u8> = (0..16)
         .step_by(2)
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap_or_else(|_| panic!("{}", why())))
@@ -776,10 +778,11 @@ fn record_clocks(path: &Path) -> RecordClocks {
         tsc: vcpus
             .iter()
             .map(|v| {
+                // Each MSR is an `[index, data]` pair.
                 v["msrs"]
                     .as_array()
-                    .and_then(|m| m.iter().find(|m| m["index"] == 0x10))
-                    .and_then(|m| m["data"].as_u64())
+                    .and_then(|m| m.iter().find(|m| m[0] == 0x10))
+                    .and_then(|m| m[1].as_u64())
                     .unwrap_or_else(|| panic!("no IA32_TSC in {v}"))
             })
             .collect(),
