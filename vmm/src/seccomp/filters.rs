@@ -172,6 +172,7 @@ const CONTROL: &[i64] = &[
     libc::SYS_prctl,
     // The live-snapshot fault thread raises its own priority.
     libc::SYS_setpriority,
+    libc::SYS_sched_setscheduler,
     libc::SYS_sched_getaffinity,
     libc::SYS_rt_sigaction,
     libc::SYS_kill,

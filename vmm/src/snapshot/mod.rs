@@ -15,6 +15,7 @@
 pub mod dir;
 pub mod lazy;
 pub mod live;
+mod live_pages;
 pub mod ram;
 pub mod restore;
 pub mod status;

@@ -1,7 +1,8 @@
 //! Taking a snapshot: pause → capture → memory files → state record → sync → rename.
 //!
-//! [`begin`] runs on the main thread: it pauses the guest, captures it, finds where RAM holds
-//! data and (live mode) write-protects RAM and resumes the guest. The memory files, the
+//! [`begin`] runs on the main thread: (live mode) it write-protects RAM while the guest runs,
+//! pauses the guest, captures it and (live mode) closes the write protection and resumes the
+//! guest. The memory files, the
 //! state record, the sync and the rename run on a writer thread, so the main thread keeps
 //! answering the API (`vm.info` shows the progress) meanwhile; [`Pending::finish`] collects
 //! the result once the snapshot is durable. Nothing is left at the path unless the whole
@@ -56,13 +57,20 @@ pub fn begin(
     }
     // The memfds hold all of RAM only once a lazy restore has loaded it.
     super::lazy::wait_until_filled();
+    let ram_total = vmm.machine_ref().map_or(0, |m| m.ram().total());
+    let progress = Arc::new(Progress::new(req.mode, target.clone(), ram_total));
+    // Live mode write-protects RAM before the pause, the guest running (see `live`).
+    let armed = match (req.mode, vmm.machine_ref()) {
+        (SnapshotMode::Live, Some(m)) => {
+            Some(live::arm(m.ram(), progress.clone()).map_err(SnapshotError::Protect)?)
+        }
+        _ => None,
+    };
     let t0 = Instant::now();
     let was_paused = vmm.run_state() == RunState::Paused;
     let paused_at_ns = now_ns();
     vmm.pause().map_err(SnapshotError::Capture)?;
     let pause_ms = ms(t0.elapsed());
-    let ram_total = vmm.machine_ref().map_or(0, |m| m.ram().total());
-    let progress = Arc::new(Progress::new(req.mode, target.clone(), ram_total));
     let taken = Taken {
         mode: match req.mode {
             // Recorded as `paused` so that molt versions without live mode read it.
@@ -74,7 +82,7 @@ pub fn begin(
         paused_at_ns,
         writer: format!("molt {}", crate::VERSION),
     };
-    let started = start(vmm, req.mode, &target, taken, progress.clone(), done);
+    let started = start(vmm, armed, &target, taken, progress.clone(), done);
     let (capture_ms, writer) = match started {
         Ok(s) => s,
         Err(e) => {
@@ -197,11 +205,11 @@ fn disks(vmm: &Vmm) -> Result<Vec<DiskIdentity>, SnapshotError> {
 
 type Writer = JoinHandle<Result<SnapshotReport, SnapshotError>>;
 
-/// Captures the paused VM, arms write protection and resumes it (live mode), and starts the
-/// writer. Returns the capture time.
+/// Captures the paused VM, completes write protection and resumes it (live mode: `armed`),
+/// and starts the writer. Returns the capture time.
 fn start(
     vmm: &mut Vmm,
-    mode: SnapshotMode,
+    armed: Option<Armed>,
     target: &std::path::Path,
     taken: Taken,
     progress: Arc<Progress>,
@@ -246,14 +254,15 @@ fn start(
         disks,
         taken,
     };
-    let armed = if mode == SnapshotMode::Live {
-        let armed = live::arm(&sources, progress.clone()).map_err(SnapshotError::Protect)?;
-        if !snapshot.taken.was_paused {
-            vmm.resume().map_err(SnapshotError::Capture)?;
+    let armed = match armed {
+        Some(mut armed) => {
+            armed.freeze().map_err(SnapshotError::Protect)?;
+            if !snapshot.taken.was_paused {
+                vmm.resume().map_err(SnapshotError::Capture)?;
+            }
+            Some(armed)
         }
-        Some(armed)
-    } else {
-        None
+        None => None,
     };
     let capture = ms(t1.elapsed());
     let stopped_ms = ms(t1.elapsed());
