@@ -33,9 +33,12 @@ struct Args {
     /// RAM sizes of the paused/stop rows, MiB.
     #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
     sizes: Vec<u64>,
-    /// RAM sizes of the live rows, MiB.
-    #[arg(long, value_delimiter = ',', default_value = "1024,4096")]
+    /// RAM sizes of the live rows, MiB (`--live-sizes` alone: no live rows).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1024,4096")]
     live_sizes: Vec<u64>,
+    /// Runs of each configuration; every figure of a row is the median of its runs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
 }
 
 fn main() -> ExitCode {
@@ -76,12 +79,26 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     for c in configs {
         eprintln!("molt-snapbench: {c:?}");
-        let sample = run::run(&bin, &args.dir, &c);
-        match &sample {
-            Ok(s) => eprintln!("  {s:?}"),
-            Err(e) => eprintln!("  failed: {e}"),
+        let mut samples = Vec::new();
+        let mut failed = None;
+        for _ in 0..args.repeat {
+            match run::run(&bin, &args.dir, &c) {
+                Ok(s) => {
+                    eprintln!("  {s:?}");
+                    samples.push(s);
+                }
+                Err(e) => {
+                    eprintln!("  failed: {e}");
+                    failed = Some(e.to_string());
+                    break;
+                }
+            }
         }
-        rows.push((c, sample.map_err(|e| e.to_string())));
+        let sample = match failed {
+            Some(e) => Err(e),
+            None => Ok(run::median(&samples)),
+        };
+        rows.push((c, sample));
     }
     let (table, failures) = report::table(&rows);
     println!("{table}");

@@ -5,10 +5,21 @@ use crate::run::{Config, Sample};
 type Row = (Config, Result<Sample, String>);
 
 fn size(mib: u64) -> String {
-    if mib >= 1024 {
+    if mib >= 1024 && mib % 1024 == 0 {
         format!("{} GiB", mib / 1024)
     } else {
         format!("{mib} MiB")
+    }
+}
+
+/// A row's RAM: what molt reported having (the RAM the VM really had), flagged when it is
+/// not what the configuration asked for.
+fn ram_label(c: &Config, s: &Sample) -> String {
+    let had = s.ram_total >> 20;
+    if had == 0 || had == c.mib {
+        size(c.mib)
+    } else {
+        format!("{} (asked {})", size(had), size(c.mib))
     }
 }
 
@@ -81,7 +92,7 @@ pub fn table(rows: &[Row]) -> (String, usize) {
         failures += goals.iter().filter(|g| g.contains("FAIL")).count();
         out.push_str(&format!(
             "| {} | {pages} | {state} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.1} ({:.1}) | {:.1} | {} | {} |\n",
-            size(c.mib),
+            ram_label(c, s),
             s.ram_bytes as f64 / (1 << 20) as f64,
             s.total_ms,
             s.ram_mb_s,
@@ -123,7 +134,7 @@ pub fn table(rows: &[Row]) -> (String, usize) {
         failures += goals.iter().filter(|g| g.contains("FAIL")).count();
         out.push_str(&format!(
             "| {} | {pages} | {:.1} | {:.2} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {:.0} | {:.0} | {:.0} | {} |\n",
-            size(c.mib),
+            ram_label(c, s),
             s.ram_bytes as f64 / (1 << 20) as f64,
             s.pause_ms,
             s.guest_gap_max_us,

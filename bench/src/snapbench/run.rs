@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::molt::{field, io, request, BenchError, HugePages, Molt, Result};
 
@@ -23,8 +23,11 @@ pub struct Config {
 }
 
 /// What one configuration measured.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Sample {
+    /// Guest RAM as molt reported it in the snapshot's answer, bytes (the row's label).
+    pub ram_total: u64,
     /// RAM data written, bytes.
     pub ram_bytes: u64,
     /// The request, end to end, ms.
@@ -125,6 +128,7 @@ pub fn run(bin: &Path, dir: &Path, c: &Config) -> Result<Sample> {
     }
     let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
     let mut s = Sample {
+        ram_total: r["ram_total"].as_u64().unwrap_or(0),
         ram_bytes: r["ram_bytes"].as_u64().unwrap_or(0),
         total_ms: num(&r["phases_ms"]["total"]),
         ram_ms: num(&r["phases_ms"]["ram"]),
@@ -220,4 +224,63 @@ fn remove_snapshot(snap: &Path) -> Result<()> {
         std::fs::remove_dir_all(snap).map_err(io("removing the snapshot"))?;
     }
     Ok(())
+}
+
+/// The median of each figure of `samples` (the memtest passed only if it passed in all).
+pub fn median(samples: &[Sample]) -> Sample {
+    let values: Vec<serde_json::Value> = samples
+        .iter()
+        .filter_map(|s| serde_json::to_value(s).ok())
+        .collect();
+    let Some(serde_json::Value::Object(first)) = values.first() else {
+        return Sample::default();
+    };
+    let mut out = serde_json::Map::new();
+    for key in first.keys() {
+        let mut nums: Vec<f64> = values.iter().filter_map(|v| v[key].as_f64()).collect();
+        let v = if nums.is_empty() {
+            serde_json::Value::Bool(values.iter().all(|v| v[key] == true))
+        } else {
+            nums.sort_by(f64::total_cmp);
+            let m = nums[nums.len() / 2];
+            if first[key].is_u64() {
+                serde_json::json!(m as u64)
+            } else {
+                serde_json::json!(m)
+            }
+        };
+        out.insert(key.clone(), v);
+    }
+    serde_json::from_value(serde_json::Value::Object(out)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_is_taken_per_figure() {
+        let a = Sample {
+            ram_total: 4 << 30,
+            total_ms: 30.0,
+            restore_resume_ms: 5.0,
+            memtest_ok: true,
+            ..Sample::default()
+        };
+        let b = Sample {
+            total_ms: 10.0,
+            restore_resume_ms: 50.0,
+            memtest_ok: false,
+            ..a.clone()
+        };
+        let c = Sample {
+            total_ms: 20.0,
+            restore_resume_ms: 7.0,
+            ..a.clone()
+        };
+        let m = median(&[a, b, c]);
+        assert_eq!((m.total_ms, m.restore_resume_ms), (20.0, 7.0));
+        assert_eq!(m.ram_total, 4 << 30);
+        assert!(!m.memtest_ok);
+    }
 }

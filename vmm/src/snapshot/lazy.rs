@@ -13,7 +13,8 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use cpr::snapshot::MemoryFile;
@@ -55,14 +56,27 @@ struct Region {
     loaded: Vec<bool>,
 }
 
-/// Registers `ram` (fresh, never touched) with userfaultfd and starts the filler.
+/// Holds the filler's background loading back until it is dropped: page faults are served
+/// at once, but the rest of RAM is loaded only once the restore has resumed the guest, so
+/// that loading does not compete with the restore for the host's cores.
+#[derive(Debug)]
+pub struct HoldBackground(Arc<AtomicBool>);
+
+impl Drop for HoldBackground {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Registers `ram` (fresh, never touched) with userfaultfd and starts the filler; it loads
+/// RAM in the background once the returned hold is dropped.
 pub fn start(
     ram: &GuestRam,
     files: &[File],
     descs: &[MemoryFile],
     dir: &std::path::Path,
     started: Instant,
-) -> Result<(), SnapshotError> {
+) -> Result<HoldBackground, SnapshotError> {
     let uffd = Uffd::new().map_err(SnapshotError::Lazy)?;
     let hosts = ram.host_ranges();
     let mut regions = Vec::new();
@@ -81,17 +95,19 @@ pub fn start(
         });
     }
     set_filling(true);
+    let go = Arc::new(AtomicBool::new(false));
+    let hold = HoldBackground(go.clone());
     let spawned = std::thread::Builder::new()
         .name("lazy-restore".into())
         .spawn(move || {
-            Filler { uffd, regions }.run(started);
+            Filler { uffd, regions, go }.run(started);
             set_filling(false);
         });
     if let Err(e) = spawned {
         set_filling(false);
         return Err(SnapshotError::Lazy(e));
     }
-    Ok(())
+    Ok(hold)
 }
 
 /// Why the filler stops early.
@@ -122,6 +138,8 @@ fn uffd_err(what: String) -> impl FnOnce(std::io::Error) -> Stop {
 struct Filler {
     uffd: Uffd,
     regions: Vec<Region>,
+    /// Background loading may start ([`HoldBackground`]).
+    go: Arc<AtomicBool>,
 }
 
 impl Filler {
@@ -146,6 +164,13 @@ impl Filler {
                         return self.fail(Stop::Fail(format!("lazy restore: reading faults: {e}")))
                     }
                 }
+            }
+            if !self.go.load(Ordering::Acquire) {
+                // Only faults until the restore is done; they wake this thread.
+                if let Err(e) = self.uffd.wait(1) {
+                    return self.fail(Stop::Fail(format!("lazy restore: waiting for faults: {e}")));
+                }
+                continue;
             }
             let Some((r, c)) = self.next_unloaded(&mut next) else {
                 break;

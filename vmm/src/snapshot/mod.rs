@@ -13,6 +13,7 @@
 //! options (`--api-socket`, `--serial`, `--log-level`) come from the new command line.
 
 pub mod dir;
+mod hugeprobe;
 pub mod lazy;
 pub mod live;
 mod live_pages;

@@ -170,14 +170,24 @@ impl RegionSource {
             } else {
                 // Adopted from another process: this mapping's page tables do not show
                 // which huge pages hold data, and hugetlbfs has no SEEK_DATA.
-                log::info!("snapshot: hugetlb RAM adopted from another process is written whole");
-                vec![(0, r.size)]
+                match super::hugeprobe::hugetlb_extents(&r.memfd, r.size) {
+                    Ok(found) => found,
+                    Err(e) => {
+                        log::info!(
+                            "snapshot: hugetlb RAM adopted from another process is written \
+                             whole (cannot probe its huge pages: {e})"
+                        );
+                        vec![(0, r.size)]
+                    }
+                }
             };
         }
         log::info!(
             "snapshot: the data of guest RAM found in {:.3} ms ({})",
             super::ms(t0.elapsed()),
-            if sources.iter().any(|r| r.hugepages) {
+            if sources.iter().any(|r| r.hugepages && !r.mapped_here) {
+                "hugetlb adopted: userfaultfd minor-fault probe"
+            } else if sources.iter().any(|r| r.hugepages) {
                 "hugetlb: mincore on the mapping"
             } else {
                 "memfd: SEEK_DATA/SEEK_HOLE"
@@ -236,18 +246,142 @@ pub struct WriteCtx<'a> {
     pub gate: Option<&'a dyn ChunkGate>,
 }
 
+/// Regions with at most this many chunks of data are written without a reader thread.
+const INLINE_CHUNKS: usize = 2;
+
+/// Reads chunks of one region's memfd for writing.
+struct ChunkReader<'a> {
+    memfd: &'a File,
+    gate: Option<&'a dyn ChunkGate>,
+    index: usize,
+    path: &'a Path,
+}
+
+impl ChunkReader<'_> {
+    /// Reads chunk `c` (`start..end`) into `backing` and checksums it.
+    fn read(
+        &self,
+        c: usize,
+        start: u64,
+        end: u64,
+        overlapping: Vec<(u64, u64)>,
+        mut backing: Vec<u8>,
+    ) -> Result<Job, SnapshotError> {
+        let chunk = &mut aligned(&mut backing)[..(end - start) as usize];
+        self.memfd
+            .read_exact_at(chunk, start)
+            .map_err(|source| ("reading guest RAM for", source))
+            .and_then(|()| match self.gate {
+                Some(g) => g
+                    .settle(self.index, start, chunk)
+                    .map_err(|source| ("write-protecting guest RAM for", source)),
+                None => Ok(()),
+            })
+            .map_err(|(what, source)| SnapshotError::Write {
+                what,
+                path: self.path.to_path_buf(),
+                source,
+            })?;
+        let sum = chunk_checksum(chunk);
+        Ok(Job {
+            c,
+            start,
+            len: (end - start) as usize,
+            sum,
+            overlapping,
+            backing,
+        })
+    }
+}
+
+/// A memory file being written: opened for direct I/O (large extents stream to the disk
+/// without filling the page cache) and for buffered I/O (small extents: a few pages written
+/// directly cost one synchronous device write each, while buffered ones go out together
+/// when the file is synced).
+struct Output {
+    direct: File,
+    buffered: File,
+}
+
+/// Extents smaller than this are written through the page cache.
+const SMALL_EXTENT: u64 = 256 << 10;
+
+/// Writes the data extents of a chunk read into `out` and records its checksum in `file`;
+/// gives back the buffer.
+fn write_job(
+    out: &Output,
+    file: &mut MemoryFile,
+    mut job: Job,
+    ctx: &WriteCtx<'_>,
+    path: &Path,
+) -> Result<Vec<u8>, SnapshotError> {
+    if ctx.progress.cancelled() {
+        return Err(SnapshotError::Cancelled);
+    }
+    #[cfg(feature = "test-next")]
+    if std::env::var("MOLT_TEST_FAULT").as_deref() == Ok("snapshot-slow") {
+        // Tests need a window in which the RAM write is under way.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let chunk = &aligned(&mut job.backing)[..job.len];
+    file.chunks[job.c] = Some(job.sum);
+    for &(s, e) in &job.overlapping {
+        // Whole blocks for O_DIRECT: the chunk holds the true bytes around the extent.
+        let (bs, be) = (s - job.start, e - job.start);
+        let bs = bs / DIRECT_ALIGN * DIRECT_ALIGN;
+        let be = (be.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN).min(job.len as u64);
+        let bytes = &chunk[bs as usize..be as usize];
+        let fd = if be - bs < SMALL_EXTENT {
+            &out.buffered
+        } else {
+            &out.direct
+        };
+        fd.write_all_at(bytes, job.start + bs)
+            .map_err(|source| SnapshotError::Write {
+                what: "writing",
+                path: path.to_path_buf(),
+                source,
+            })?;
+        file.data_bytes += be - bs;
+        ctx.progress.bytes_written.fetch_add(e - s, Relaxed);
+    }
+    Ok(job.backing)
+}
+
 /// Writes `src` into a new sparse memory file at `path` and syncs it.
 pub fn write_region(
     src: &RegionSource,
     path: &Path,
     ctx: &WriteCtx<'_>,
 ) -> Result<MemoryFile, SnapshotError> {
+    let (desc, out) = write_region_unsynced(src, path, ctx)?;
+    out.sync_all().map_err(|source| SnapshotError::Write {
+        what: "syncing",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(desc)
+}
+
+/// Writes `src` into a new sparse memory file at `path`; the caller syncs the file it gets
+/// back (a snapshot syncs all of its files together: one journal commit, not one each).
+pub fn write_region_unsynced(
+    src: &RegionSource,
+    path: &Path,
+    ctx: &WriteCtx<'_>,
+) -> Result<(MemoryFile, File), SnapshotError> {
     let err = |what: &'static str| {
         let path = path.to_path_buf();
         move |source| SnapshotError::Write { what, path, source }
     };
     let size = src.size;
-    let out = create_direct(path).map_err(err("creating"))?;
+    let mut laps = crate::laps::Laps::start("memory file");
+    let direct = create_direct(path).map_err(err("creating"))?;
+    let buffered = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(err("opening"))?;
+    let out = Output { direct, buffered };
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -259,85 +393,65 @@ pub fn write_region(
         chunks: vec![None; MemoryFile::chunk_count(size, CHUNK_SIZE)],
         data_bytes: 0,
     };
-    // A reader thread reads and checksums chunks while this one writes them: the two halves
-    // of the work overlap. Buffers circulate between them.
     let jobs = chunk_jobs(&file, &src.extents);
-    std::thread::scope(|scope| -> Result<(), SnapshotError> {
-        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Job, SnapshotError>>(2);
-        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        for _ in 0..3 {
-            let _ = free_tx.send(vec![0u8; (CHUNK_SIZE + DIRECT_ALIGN) as usize]);
+    laps.mark("create");
+    let reader = ChunkReader {
+        memfd: &src.memfd,
+        gate: ctx.gate,
+        index: ctx.index,
+        path,
+    };
+    if jobs.len() <= INLINE_CHUNKS {
+        // Few chunks (an idle guest's RAM): read and write them on this thread. A pipeline's
+        // thread and buffers cost more than they save here, and on a busy host every hand-off
+        // between threads waits for a core.
+        let mut backing = Vec::new();
+        for (c, start, end, overlapping) in jobs {
+            if backing.is_empty() {
+                backing = vec![0u8; (CHUNK_SIZE + DIRECT_ALIGN) as usize];
+            }
+            let job = reader.read(c, start, end, overlapping, backing)?;
+            laps.mark("read");
+            backing = write_job(&out, &mut file, job, ctx, path)?;
+            laps.mark("write");
         }
-        let memfd = &src.memfd;
-        let gate = ctx.gate;
-        let index = ctx.index;
-        scope.spawn(move || {
-            for (c, start, end, overlapping) in jobs {
-                let Ok(mut backing) = free_rx.recv() else {
-                    return;
-                };
-                let chunk = &mut aligned(&mut backing)[..(end - start) as usize];
-                let read = memfd
-                    .read_exact_at(chunk, start)
-                    .map_err(|source| ("reading guest RAM for", source))
-                    .and_then(|()| match gate {
-                        Some(g) => g
-                            .settle(index, start, chunk)
-                            .map_err(|source| ("write-protecting guest RAM for", source)),
-                        None => Ok(()),
-                    });
-                let job = match read {
-                    Ok(()) => Ok(Job {
-                        c,
-                        start,
-                        len: (end - start) as usize,
-                        sum: chunk_checksum(chunk),
-                        overlapping,
-                        backing,
-                    }),
-                    Err((what, source)) => Err(SnapshotError::Write {
-                        what,
-                        path: path.to_path_buf(),
-                        source,
-                    }),
-                };
-                if full_tx.send(job).is_err() {
-                    return;
+    } else {
+        // A reader thread reads and checksums chunks while this one writes them: the two
+        // halves of the work overlap. Buffers circulate between them.
+        std::thread::scope(|scope| -> Result<(), SnapshotError> {
+            let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Job, SnapshotError>>(2);
+            let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            for _ in 0..3 {
+                let _ = free_tx.send(vec![0u8; (CHUNK_SIZE + DIRECT_ALIGN) as usize]);
+            }
+            let reader = &reader;
+            scope.spawn(move || {
+                for (c, start, end, overlapping) in jobs {
+                    let Ok(backing) = free_rx.recv() else {
+                        return;
+                    };
+                    if full_tx
+                        .send(reader.read(c, start, end, overlapping, backing))
+                        .is_err()
+                    {
+                        return;
+                    }
                 }
+            });
+            for job in full_rx {
+                let _ = free_tx.send(write_job(&out, &mut file, job?, ctx, path)?);
             }
-        });
-        for job in full_rx {
-            let mut job = job?;
-            if ctx.progress.cancelled() {
-                return Err(SnapshotError::Cancelled);
-            }
-            #[cfg(feature = "test-next")]
-            if std::env::var("MOLT_TEST_FAULT").as_deref() == Ok("snapshot-slow") {
-                // Tests need a window in which the RAM write is under way.
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            let chunk = &aligned(&mut job.backing)[..job.len];
-            file.chunks[job.c] = Some(job.sum);
-            for &(s, e) in &job.overlapping {
-                // Whole blocks for O_DIRECT: the chunk holds the true bytes around the extent.
-                let (bs, be) = (s - job.start, e - job.start);
-                let bs = bs / DIRECT_ALIGN * DIRECT_ALIGN;
-                let be = (be.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN).min(job.len as u64);
-                let bytes = &chunk[bs as usize..be as usize];
-                out.write_all_at(bytes, job.start + bs)
-                    .map_err(err("writing"))?;
-                file.data_bytes += be - bs;
-                ctx.progress.bytes_written.fetch_add(e - s, Relaxed);
-            }
-            let _ = free_tx.send(job.backing);
-        }
-        Ok(())
-    })?;
+            Ok(())
+        })?;
+    }
     // Sized last: on this host's ext4, writing into a file already sized (sparse) runs at a
     // third of the speed of extending it.
-    out.set_len(size).map_err(err("sizing"))?;
-    out.sync_all().map_err(err("syncing"))?;
-    Ok(file)
+    laps.mark("data");
+    out.direct.set_len(size).map_err(err("sizing"))?;
+    laps.mark("size");
+    laps.log();
+    // Syncing either fd syncs the file, whichever fd wrote its pages.
+    Ok((file, out.direct))
 }
 
 /// Checks a memory file's description against the region it restores and opens the file.

@@ -167,11 +167,16 @@ pub fn restore(
     started: Instant,
 ) -> Result<Runtime, SnapshotError> {
     let dir = opts.path.as_path();
+    let mut laps = crate::laps::Laps::start("restore");
     let snap = read_snapshot(dir)?;
+    laps.mark("record");
     let config = restored_config(&snap, opts, args)?;
     check_disks(&snap)?;
+    laps.mark("config and disks");
     let (ram, files) = fresh_ram(&snap, &config, dir, opts.lazy)?;
+    laps.mark("memory files and memfds");
     let parts = Parts::open(&config)?;
+    laps.mark("parts");
     let kinds: Vec<_> = parts.virtio.slots.iter().map(|s| s.kind).collect();
     if kinds != snap.parts.devices.kinds {
         return Err(SnapshotError::Inconsistent(
@@ -194,15 +199,19 @@ pub fn restore(
         })
         .sum();
     status::restore_started(opts.lazy, data);
-    let lazy = opts.lazy
-        && match lazy::start(&ram, &files, &snap.memory, dir, started) {
-            Ok(()) => true,
+    // Held until the guest runs: loading the rest of RAM waits until then.
+    let mut hold = None;
+    if opts.lazy {
+        match lazy::start(&ram, &files, &snap.memory, dir, started) {
+            Ok(h) => hold = Some(h),
             Err(e) => {
                 log::warn!("{}; reading all of RAM first", crate::error_chain(&e));
                 status::restore_started(false, data);
-                false
             }
-        };
+        }
+    }
+    let lazy = hold.is_some();
+    laps.mark("userfaultfd");
     if !lazy {
         let t_fill = Instant::now();
         let mut read = 0;
@@ -228,10 +237,15 @@ pub fn restore(
         state: &snap.vm,
         ram,
     };
+    laps.mark("eager fill");
     let mut runtime = assemble(config, parts, source, book, started)?;
+    laps.mark("assemble");
     if !snap.taken.was_paused {
         runtime.vmm.resume()?;
     }
+    laps.mark("resume");
+    drop(hold);
+    laps.log();
     if runtime.vmm.config().memory.prefault {
         runtime.vmm.populate_in_background();
     }

@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::dir::{check_target, Staging};
 use super::live::{self, Armed};
-use super::ram::{write_region, RegionSource, WriteCtx};
+use super::ram::{write_region_unsynced, RegionSource, WriteCtx};
 use super::status::{self, Phase, Progress};
 use super::{
     ms, DiskIdentity, Snapshot, SnapshotError, SnapshotMode, SnapshotPhases, SnapshotReport,
@@ -319,6 +319,7 @@ impl Job {
             progress,
         } = self;
         let t2 = Instant::now();
+        let mut laps = crate::laps::Laps::start("snapshot writer");
         let mut sources = sources;
         RegionSource::find_data(&mut sources).map_err(|source| SnapshotError::Write {
             what: "finding the data of guest RAM for",
@@ -329,7 +330,9 @@ impl Job {
             sources.iter().map(RegionSource::data_bytes).sum(),
             std::sync::atomic::Ordering::Relaxed,
         );
+        laps.mark("find data");
         progress.set_phase(Phase::Ram);
+        let mut written = Vec::new();
         for (i, src) in sources.iter().enumerate() {
             let ctx = WriteCtx {
                 index: i,
@@ -337,9 +340,22 @@ impl Job {
                 gate: armed.as_ref().map(Armed::gate),
             };
             let path = staging.path().join(memory_file_name(i));
-            snapshot.memory.push(write_region(src, &path, &ctx)?);
+            let (desc, file) = write_region_unsynced(src, &path, &ctx)?;
+            snapshot.memory.push(desc);
+            written.push((file, path));
+        }
+        laps.mark("memory files");
+        // All synced after all are written: the first sync commits the file system's journal
+        // for all of them, the others only wait for the device.
+        for (file, path) in written {
+            file.sync_all().map_err(|source| SnapshotError::Write {
+                what: "syncing",
+                path,
+                source,
+            })?;
         }
         let ram_phase = t2.elapsed();
+        laps.mark("sync memory files");
         let live = armed.map(|a| a.finish(stopped_ms));
         drop(sources);
 
@@ -347,6 +363,7 @@ impl Job {
         let t3 = Instant::now();
         let record = cpr::encode(&snapshot.taken.writer, SNAPSHOT_KIND, &snapshot)
             .map_err(SnapshotError::Encode)?;
+        laps.mark("encode");
         let state_path = staging.path().join(STATE_FILE);
         std::fs::File::create_new(&state_path)
             .and_then(|mut f| {
@@ -363,10 +380,13 @@ impl Job {
             log::warn!("injected fault: the snapshot writer hangs before the rename");
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
+        laps.mark("state file");
         if progress.cancelled() {
             return Err(SnapshotError::Cancelled);
         }
         staging.commit()?;
+        laps.mark("commit");
+        laps.log();
         let ram_bytes: u64 = snapshot.memory.iter().map(|m| m.data_bytes).sum();
         let secs = ram_phase.as_secs_f64();
         Ok(SnapshotReport {
