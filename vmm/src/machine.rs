@@ -45,7 +45,8 @@ pub struct Shared {
 /// and their threads started: everything of a restore that grows with RAM, built before the
 /// state is known.
 pub struct Prebuilt {
-    vm_fd: VmFd,
+    /// Shared with the virtio devices while they are attached (vhost-user irqfds).
+    vm_fd: Arc<VmFd>,
     /// The identities set on the vCPUs (empty if none was known beforehand).
     identities: Vec<VcpuIdentity>,
     /// The vCPU threads, each with its vCPU.
@@ -67,7 +68,7 @@ impl Prebuilt {
         vcpus: usize,
         identities: &[VcpuIdentity],
     ) -> Result<Self, Error> {
-        let vm_fd = vm::create_vm(kvm, &ram)?;
+        let vm_fd = Arc::new(vm::create_vm(kvm, &ram)?);
         fault::inject(Step::Vm)?;
         let vcpus = (0..vcpus as u64)
             .map(|i| {
@@ -154,7 +155,7 @@ type CaptureRx =
 
 /// The KVM VM and everything running in it.
 pub struct Machine {
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     ram: GuestRam,
     bus: Arc<PioBus>,
     vcpus: Vec<VcpuHandle>,
@@ -233,7 +234,7 @@ impl Machine {
         shared: &Shared,
     ) -> Result<Self, Error> {
         let ram = memory::create(&config.memory)?;
-        let vm_fd = vm::create_vm(kvm, &ram)?;
+        let vm_fd = Arc::new(vm::create_vm(kvm, &ram)?);
         let (fds, tsc_khz) = vm::create_vcpus(kvm, &vm_fd, config.cpus, config.cpu_template)?;
         let native = arch::pvm::has_native_control(&fds[0]);
         let entry = boot::load(config, &shared.virtio.cmdline(), native, &ram)?;
@@ -516,7 +517,7 @@ impl Machine {
 /// What is left of a stopped machine: destroyed in this order (the KVM VM still refers to
 /// the RAM mapping until it is gone).
 struct Remains {
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     bus: Arc<PioBus>,
     mem: arch::GuestMemory,
 }

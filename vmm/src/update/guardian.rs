@@ -48,7 +48,11 @@ impl Guardian {
             .process_group(0)
             .spawn()?;
         drop(theirs);
-        let pidfd = match sys::pidfd_open(child.id() as i32) {
+        let pidfd = sys::pidfd_open(child.id() as i32).and_then(|fd| {
+            wait_ready(&ours)?;
+            Ok(fd)
+        });
+        let pidfd = match pidfd {
             Ok(fd) => fd,
             Err(e) => {
                 let _ = child.kill();
@@ -77,6 +81,26 @@ impl Guardian {
     /// The update did not happen: the guardian goes (the kernel reaps it).
     pub fn dismiss(mut self) {
         let _ = self.child.kill();
+    }
+}
+
+/// How long the guardian may take to start.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits for the guardian's "ready" byte. Starting it (an exec of this binary) costs
+/// milliseconds of CPU; the pause waits for them, so they are not taken from the guest's
+/// devices (a vhost-user backend, the event loop) right before or inside the pause.
+fn wait_ready(sock: &OwnedFd) -> io::Result<()> {
+    if !sys::wait_readable(sock, READY_TIMEOUT)? {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("not started after {} s", READY_TIMEOUT.as_secs()),
+        ));
+    }
+    let mut byte = [0u8; 1];
+    match nix::unistd::read(sock, &mut byte)? {
+        1 => Ok(()),
+        _ => Err(io::Error::other("it ended as it started")),
     }
 }
 
@@ -117,6 +141,9 @@ pub fn main() -> i32 {
             return 1;
         }
     };
+    if nix::unistd::write(&sock, &[1]).is_err() {
+        return 0;
+    }
     // Nothing to guard until the parent hands the fds over; end of stream means the update
     // was abandoned.
     let (text, fds) = match fdpass::recv(&sock) {

@@ -139,9 +139,9 @@ pub struct Virtio {
     /// The devices, in window order.
     pub slots: Vec<VirtioSlot>,
     quiesced: AtomicBool,
-    /// The KVM VM the devices are attached to (borrowed between `attach` and `detach`), and
-    /// whether the vhost-user devices' call eventfds are bound in it.
-    vm: Mutex<Option<(RawFd, bool)>>,
+    /// The KVM VM the devices are attached to (between `attach` and `detach`), and whether
+    /// the vhost-user devices' call eventfds are bound in it.
+    vm: Mutex<Option<(Arc<VmFd>, bool)>>,
 }
 
 fn eventfd() -> Result<EventFd, VirtioSetupError> {
@@ -207,10 +207,11 @@ impl Virtio {
     }
 
     /// Builds the transports over `mem` (fresh, or from `states`) and wires their interrupts
-    /// and notifications into the KVM VM `vm`.
+    /// and notifications into the KVM VM `vm`. The vhost-user devices' interrupts are bound
+    /// now on a boot, and when the VMM resumes a restored VM (see [`vhost_user::irqfd`]).
     pub fn attach(
         &self,
-        vm: &VmFd,
+        vm: &Arc<VmFd>,
         mem: &arch::GuestMemory,
         states: Option<&[SlotState]>,
     ) -> Result<(), VirtioSetupError> {
@@ -242,12 +243,10 @@ impl Virtio {
                     .map_err(|e| VirtioSetupError::Device(i, e.into()))?,
             };
             if slot.vhost.is_some() {
-                vhost_user::irqfd::set(vm.as_raw_fd(), &slot.irq, slot.gsi, true).map_err(|e| {
-                    VirtioSetupError::Kvm(
-                        i,
-                        kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
-                    )
-                })?;
+                if states.is_none() {
+                    vhost_user::irqfd::bind(vm, &slot.irq, slot.gsi)
+                        .map_err(|e| VirtioSetupError::Kvm(i, e))?;
+                }
             } else {
                 vm.register_irqfd(&slot.irq, slot.gsi)
                     .map_err(|e| VirtioSetupError::Kvm(i, e))?;
@@ -259,7 +258,7 @@ impl Virtio {
             }
             *lock(&slot.transport) = Some(transport);
         }
-        *lock(&self.vm) = Some((vm.as_raw_fd(), true));
+        *lock(&self.vm) = Some((vm.clone(), states.is_none()));
         Ok(())
     }
 
@@ -276,14 +275,19 @@ impl Virtio {
     /// [`vhost_user::irqfd`]).
     fn bind_vhost_irqfds(&self, bind: bool) {
         let mut vm = lock(&self.vm);
-        let Some((fd, bound)) = vm.as_mut() else {
+        let Some((vm, bound)) = vm.as_mut() else {
             return;
         };
         if *bound == bind {
             return;
         }
         for slot in self.slots.iter().filter(|s| s.vhost.is_some()) {
-            if let Err(e) = vhost_user::irqfd::set(*fd, &slot.irq, slot.gsi, bind) {
+            let done = if bind {
+                vhost_user::irqfd::bind(vm, &slot.irq, slot.gsi).map(|_| ())
+            } else {
+                vhost_user::irqfd::unbind(vm, &slot.irq, slot.gsi)
+            };
+            if let Err(e) = done {
                 log::error!("vhost-user: irqfd of GSI {} (bind {bind}): {e}", slot.gsi);
             }
         }
@@ -321,23 +325,31 @@ impl Virtio {
     /// Stops (true) or restarts (false) request processing. Restarting processes whatever
     /// the guest queued meanwhile, as its notifications were not acted on.
     pub fn quiesce(&self, stop: bool) {
+        let mut laps = crate::laps::Laps::start(if stop {
+            "virtio: quiesce"
+        } else {
+            "virtio: resume"
+        });
         self.quiesced.store(stop, Ordering::SeqCst);
         if stop {
             self.bind_vhost_irqfds(false);
+            laps.mark("irqfds unbound");
         }
         for conn in self.slots.iter().filter_map(|s| s.vhost.as_ref()) {
             conn.set_quiesced(stop);
         }
+        laps.mark("vhost-user");
         if !stop {
             self.bind_vhost_irqfds(true);
-        }
-        if !stop {
+            laps.mark("irqfds bound");
             for slot in &self.slots {
                 if let Some(t) = lock(&slot.transport).as_mut() {
                     t.resume();
                 }
             }
+            laps.mark("transports");
         }
+        laps.log();
     }
 
     fn slot_at(&self, addr: u64) -> Option<(&VirtioSlot, u64)> {

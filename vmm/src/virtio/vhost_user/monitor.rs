@@ -138,7 +138,6 @@ fn reconnect(conn: &Connection) {
     inner.frontend = Some(fe);
     inner.socket = Some(Arc::new(socket));
     inner.adopted = false;
-    inner.reconnects += 1;
     let inflight_ok = inner.negotiated.protocol_features
         & vhost::vhost_user::message::VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits()
         != 0;
@@ -152,6 +151,9 @@ fn reconnect(conn: &Connection) {
     }
     match conn.start(&mut inner) {
         Ok(()) => {
+            // Counted once the session serves the rings (a backend that drops an attempt
+            // half-way is not a reconnection).
+            inner.reconnects += 1;
             log::info!(
                 "vhost-user {}: reconnected (reconnect {})",
                 conn.path.display(),

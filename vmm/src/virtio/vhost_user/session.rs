@@ -138,7 +138,7 @@ pub(super) struct RingSetup<'a> {
 }
 
 /// Starts every ready ring: features, memory table, inflight area, then per ring size, base,
-/// addresses, kick and call, and enables it.
+/// addresses, call and kick, and enables it.
 pub(super) fn start_rings(
     fe: &mut Frontend,
     n: &Negotiated,
@@ -170,11 +170,16 @@ pub(super) fn start_rings(
         };
         fe.set_vring_addr(i, &addr)
             .map_err(proto("SET_VRING_ADDR"))?;
+        // The call eventfd before the kick: a backend starts serving a ring as soon as it
+        // has its kick eventfd, and after a reconnection that eventfd already counts the
+        // guest's notifications, so requests complete at once. libvhost-user (the library of
+        // qemu-storage-daemon) drops the connection when it completes one with no call
+        // eventfd ("vu_panic: Error writing eventfd").
+        fe.set_vring_call(i, s.call)
+            .map_err(proto("SET_VRING_CALL"))?;
         let kick = s.kicks.get(i).ok_or(VhostUserError::NotConnected)?;
         fe.set_vring_kick(i, kick)
             .map_err(proto("SET_VRING_KICK"))?;
-        fe.set_vring_call(i, s.call)
-            .map_err(proto("SET_VRING_CALL"))?;
         if protocol != 0 {
             fe.set_vring_enable(i, true)
                 .map_err(proto("SET_VRING_ENABLE"))?;
