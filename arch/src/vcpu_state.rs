@@ -348,22 +348,58 @@ pub fn set_identity(vcpu: &VcpuFd, index: u8, id: &VcpuIdentity) -> Result<(), V
         .map_err(kvm(index, "KVM_SET_CPUID2"))
 }
 
-/// Writes `state` into a freshly created vCPU, whose identity is set first unless
-/// `identity_set` says it already is. `tsc_advance` is added to IA32_TSC so the guest's TSC
-/// accounts for the time the VM spent between capture and restore.
-pub fn restore(
-    vcpu: &VcpuFd,
-    state: &VcpuState,
-    tsc_advance: u64,
-    has_xsave: bool,
-    identity_set: bool,
-) -> Result<(), VcpuStateError> {
+/// Registers of a vCPU as KVM created it, read before a restore so the restore can leave out
+/// the ioctls that would write what is already there (each costs ~10 µs inside a pause).
+/// Only state no other restore step touches is compared.
+#[derive(Clone, Debug, Default)]
+pub struct Fresh {
+    mp_state: Option<Blob<kvm_mp_state>>,
+    debugregs: Option<Blob<kvm_debugregs>>,
+    xcrs: Option<Blob<kvm_xcrs>>,
+}
+
+impl Fresh {
+    /// Reads them from `vcpu`, which must not have run (what cannot be read is written).
+    pub fn read(vcpu: &VcpuFd, has_xsave: bool) -> Self {
+        Self {
+            mp_state: vcpu.get_mp_state().ok().map(Blob),
+            debugregs: vcpu.get_debug_regs().ok().map(Blob),
+            xcrs: has_xsave.then(|| vcpu.get_xcrs().ok().map(Blob)).flatten(),
+        }
+    }
+}
+
+/// How to restore a vCPU besides its state.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreHow {
+    /// Added to IA32_TSC so the guest's TSC accounts for the time the VM spent between
+    /// capture and restore.
+    pub tsc_advance: u64,
+    /// KVM has XSAVE (see [`xsave_usable`]).
+    pub has_xsave: bool,
+    /// The vCPU's identity (CPUID, TSC rate) is set already.
+    pub identity_set: bool,
+    /// The vCPU as created, if read ([`Fresh::read`]).
+    pub fresh: Fresh,
+}
+
+/// Writes `state` into a freshly created vCPU, whose identity is set first unless it already
+/// is (`how`).
+pub fn restore(vcpu: &VcpuFd, state: &VcpuState, how: &RestoreHow) -> Result<(), VcpuStateError> {
+    let RestoreHow {
+        tsc_advance,
+        has_xsave,
+        identity_set,
+        ref fresh,
+    } = *how;
     let index = state.index;
     if !identity_set {
         set_identity(vcpu, index, &state.identity())?;
     }
-    vcpu.set_mp_state(state.mp_state.0)
-        .map_err(kvm(index, "KVM_SET_MP_STATE"))?;
+    if fresh.mp_state.as_ref() != Some(&state.mp_state) {
+        vcpu.set_mp_state(state.mp_state.0)
+            .map_err(kvm(index, "KVM_SET_MP_STATE"))?;
+    }
     vcpu.set_regs(&state.regs)
         .map_err(kvm(index, "KVM_SET_REGS"))?;
     vcpu.set_sregs(&state.sregs)
@@ -376,12 +412,16 @@ pub fn restore(
             // SAFETY: `has_xsave` was derived from KVM_CAP_XSAVE2 reporting an XSAVE size of
             // at most the 4 KiB of `kvm_xsave`, so KVM reads only within the struct.
             unsafe { vcpu.set_xsave(&xsave.0) }.map_err(kvm(index, "KVM_SET_XSAVE"))?;
-            vcpu.set_xcrs(&xcrs.0).map_err(kvm(index, "KVM_SET_XCRS"))?;
+            if fresh.xcrs.as_ref() != Some(&**xcrs) {
+                vcpu.set_xcrs(&xcrs.0).map_err(kvm(index, "KVM_SET_XCRS"))?;
+            }
         }
         FpuState::Fpu(fpu) => vcpu.set_fpu(&fpu.0).map_err(kvm(index, "KVM_SET_FPU"))?,
     }
-    vcpu.set_debug_regs(&state.debugregs)
-        .map_err(kvm(index, "KVM_SET_DEBUGREGS"))?;
+    if fresh.debugregs.as_ref() != Some(&state.debugregs) {
+        vcpu.set_debug_regs(&state.debugregs)
+            .map_err(kvm(index, "KVM_SET_DEBUGREGS"))?;
+    }
     vcpu.set_lapic(&state.lapic.0)
         .map_err(kvm(index, "KVM_SET_LAPIC"))?;
     let entries: Vec<kvm_msr_entry> = state

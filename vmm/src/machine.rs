@@ -53,6 +53,8 @@ pub struct Prebuilt {
     threads: Vec<ParkedThread>,
     ram: GuestRam,
     has_xsave: bool,
+    /// Each vCPU as KVM created it.
+    fresh: Vec<vcpu_state::Fresh>,
     /// The vCPU state restores running on the vCPU threads, once begun.
     restoring: Option<Vec<(u8, Option<RestoreRx>)>>,
 }
@@ -85,18 +87,29 @@ impl Prebuilt {
         } else {
             Vec::new()
         };
+        let has_xsave = vcpu_state::xsave_usable(&vm_fd);
+        // Built ahead of the pause (identities known): reading the vCPUs as created lets the
+        // restore leave out ioctls that would write the same (inside a pause, reading them
+        // would cost what it saves).
+        let fresh = match identities.is_empty() {
+            true => Vec::new(),
+            false => vcpus
+                .iter()
+                .map(|fd| vcpu_state::Fresh::read(fd, has_xsave))
+                .collect(),
+        };
         let threads = vcpus
             .into_iter()
             .enumerate()
             .map(|(i, fd)| ParkedThread::spawn(i as u8, fd).map_err(Error::from))
             .collect::<Result<Vec<_>, Error>>()?;
-        let has_xsave = vcpu_state::xsave_usable(&vm_fd);
         Ok(Self {
             vm_fd,
             identities,
             threads,
             ram,
             has_xsave,
+            fresh,
             restoring: None,
         })
     }
@@ -128,8 +141,13 @@ impl Prebuilt {
                     .get(i)
                     .is_some_and(|id| id.cpuid == v.cpuid && id.tsc_khz == v.tsc_khz);
                 let v = v.clone();
-                let job =
-                    move |fd: &mut VcpuFd| vcpu_state::restore(fd, &v, tsc_advance, has_xsave, set);
+                let how = vcpu_state::RestoreHow {
+                    tsc_advance,
+                    has_xsave,
+                    identity_set: set,
+                    fresh: self.fresh.get(i).cloned().unwrap_or_default(),
+                };
+                let job = move |fd: &mut VcpuFd| vcpu_state::restore(fd, &v, &how);
                 (i as u8, t.queue(job, true))
             })
             .collect();
