@@ -143,7 +143,11 @@ impl VcpuControl {
                 self.notify();
                 return None;
             }
-            st = self.run_jobs(st, vcpu);
+            if !st.jobs.is_empty() {
+                // (It may release the lock: everything is looked at again.)
+                st = self.run_jobs(st, vcpu);
+                continue;
+            }
             if st.start.is_some() && st.requested != VcpuRunState::Paused {
                 return st.start.take();
             }
