@@ -204,7 +204,9 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
     laps.mark("decode");
     // The vCPU threads restore their vCPUs while this thread restores the rest.
     prebuilt.restore_vcpus(&h.vm)?;
+    laps.mark("vcpus queued");
     let mut fds = RestoreFds::new(Inherited::from_owned(handoff.fds).map_err(ReceiveError::Fds)?);
+    laps.mark("fds");
     let (parts, api) = components::restore_parts(&h.parts, &h.config, &mut fds)?;
     let unclaimed = fds.unclaimed();
     if !unclaimed.is_empty() {
