@@ -271,3 +271,48 @@ mod tests {
         }
     }
 }
+
+/// The `--log-level` of command line `args` (`--log-level LEVEL` or `--log-level=LEVEL`; the
+/// last one wins), found without parsing the rest: a live update's new image needs it first
+/// thing, inside the guest's pause. `None` if absent or not a level.
+pub fn log_level_arg(args: impl IntoIterator<Item = String>) -> Option<log::LevelFilter> {
+    let mut level = None;
+    let mut args = args.into_iter().skip(1);
+    while let Some(arg) = args.next() {
+        let value = match arg.strip_prefix("--log-level") {
+            Some("") => args.next(),
+            Some(v) => v.strip_prefix('=').map(str::to_string),
+            None => continue,
+        };
+        level = value.and_then(|v| v.parse().ok()).or(level);
+    }
+    level
+}
+
+#[cfg(test)]
+mod log_level_tests {
+    use super::log_level_arg;
+    use log::LevelFilter;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        std::iter::once("molt")
+            .chain(a.iter().copied())
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn the_log_level_is_found_in_both_spellings() {
+        assert_eq!(
+            log_level_arg(args(&["--memory", "size=1G", "--log-level", "debug"])),
+            Some(LevelFilter::Debug)
+        );
+        assert_eq!(
+            log_level_arg(args(&["--log-level=info"])),
+            Some(LevelFilter::Info)
+        );
+        assert_eq!(log_level_arg(args(&["--memory", "size=1G"])), None);
+        assert_eq!(log_level_arg(args(&["--log-level", "loud"])), None);
+        assert_eq!(log_level_arg(args(&["--log-levelx=info"])), None);
+    }
+}

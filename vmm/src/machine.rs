@@ -70,7 +70,17 @@ impl Prebuilt {
         vcpus: usize,
         identities: &[VcpuIdentity],
     ) -> Result<Self, Error> {
-        let vm_fd = Arc::new(vm::create_vm(kvm, &ram)?);
+        Self::over(vm::new_vm(kvm)?, ram, vcpus, identities)
+    }
+
+    /// As [`Prebuilt::new`], over an empty VM created beforehand ([`vm::new_vm`]).
+    pub fn over(
+        vm_fd: VmFd,
+        ram: GuestRam,
+        vcpus: usize,
+        identities: &[VcpuIdentity],
+    ) -> Result<Self, Error> {
+        let vm_fd = Arc::new(vm::setup_vm(vm_fd, &ram)?);
         fault::inject(Step::Vm)?;
         let vcpus = (0..vcpus as u64)
             .map(|i| {

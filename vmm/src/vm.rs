@@ -47,15 +47,27 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 }
 
 /// Creates a VM with guest RAM registered and the in-kernel irqchip and PIT.
-///
-/// Memory slots go in before the irqchip: on this host a slot registered after
-/// KVM_CREATE_IRQCHIP costs ~5 ms (KVM then waits for an SRCU grace period), before it
-/// ~0.1 ms — and slot registration sits inside a live update's pause.
 pub fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
+    setup_vm(new_vm(kvm)?, ram)
+}
+
+/// Creates an empty KVM VM: the first step of [`create_vm`], which a live update's new image
+/// takes on its own before it knows the RAM (it costs up to ~0.4 ms on this host).
+pub fn new_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     let t0 = std::time::Instant::now();
     let vm = kvm
         .create_vm()
         .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+    log::debug!("create VM: KVM_CREATE_VM {:?}", t0.elapsed());
+    Ok(vm)
+}
+
+/// Registers guest RAM, then creates the in-kernel irqchip and PIT, on a VM from [`new_vm`].
+///
+/// Memory slots go in before the irqchip: on this host a slot registered after
+/// KVM_CREATE_IRQCHIP costs ~5 ms (KVM then waits for an SRCU grace period), before it
+/// ~0.1 ms — and slot registration sits inside a live update's pause.
+pub fn setup_vm(vm: VmFd, ram: &GuestRam) -> Result<VmFd, VmError> {
     let t1 = std::time::Instant::now();
     ram.register(&vm)?;
     let t2 = std::time::Instant::now();
@@ -72,8 +84,7 @@ pub fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
     vm.create_pit2(pit)
         .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
     log::debug!(
-        "create VM: KVM_CREATE_VM {:?}, memslots {:?}, irqchip and PIT {:?}",
-        t1 - t0,
+        "create VM: memslots {:?}, irqchip and PIT {:?}",
         t2 - t1,
         t2.elapsed()
     );

@@ -26,6 +26,8 @@ pub struct ExecTransport<'a> {
     pub previous_exe: Option<&'a File>,
     /// Started before the pause; gets the fds just before `execve`.
     pub guardian: Option<Guardian>,
+    /// Started before the pause: holds the address space and the KVM VM across `execve`.
+    pub holder: Option<Holder>,
     /// The handoff's commit page, created before the pause.
     pub commit: CommitPage,
 }
@@ -76,13 +78,8 @@ impl ExecTransport<'_> {
                 }
             }
         });
-        // Last step before execve: hold the address space and the KVM VM so their teardown
-        // happens outside the pause.
-        let t1 = Instant::now();
-        let holder = Holder::start()
-            .map_err(|e| log::warn!("live update without an address-space holder: {e}"))
-            .ok();
-        log::debug!("update: guardian {:?}, holder {:?}", t1 - t0, t1.elapsed());
+        log::debug!("update: guardian {:?}", t0.elapsed());
+        let holder = self.holder.take();
         // The next image dismisses the guardian through a pidfd (it keeps only this one fd
         // besides the declared ones; the guardian does not get a copy of it).
         let guardian_pidfd = guardian
@@ -130,6 +127,9 @@ impl Drop for ExecTransport<'_> {
         // A handover that failed before the guardian got its fds: it has nothing to guard.
         if let Some(g) = self.guardian.take() {
             g.dismiss();
+        }
+        if let Some(h) = self.holder.take() {
+            h.release();
         }
     }
 }

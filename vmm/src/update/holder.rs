@@ -3,9 +3,9 @@
 //!
 //! execve tears down the calling process's address space (tens of ms per GiB of populated
 //! 4K-page guest RAM) and closes its KVM fds (destroying a KVM VM takes ~15 ms on this host).
-//! Just before execve we start a holder: a process that shares our address space
-//! (`clone(CLONE_VM)`, not a thread) and has a copy of our fd table. execve then only drops
-//! references; the holder waits until the exec has closed our end of a pipe, exits, and the
+//! Before the pause we start a holder: a process that shares our address space
+//! (`clone(CLONE_VM)`, not a thread) and has a copy of our fd table (the KVM fds are open by
+//! then; fds made later need no holding). execve then only drops references; the holder waits until the exec has closed our end of a pipe, exits, and the
 //! kernel tears both down in the holder's exit, beside the resumed guest.
 
 use std::io;

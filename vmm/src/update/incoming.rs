@@ -8,13 +8,15 @@ use std::time::Instant;
 
 use cpr::{CommitPage, ExecEnv, Received, ReceivedFds};
 
+use super::early_vm::{EarlyVm, Job};
 use super::handoff::{record_argv, Handoff};
 use super::{Phases, UpdateError, UpdateReport, HANDOFF_KIND};
 use crate::api::{ApiResponse, ErrorReply};
 use crate::assembly::{assemble, MachineSource, Runtime};
 use crate::components;
 use crate::fault::{self, Step};
-use crate::persist::RestoreFds;
+use crate::memory::GuestRam;
+use crate::persist::{Persist, RestoreFds};
 use crate::state::now_ns;
 
 /// Errors restoring in the new image (they lead to a rollback).
@@ -93,15 +95,15 @@ fn commit_page(env: &ExecEnv) -> Option<CommitPage> {
     }
 }
 
-/// Restores the VM handed over by exec. On failure, the reason (a rollback follows, unless
-/// the handoff was committed).
-pub fn restore(env: &ExecEnv, started: Instant) -> Result<Runtime, String> {
+/// Restores the VM handed over by exec, building the KVM VM on `early` if it was started. On
+/// failure, the reason (a rollback follows, unless the handoff was committed).
+pub fn restore(env: &ExecEnv, started: Instant, early: Option<EarlyVm>) -> Result<Runtime, String> {
     let main_ns = now_ns();
     let Some(commit) = commit_page(env) else {
         return Err("the handoff has no usable commit page".into());
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        take_over(env, &commit, main_ns, started)
+        take_over(env, &commit, (main_ns, started), early)
     }));
     match result {
         Ok(Ok(runtime)) => Ok(runtime),
@@ -120,8 +122,8 @@ pub fn restore(env: &ExecEnv, started: Instant) -> Result<Runtime, String> {
 fn take_over(
     env: &ExecEnv,
     commit: &CommitPage,
-    main_ns: u64,
-    started: Instant,
+    (main_ns, started): (u64, Instant),
+    early: Option<EarlyVm>,
 ) -> Result<Runtime, IncomingError> {
     #[allow(unused_mut)]
     let mut bytes = record_bytes(env.record_fd).map_err(IncomingError::Read)?;
@@ -138,7 +140,13 @@ fn take_over(
     let h = cpr::decode_kind::<Handoff>(&bytes, HANDOFF_KIND)
         .map_err(IncomingError::Decode)?
         .state;
-    warn_about_ignored_options(&h.config);
+    if let Some(exec_ns) = env.exec_ns {
+        log::debug!(
+            "old image (µs): save to execve {}; new image: record decoded {} after main",
+            exec_ns.saturating_sub(h.update.saved_at_ns) / 1000,
+            now_ns().saturating_sub(main_ns) / 1000
+        );
+    }
     #[cfg(feature = "test-next")]
     log::info!("record extra field from the next build: {:?}", h.next_only);
     let received = Received {
@@ -149,13 +157,38 @@ fn take_over(
     // this one, and nothing in this process has taken them.
     let inherited = unsafe { received.inherited(&h.fds) }.map_err(IncomingError::Fds)?;
     let mut fds = RestoreFds::new(inherited);
-    let (ram, parts, api) = components::restore(&h.parts, &h.config, &mut fds)?;
+    let ram = GuestRam::restore(&h.parts.ram, (), &mut fds).map_err(crate::Error::from)?;
+    fault::inject(Step::Memory)?;
+    // The builder registers RAM and creates the vCPUs while this thread restores the rest.
+    let builder = match early {
+        Some(e) => {
+            e.build(Job {
+                ram,
+                vcpus: h.vm.vcpus.len(),
+                identities: h.vm.vcpus.iter().map(|v| v.identity()).collect(),
+                seccomp: h.config.seccomp,
+            });
+            Ok(e)
+        }
+        None => Err(ram),
+    };
+    let (parts, api) = components::restore_parts(&h.parts, &h.config, &mut fds)?;
     let unclaimed = fds.unclaimed();
     if !unclaimed.is_empty() {
         return Err(IncomingError::Unclaimed(unclaimed));
     }
     let book = h.book.taken_over();
-    let source = MachineSource::Restore { state: &h.vm, ram };
+    let source = match builder {
+        Ok(e) => {
+            let (kvm, prebuilt) = e.finish()?;
+            MachineSource::RestoreInto {
+                state: &h.vm,
+                prebuilt,
+                kvm,
+            }
+        }
+        Err(ram) => MachineSource::Restore { state: &h.vm, ram },
+    };
     let mut runtime = assemble(h.config.clone(), parts, source, book, started)?;
     // Restore runs from this image's main() to the rebuilt, still paused machine.
     let restore_ms = now_ns().saturating_sub(main_ns) as f64 / 1e6;
@@ -174,6 +207,8 @@ fn take_over(
     let phases = h.update.phases(main_ns, restore_ms, resume_ms);
     dismiss_guardian(env);
     finish(&h, &mut runtime, phases, resumed_ns, env.rollback.clone());
+    // Off the pause: only a warning.
+    warn_about_ignored_options(&h.config);
     // The guest runs here now: let go of the inherited originals.
     fds.release_originals();
     close_original(env.record_fd);

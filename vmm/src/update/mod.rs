@@ -16,6 +16,7 @@
 //!    dies (or hangs) before it resumes the guest, the guardian restores the guest on the
 //!    previous binary.
 
+pub mod early_vm;
 pub mod exec;
 pub mod guardian;
 pub mod handoff;

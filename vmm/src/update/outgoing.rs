@@ -9,6 +9,7 @@ use cpr::{CommitPage, Transport};
 use super::exec::ExecTransport;
 use super::guardian::Guardian;
 use super::handoff::{BookkeepingState, Handoff, InFlight};
+use super::holder::Holder;
 use super::{validate_target, UpdateError, HANDOFF_KIND};
 use crate::api::{ApiServer, ConnId, CprExecRequest};
 use crate::components::{self, Running};
@@ -88,19 +89,31 @@ pub fn perform(
         .unwrap_or_else(|| Err(std::io::Error::other("the launcher thread is gone")))
         .map_err(|e| log::warn!("live update without a guardian: {e}"))
         .ok();
+    // The holder keeps the address space and the KVM VM (whose fds exist already) across
+    // execve, so their teardown happens outside the pause; starting it costs ~60 µs, here
+    // rather than inside the pause.
+    let holder = Holder::start()
+        .map_err(|e| log::warn!("live update without an address-space holder: {e}"))
+        .ok();
+    let safety_nets = SafetyNets {
+        guardian,
+        holder,
+        commit,
+    };
     // One update at a time: clients that ask for another meanwhile get 409 now; everything
     // else they sent is carried over and answered by the new image.
     let paused = match pause_for_handoff(vmm, api, conn, plan.target.clone(), "exec") {
         Ok(p) => p,
-        Err(e) => return e,
+        Err(e) => {
+            safety_nets.dismiss();
+            return e;
+        }
     };
     let was_paused = paused.flight.was_paused;
     let err = match save(vmm, api, paused) {
-        Ok((handoff, fds)) => hand_over(vmm, plan, &handoff, fds, (guardian, commit)),
+        Ok((handoff, fds)) => hand_over(vmm, plan, &handoff, fds, safety_nets),
         Err(e) => {
-            if let Some(g) = guardian {
-                g.dismiss();
-            }
+            safety_nets.dismiss();
             e
         }
     };
@@ -208,21 +221,39 @@ pub(super) fn save(
     Ok((handoff, fds))
 }
 
+/// What an exec handoff sets up before the pause: the commit page, the guardian and the
+/// address-space holder (both optional: the update goes on without them).
+struct SafetyNets {
+    guardian: Option<Guardian>,
+    holder: Option<Holder>,
+    commit: CommitPage,
+}
+
+impl SafetyNets {
+    /// The update did not get to the handover: the guardian and the holder go.
+    fn dismiss(self) {
+        if let Some(g) = self.guardian {
+            g.dismiss();
+        }
+        if let Some(h) = self.holder {
+            h.release();
+        }
+    }
+}
+
 /// Encodes the record and hands it over by exec; returns why that did not happen.
 fn hand_over(
     vmm: &Vmm,
     plan: Plan,
     handoff: &Handoff,
     fds: SaveFds,
-    (guardian, commit): (Option<Guardian>, CommitPage),
+    nets: SafetyNets,
 ) -> UpdateError {
     let writer = format!("molt {}", crate::VERSION);
     let record = match cpr::encode(&writer, HANDOFF_KIND, handoff) {
         Ok(r) => r,
         Err(e) => {
-            if let Some(g) = guardian {
-                g.dismiss();
-            }
+            nets.dismiss();
             return UpdateError::Record(e);
         }
     };
@@ -230,8 +261,9 @@ fn hand_over(
         target: plan.target,
         argv: plan.argv,
         previous_exe: vmm.identity.exe_file.as_ref(),
-        guardian,
-        commit,
+        guardian: nets.guardian,
+        holder: nets.holder,
+        commit: nets.commit,
     };
     let mut registry = fds.into_registry();
     match transport.deliver(&record, &mut registry) {
