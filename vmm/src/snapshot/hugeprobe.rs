@@ -7,70 +7,10 @@
 //! or touching guest RAM. One call maps a run of present pages and stops at the first hole.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 
+use super::uffd::{Uffd, FEATURE_MINOR_HUGETLBFS};
 use crate::config::HUGE_PAGE_SIZE;
-
-const UFFDIO: u64 = 0xAA;
-const UFFD_API: u64 = 0xAA;
-/// `UFFD_FEATURE_MINOR_HUGETLBFS`.
-const FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
-/// `UFFDIO_REGISTER_MODE_MINOR`.
-const REGISTER_MODE_MINOR: u64 = 1 << 2;
-/// `UFFDIO_CONTINUE_MODE_DONTWAKE`: nothing waits on the probe mapping.
-const CONTINUE_MODE_DONTWAKE: u64 = 1;
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioContinue {
-    range: UffdioRange,
-    mode: u64,
-    mapped: i64,
-}
-
-const fn iowr(nr: u64, size: usize) -> u64 {
-    (3 << 30) | ((size as u64) << 16) | (UFFDIO << 8) | nr
-}
-
-const UFFDIO_API: u64 = iowr(0x3f, std::mem::size_of::<UffdioApi>());
-const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>());
-const UFFDIO_CONTINUE: u64 = iowr(0x07, std::mem::size_of::<UffdioContinue>());
-
-/// Runs one ioctl on `fd` with `arg`.
-fn ioctl<T>(fd: &OwnedFd, request: u64, arg: &mut T) -> io::Result<()> {
-    // SAFETY: every request used here takes a pointer to the `repr(C)` struct `T` it is
-    // paired with (sizes encoded in the request numbers above); `arg` is valid and writable
-    // for the duration of the call.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, arg as *mut T) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
 
 /// A read-only mapping of a memfd that only this module uses; unmapped when dropped.
 struct ProbeMap {
@@ -109,55 +49,17 @@ impl Drop for ProbeMap {
     }
 }
 
-/// A userfaultfd with minor-fault handling of hugetlbfs.
-fn minor_uffd() -> io::Result<OwnedFd> {
-    // SAFETY: the userfaultfd syscall takes only flags and returns a new fd or -1.
-    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a new fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features: FEATURE_MINOR_HUGETLBFS,
-        ioctls: 0,
-    };
-    ioctl(&fd, UFFDIO_API, &mut api)?;
-    Ok(fd)
-}
-
 /// The byte ranges of the hugetlb memfd `memfd` (`size` bytes, a multiple of 2 MiB) that
 /// hold huge pages.
 pub fn hugetlb_extents(memfd: &impl AsRawFd, size: u64) -> io::Result<Vec<(u64, u64)>> {
     let map = ProbeMap::new(memfd, size as usize)?;
-    let uffd = minor_uffd()?;
-    let mut reg = UffdioRegister {
-        range: UffdioRange {
-            start: map.addr,
-            len: size,
-        },
-        mode: REGISTER_MODE_MINOR,
-        ioctls: 0,
-    };
-    ioctl(&uffd, UFFDIO_REGISTER, &mut reg)?;
+    let uffd = Uffd::with_features(FEATURE_MINOR_HUGETLBFS)?;
+    uffd.register_minor(map.addr, size)?;
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut off = 0u64;
     while off < size {
-        let mut cont = UffdioContinue {
-            range: UffdioRange {
-                start: map.addr + off,
-                len: size - off,
-            },
-            mode: CONTINUE_MODE_DONTWAKE,
-            mapped: 0,
-        };
-        let present = match ioctl(&uffd, UFFDIO_CONTINUE, &mut cont) {
-            Ok(()) => size - off,
-            // Mapped a run of pages, then met a hole (EAGAIN: the rest was not done).
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && cont.mapped > 0 => {
-                cont.mapped as u64
-            }
+        let present = match uffd.map_present(map.addr + off, size - off) {
+            Ok(n) => n,
             // The first page is a hole.
             Err(e) if e.raw_os_error() == Some(libc::EFAULT) => 0,
             Err(e) => return Err(e),

@@ -10,6 +10,11 @@ const UFFDIO: u64 = 0xAA;
 const UFFD_API: u64 = 0xAA;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+const UFFDIO_REGISTER_MODE_MINOR: u64 = 4;
+/// `UFFDIO_CONTINUE_MODE_DONTWAKE`.
+const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1;
+/// `UFFD_FEATURE_MINOR_HUGETLBFS`: minor faults on hugetlbfs mappings.
+pub const FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 /// Write-protect faults are reported (`UFFD_FEATURE_PAGEFAULT_FLAG_WP`).
 pub const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
@@ -76,6 +81,15 @@ const UFFDIO_WAKE: u64 = ior(0x02, std::mem::size_of::<UffdioRange>());
 const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
 const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
 const UFFDIO_WRITEPROTECT: u64 = iowr(0x06, std::mem::size_of::<UffdioWriteprotect>());
+const UFFDIO_CONTINUE: u64 = iowr(0x07, std::mem::size_of::<UffdioContinue>());
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioContinue {
+    range: UffdioRange,
+    mode: u64,
+    mapped: i64,
+}
 
 #[repr(C)]
 #[derive(Default)]
@@ -190,6 +204,36 @@ impl Uffd {
             ioctls: 0,
         };
         ioctl(&self.fd, UFFDIO_REGISTER, &mut reg)
+    }
+
+    /// Registers `[start, start + len)` of this process for minor faults (a page the file
+    /// holds but this mapping does not map yet).
+    pub fn register_minor(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_MINOR,
+            ioctls: 0,
+        };
+        ioctl(&self.fd, UFFDIO_REGISTER, &mut reg)
+    }
+
+    /// Maps into `[start, start + len)` (registered for minor faults) the pages the file
+    /// holds there, waking no one; returns the bytes mapped before the first hole (`EFAULT`
+    /// if the range starts with one).
+    pub fn map_present(&self, start: u64, len: u64) -> io::Result<u64> {
+        let mut cont = UffdioContinue {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_CONTINUE_MODE_DONTWAKE,
+            mapped: 0,
+        };
+        match ioctl(&self.fd, UFFDIO_CONTINUE, &mut cont) {
+            Ok(()) => Ok(len),
+            // Mapped a run of pages, then met a hole.
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && cont.mapped > 0 => {
+                Ok(cont.mapped as u64)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Unregisters a range (threads blocked on it are woken).
