@@ -79,21 +79,16 @@ pub fn save(parts: &Running<'_>, fds: &mut SaveFds) -> Result<PartsState, Persis
     })
 }
 
-/// Takes every part over from `state` and the inherited `fds`; `config` is the VM's own (from
-/// the record), never the new command line. The API server comes back as its fds, taken and
-/// checked ([`restore_parts`]).
-pub fn restore(
-    state: &PartsState,
-    config: &VmConfig,
-    fds: &mut RestoreFds,
-) -> Result<(GuestRam, Parts, Option<ApiTakeover>), Error> {
+/// Takes guest RAM over from `state` and the inherited `fds` (first: the KVM VM is built
+/// over it while [`restore_parts`] takes the rest).
+pub fn restore_ram(state: &PartsState, fds: &mut RestoreFds) -> Result<GuestRam, Error> {
     let ram = GuestRam::restore(&state.ram, (), fds)?;
     fault::inject(Step::Memory)?;
-    let (parts, api) = restore_parts(state, config, fds)?;
-    Ok((ram, parts, api))
+    Ok(ram)
 }
 
-/// Takes every part but guest RAM over (a transfer has taken RAM over before the pause). The
+/// Takes every part but guest RAM over (see [`restore_ram`]; a transfer has taken RAM over
+/// before the pause); `config` is the VM's own (from the record), never the new command line. The
 /// API server is not needed while the guest is paused: its fds are taken and checked here
 /// and the caller rebuilds it ([`ApiTakeover::into_server`]) once the guest runs.
 pub fn restore_parts(

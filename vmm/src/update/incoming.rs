@@ -15,8 +15,7 @@ use crate::api::{ApiResponse, ErrorReply};
 use crate::assembly::{assemble, MachineSource, Runtime};
 use crate::components;
 use crate::fault::{self, Step};
-use crate::memory::GuestRam;
-use crate::persist::{Persist, RestoreFds};
+use crate::persist::RestoreFds;
 use crate::state::now_ns;
 
 /// Errors restoring in the new image (they lead to a rollback).
@@ -157,8 +156,7 @@ fn take_over(
     // this one, and nothing in this process has taken them.
     let inherited = unsafe { received.inherited(&h.fds) }.map_err(IncomingError::Fds)?;
     let mut fds = RestoreFds::new(inherited);
-    let ram = GuestRam::restore(&h.parts.ram, (), &mut fds).map_err(crate::Error::from)?;
-    fault::inject(Step::Memory)?;
+    let ram = components::restore_ram(&h.parts, &mut fds)?;
     // The builder registers RAM and creates the vCPUs while this thread restores the rest.
     let builder = match early {
         Some(e) => {
