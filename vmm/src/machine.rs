@@ -98,16 +98,6 @@ impl Prebuilt {
             Vec::new()
         };
         let has_xsave = vcpu_state::xsave_usable(&vm_fd);
-        // Built ahead of the pause (identities known): reading the vCPUs as created lets the
-        // restore leave out ioctls that would write the same (inside a pause, reading them
-        // would cost what it saves).
-        let fresh = match identities.is_empty() {
-            true => Vec::new(),
-            false => vcpus
-                .iter()
-                .map(|fd| vcpu_state::Fresh::read(fd, has_xsave))
-                .collect(),
-        };
         let threads = vcpus
             .into_iter()
             .enumerate()
@@ -119,9 +109,26 @@ impl Prebuilt {
             threads,
             ram,
             has_xsave,
-            fresh,
+            fresh: Vec::new(),
             restoring: None,
         })
+    }
+
+    /// Reads each vCPU as KVM created it, so the restore can leave out the ioctls that would
+    /// write the same (only worth it ahead of a pause: inside one it costs what it saves).
+    pub fn read_fresh(&mut self) -> Result<(), Error> {
+        let has_xsave = self.has_xsave;
+        let reads: Vec<_> = self
+            .threads
+            .iter()
+            .map(|t| t.queue(move |fd| vcpu_state::Fresh::read(fd, has_xsave), false))
+            .collect();
+        self.fresh = reads
+            .into_iter()
+            .enumerate()
+            .map(|(i, rx)| rx.and_then(|rx| rx.recv().ok()).ok_or(Error::VcpuGone(i as u8)))
+            .collect::<Result<_, _>>()?;
+        Ok(())
     }
 
     /// Begins restoring the vCPUs of `state`, each on its own thread, while the caller goes

@@ -172,7 +172,8 @@ fn prebuild(chan: &Channel) -> Result<Built, ReceiveError> {
         crate::seccomp::init(mode).map_err(crate::Error::from)?;
     }
     let kvm = crate::vm::open_kvm().map_err(crate::Error::from)?;
-    let machine = Prebuilt::new(&kvm, ram, spec.vcpus, &spec.identities)?;
+    let mut machine = Prebuilt::new(&kvm, ram, spec.vcpus, &spec.identities)?;
+    machine.read_fresh()?;
     let identity = crate::runtime::Identity::current();
     super::sys::populate_own_code();
     chan.send(&Message::Ready, &[], &[])?;
