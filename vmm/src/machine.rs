@@ -126,7 +126,10 @@ impl Prebuilt {
         self.fresh = reads
             .into_iter()
             .enumerate()
-            .map(|(i, rx)| rx.and_then(|rx| rx.recv().ok()).ok_or(Error::VcpuGone(i as u8)))
+            .map(|(i, rx)| {
+                rx.and_then(|rx| rx.recv().ok())
+                    .ok_or(Error::VcpuGone(i as u8))
+            })
             .collect::<Result<_, _>>()?;
         Ok(())
     }
