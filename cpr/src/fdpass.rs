@@ -36,9 +36,18 @@ pub fn send(sock: impl AsFd, text: &[u8], fds: &[RawFd]) -> io::Result<()> {
 /// Receives one message; `Ok(None)` at end of stream. Received fds are close-on-exec.
 pub fn recv(sock: impl AsFd) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     let mut text = vec![0u8; MAX_TEXT];
+    Ok(recv_into(sock, &mut text)?.map(|(n, fds)| {
+        text.truncate(n);
+        (text, fds)
+    }))
+}
+
+/// As [`recv`], into `buf` (which must hold the largest message expected): the number of
+/// bytes received and the fds. A message longer than `buf` is an error, not cut short.
+pub fn recv_into(sock: impl AsFd, buf: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let (n, fds) = loop {
-        let mut iov = [IoSliceMut::new(&mut text)];
+    let (n, fds, truncated) = loop {
+        let mut iov = [IoSliceMut::new(buf)];
         match recvmsg::<()>(
             sock.as_fd().as_raw_fd(),
             &mut iov,
@@ -57,17 +66,23 @@ pub fn recv(sock: impl AsFd) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
                         );
                     }
                 }
-                break (msg.bytes, fds);
+                let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
+                break (msg.bytes, fds, truncated);
             }
             Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
         }
     };
+    if truncated {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a message longer than {} bytes", buf.len()),
+        ));
+    }
     if n == 0 && fds.is_empty() {
         return Ok(None);
     }
-    text.truncate(n);
-    Ok(Some((text, fds)))
+    Ok(Some((n, fds)))
 }
 
 #[cfg(test)]
@@ -112,6 +127,18 @@ mod tests {
         let too_many = vec![0; MAX_FDS + 1];
         assert!(send(&a, b"x", &too_many).is_err());
         assert!(send(&a, &vec![0; MAX_TEXT + 1], &[]).is_err());
+    }
+
+    #[test]
+    fn a_message_longer_than_the_buffer_is_an_error_not_cut_short() {
+        let (a, b) = seqpacket_pair();
+        send(&a, b"twelve bytes", &[]).unwrap();
+        let mut small = [0u8; 5];
+        let err = recv_into(&b, &mut small).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        send(&a, b"fits", &[]).unwrap();
+        let (n, fds) = recv_into(&b, &mut small).unwrap().unwrap();
+        assert_eq!((&small[..n], fds.len()), (&b"fits"[..], 0));
     }
 
     fn tempfile() -> std::fs::File {

@@ -8,6 +8,17 @@ pub struct Laps {
     what: &'static str,
     last: Instant,
     marks: Vec<(&'static str, u32)>,
+    /// The process's minor page faults at the start (read only at debug level).
+    faults: Option<i64>,
+}
+
+/// Minor page faults of the whole process so far.
+fn minor_faults() -> Option<i64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a `rusage` into the valid pointer given.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    // SAFETY: on success getrusage initialized it (it started zeroed anyway).
+    (rc == 0).then(|| unsafe { usage.assume_init() }.ru_minflt)
 }
 
 impl Laps {
@@ -17,6 +28,11 @@ impl Laps {
             what,
             last: Instant::now(),
             marks: Vec::with_capacity(16),
+            faults: if log::log_enabled!(log::Level::Debug) {
+                minor_faults()
+            } else {
+                None
+            },
         }
     }
 
@@ -36,7 +52,11 @@ impl Laps {
                 .iter()
                 .map(|(n, us)| format!("{n} {us}"))
                 .collect();
-            log::debug!("{} (µs): {}", self.what, steps.join(", "));
+            let faults = match (self.faults, minor_faults()) {
+                (Some(a), Some(b)) => format!(" [{} page faults]", b - a),
+                _ => String::new(),
+            };
+            log::debug!("{} (µs): {}{faults}", self.what, steps.join(", "));
         }
     }
 }

@@ -21,7 +21,7 @@ const IOC_T: u64 = 0x54;
 const IOC_BLK: u64 = 0x12;
 
 /// Both kinds of threads: memory allocation, locks, the kick signal, time, logging to
-/// stderr, thread exit.
+/// stderr (with the page faults of a timed step, `getrusage`), thread exit.
 const COMMON: &[i64] = &[
     libc::SYS_brk,
     libc::SYS_mmap,
@@ -36,6 +36,7 @@ const COMMON: &[i64] = &[
     libc::SYS_sigaltstack,
     libc::SYS_restart_syscall,
     libc::SYS_clock_gettime,
+    libc::SYS_getrusage,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
     libc::SYS_gettid,
@@ -174,6 +175,7 @@ const CONTROL: &[i64] = &[
     libc::SYS_setpriority,
     libc::SYS_sched_setscheduler,
     libc::SYS_sched_getaffinity,
+    libc::SYS_sched_setaffinity,
     libc::SYS_rt_sigaction,
     libc::SYS_kill,
     libc::SYS_tkill,
