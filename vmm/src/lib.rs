@@ -7,6 +7,7 @@
 //! loop and API requests) → [`update`] (live update: pause → save → hand over → restore →
 //! resume).
 
+pub mod affinity;
 pub mod api;
 pub mod assembly;
 pub mod boot;

@@ -290,6 +290,12 @@ impl ParkedThread {
         self.handle.queue_job(f, spin)
     }
 
+    /// The thread, for the scheduler calls of [`crate::affinity`].
+    pub fn pthread(&self) -> Option<libc::pthread_t> {
+        use std::os::unix::thread::JoinHandleExt;
+        self.handle.thread.as_ref().map(|t| t.as_pthread_t())
+    }
+
     /// Hands the thread its machine, paused: it goes on at the first request to run.
     pub fn start(
         self,

@@ -198,6 +198,7 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
     let handoff = chan.recv_polling(HANDOFF, HANDOFF_POLL)?;
     let handoff = expect(handoff, "handoff", |m| *m == Message::Handoff)?;
     let received_ns = now_ns();
+    let spread = prebuilt.wake();
     let mut laps = crate::laps::Laps::start("transfer: receiver's pause");
     let h = cpr::decode_kind::<Handoff>(&handoff.payload, HANDOFF_KIND)
         .map_err(ReceiveError::Decode)?
@@ -234,6 +235,7 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
     };
     laps.mark("resume");
     laps.log();
+    spread.undo();
     super::incoming::rebuild_api(&mut runtime, api);
     let resume_ms = resumed_ns.saturating_sub(resume_from_ns) as f64 / 1e6;
     // systemd learns the new main PID before the sender (the old one) exits.
