@@ -46,6 +46,12 @@ fn guest_rustflags(guest_dir: &Path) -> Vec<String> {
 include!("../resources/build/nested_cargo.rs");
 
 fn main() {
+    // The `molt` executable is linked position-dependent: a cpr-exec starts it inside the
+    // guest's pause, and a PIE start-up applies some 5000 relative relocations
+    // first (each page it writes a page fault, several µs under PVM). Only the link of
+    // the binaries changes: the crates stay position-independent code, and proc-macro and
+    // build-script crates are not affected.
+    println!("cargo:rustc-link-arg-bin=molt=-no-pie");
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));

@@ -109,6 +109,12 @@ impl CommitPage {
             .is_ok()
     }
 
+    /// The page's word, for a process sharing this address space that watches it with
+    /// nothing but atomic loads (the live-update holder); valid while `self` is mapped.
+    pub fn word_ptr(&self) -> *const AtomicU64 {
+        self.word.as_ptr()
+    }
+
     /// The pid that committed, or `None` while the handoff is open.
     pub fn owner(&self) -> Option<u32> {
         let v = self.word().load(Ordering::SeqCst);

@@ -5,19 +5,42 @@
 //! 4K-page guest RAM) and closes its KVM fds (destroying a KVM VM takes ~15 ms on this host).
 //! Before the pause we start a holder: a process that shares our address space
 //! (`clone(CLONE_VM)`, not a thread) and has a copy of our fd table (the KVM fds are open by
-//! then; fds made later need no holding). execve then only drops references; the holder waits until the exec has closed our end of a pipe, exits, and the
-//! kernel tears both down in the holder's exit, beside the resumed guest.
+//! then; fds made later need no holding). execve then only drops references. The holder
+//! waits until the exec has closed our end of a pipe, then until the handoff's commit page
+//! is decided (the new image marks it just before it resumes the guest), and exits: the
+//! kernel tears both down in the holder's exit, beside the resumed guest. Exiting at the
+//! exec already would put that teardown (~20 ms of kernel work, and the locks and TLB
+//! shootdowns of freeing the old VM's memory) beside the new image's start-up, inside the
+//! pause.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use cpr::CommitPage;
 
 use nix::fcntl::OFlag;
 
 use super::sys;
 
-/// Stack of the holder: it only calls close, read and _exit.
+/// Stack of the holder: it only calls close, read, nanosleep and _exit.
 const STACK_SIZE: usize = 64 << 10;
+/// How often the holder looks at the commit page after the exec.
+const WATCH_EVERY_NS: i64 = 1_000_000;
+/// How long it waits for the commit page to be decided before it exits anyway.
+const WATCH_AT_MOST: u32 = 10_000;
+
+/// What the holder is given, at the bottom of its stack mapping (the stack grows down from
+/// the top).
+#[repr(C)]
+struct HoldArgs {
+    read_end: i32,
+    write_end: i32,
+    /// The commit page's word, mapped in the shared address space (which the holder keeps
+    /// mapped after the exec).
+    commit: *const AtomicU64,
+}
 
 /// A running holder.
 pub struct Holder {
@@ -27,25 +50,46 @@ pub struct Holder {
     stack: *mut libc::c_void,
 }
 
-/// Holder entry point. `arg` packs the pipe's read end (high 32 bits) and write end. It must
-/// touch nothing it shares with the VMM's threads: only raw system calls.
+/// Holder entry point. `arg` points at its [`HoldArgs`]. It must touch nothing it shares with
+/// the VMM's threads but the commit word: only raw system calls.
 extern "C" fn hold(arg: *mut libc::c_void) -> libc::c_int {
-    let v = arg as usize as u64;
-    let (read_end, write_end) = ((v >> 32) as i32, (v & 0xffff_ffff) as i32);
+    // SAFETY: `start` wrote the arguments at the bottom of this holder's own stack mapping,
+    // which nothing else uses.
+    let args = unsafe { std::ptr::read(arg as *const HoldArgs) };
     let mut byte = 0u8;
-    // SAFETY: raw system calls on fds this process owns (its copy of the fd table) and a byte
-    // on its own stack; no memory shared with the VMM's threads is touched.
+    let pause = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: WATCH_EVERY_NS,
+    };
+    // SAFETY: raw system calls on fds this process owns (its copy of the fd table) and on
+    // values on its own stack. The commit word lives in a shared mapping of the address
+    // space this holder keeps alive (after the exec, only the holder keeps it); it is read
+    // atomically.
     unsafe {
-        libc::syscall(libc::SYS_close, write_end);
-        libc::syscall(libc::SYS_read, read_end, &mut byte as *mut u8, 1usize);
+        libc::syscall(libc::SYS_close, args.write_end);
+        let n = libc::syscall(libc::SYS_read, args.read_end, &mut byte as *mut u8, 1usize);
+        // 0: the exec closed the pipe. A byte: the update was given up (`release`).
+        if n == 0 {
+            for _ in 0..WATCH_AT_MOST {
+                if (*args.commit).load(Ordering::SeqCst) != 0 {
+                    break;
+                }
+                libc::syscall(
+                    libc::SYS_nanosleep,
+                    &pause as *const libc::timespec,
+                    std::ptr::null_mut::<libc::timespec>(),
+                );
+            }
+        }
         libc::syscall(libc::SYS_exit, 0);
     }
     0
 }
 
 impl Holder {
-    /// Starts a holder sharing this process's address space and holding copies of its fds.
-    pub fn start() -> io::Result<Self> {
+    /// Starts a holder sharing this process's address space and holding copies of its fds;
+    /// after the exec it lives until `commit` is decided.
+    pub fn start(commit: &CommitPage) -> io::Result<Self> {
         let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
         // SAFETY: a fresh anonymous mapping for the holder's stack.
         let stack = unsafe {
@@ -61,8 +105,16 @@ impl Holder {
         if stack == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let arg = ((read_end.as_raw_fd() as u32 as u64) << 32 | write_end.as_raw_fd() as u32 as u64)
-            as usize;
+        let arg = stack.cast::<HoldArgs>();
+        // SAFETY: the bottom of the fresh mapping is writable, page-aligned and far below
+        // the part the holder's stack will use.
+        unsafe {
+            arg.write(HoldArgs {
+                read_end: read_end.as_raw_fd(),
+                write_end: write_end.as_raw_fd(),
+                commit: commit.word_ptr(),
+            })
+        };
         // SAFETY: the child runs `hold` on its own stack (top of the mapping, 16-byte aligned)
         // in our address space; `hold` only makes raw system calls. SIGCHLD is ignored by
         // molt, so the kernel reaps it.
@@ -71,7 +123,7 @@ impl Holder {
                 hold,
                 stack.cast::<u8>().add(STACK_SIZE).cast(),
                 libc::CLONE_VM | libc::SIGCHLD,
-                arg as *mut libc::c_void,
+                arg.cast(),
             )
         };
         // Our copy of the read end is not needed: the holder has its own.
@@ -92,7 +144,8 @@ impl Holder {
     /// The update did not happen (execve failed): lets the holder exit and frees its stack.
     pub fn release(self) {
         let pidfd = sys::pidfd_open(self.pid);
-        // Closing our end makes the holder's read return.
+        // A byte (rather than the end of the pipe an exec makes) lets it go at once.
+        let _ = nix::unistd::write(&self.release, &[1]);
         drop(self.release);
         if let Ok(pidfd) = pidfd {
             if !sys::wait_readable(&pidfd, Duration::from_secs(1)).unwrap_or(false) {

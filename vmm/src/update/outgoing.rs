@@ -92,7 +92,7 @@ pub fn perform(
     // The holder keeps the address space and the KVM VM (whose fds exist already) across
     // execve, so their teardown happens outside the pause; starting it costs ~60 µs, here
     // rather than inside the pause.
-    let holder = Holder::start()
+    let holder = Holder::start(&commit)
         .map_err(|e| log::warn!("live update without an address-space holder: {e}"))
         .ok();
     let safety_nets = SafetyNets {
