@@ -114,6 +114,21 @@ impl Prebuilt {
         })
     }
 
+    /// Warms the vCPU threads for the pause ([`crate::vcpu::warm_this_thread`]); only worth it
+    /// ahead of one.
+    pub fn warm_threads(&self) -> Result<(), Error> {
+        let jobs: Vec<_> = self
+            .threads
+            .iter()
+            .map(|t| t.queue(|_| crate::vcpu::warm_this_thread(), false))
+            .collect();
+        for (i, rx) in jobs.into_iter().enumerate() {
+            rx.and_then(|rx| rx.recv().ok())
+                .ok_or(Error::VcpuGone(i as u8))?;
+        }
+        Ok(())
+    }
+
     /// Reads each vCPU as KVM created it, so the restore can leave out the ioctls that would
     /// write the same (only worth it ahead of a pause: inside one it costs what it saves).
     pub fn read_fresh(&mut self) -> Result<(), Error> {

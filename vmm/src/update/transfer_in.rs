@@ -174,6 +174,8 @@ fn prebuild(chan: &Channel) -> Result<Built, ReceiveError> {
     let kvm = crate::vm::open_kvm().map_err(crate::Error::from)?;
     let mut machine = Prebuilt::new(&kvm, ram, spec.vcpus, &spec.identities)?;
     machine.read_fresh()?;
+    machine.warm_threads()?;
+    crate::vcpu::warm_this_thread();
     let identity = crate::runtime::Identity::current();
     super::sys::populate_own_code();
     chan.send(&Message::Ready, &[], &[])?;

@@ -67,6 +67,7 @@ fn prepare(chan: &Channel, vmm: &Vmm, commit: &CommitPage) -> Result<(), Transfe
     chan.send(&Message::Prepare { machine: spec }, &[], &fds)?;
     // While the receiver builds the machine.
     super::sys::populate_own_code();
+    crate::vcpu::warm_this_thread();
     expect(chan.recv(PREPARE)?, "ready", |m| *m == Message::Ready)?;
     Ok(())
 }
