@@ -149,13 +149,13 @@ impl Prebuilt {
         Ok(())
     }
 
-    /// Wakes the vCPU threads to poll for their restore jobs for a moment, off the calling
-    /// thread's CPU if there are CPUs enough ([`crate::affinity`]; undo the returned spread
-    /// after the resume). Called as soon as the pause is known to have begun, the wake-up's
+    /// Wakes the vCPU threads to poll for their restore jobs for a moment, each on a CPU of
+    /// its own if there are CPUs enough ([`crate::affinity`]; undo the returned spread after
+    /// the resume). Called as soon as the pause is known to have begun, the wake-up's
     /// latency (tens of µs here) passes while the record is decoded instead of after it.
     pub fn wake(&self) -> crate::affinity::Spread {
         let threads: Vec<_> = self.threads.iter().filter_map(|t| t.pthread()).collect();
-        let spread = crate::affinity::Spread::off_this_cpu(&threads);
+        let spread = crate::affinity::Spread::one_cpu_each(&threads);
         for t in &self.threads {
             // Nothing to wait for: the job only wakes the thread, which then polls.
             let _ = t.queue(|_| (), true);
