@@ -36,9 +36,9 @@ impl Spread {
             let Some(old) = affinity(thread) else {
                 continue;
             };
-            // SAFETY: an all-zero cpu_set_t is a valid empty set; `cpu` is below
-            // CPU_SETSIZE.
+            // SAFETY: an all-zero cpu_set_t is a valid empty set.
             let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `cpu` is below CPU_SETSIZE (it came from the loop above).
             unsafe { libc::CPU_SET(cpu, &mut one) };
             if set_affinity(thread, &one) {
                 moved.push((thread, old));
@@ -70,7 +70,9 @@ fn affinity(thread: libc::pthread_t) -> Option<libc::cpu_set_t> {
 
 fn set_affinity(thread: libc::pthread_t, mask: &libc::cpu_set_t) -> bool {
     // SAFETY: as in `affinity`; the kernel only reads the set.
-    unsafe { libc::pthread_setaffinity_np(thread, std::mem::size_of::<libc::cpu_set_t>(), mask) == 0 }
+    unsafe {
+        libc::pthread_setaffinity_np(thread, std::mem::size_of::<libc::cpu_set_t>(), mask) == 0
+    }
 }
 
 #[cfg(test)]
@@ -135,7 +137,9 @@ mod tests {
             assert!(spread.0.is_empty());
         }
         spread.undo();
-        assert!(handles.iter().all(|&h| count(&affinity(h).unwrap()) == before));
+        assert!(handles
+            .iter()
+            .all(|&h| count(&affinity(h).unwrap()) == before));
         let many: Vec<_> = std::iter::repeat_n(handles[0], before as usize + 1).collect();
         assert!(Spread::one_cpu_each(&many).0.is_empty());
         for _ in &threads {
