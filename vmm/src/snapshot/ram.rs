@@ -86,6 +86,7 @@ struct Job {
     backing: Vec<u8>,
 }
 
+
 /// The 2 MiB-aligned-for-direct-I/O part of a buffer of `CHUNK_SIZE + DIRECT_ALIGN` bytes.
 fn aligned(backing: &mut [u8]) -> &mut [u8] {
     let skew = backing.as_ptr().align_offset(DIRECT_ALIGN as usize);
@@ -207,6 +208,32 @@ impl RegionSource {
 /// everything as data), but a huge page of guest RAM created by this process is mapped here
 /// from the moment anything (the guest through KVM, or molt) first touched it.
 pub fn mapped_extents(host: u64, size: u64, page: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut add = |s: u64| {
+        let e = (s + page).min(size);
+        match out.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => out.push((s, e)),
+        }
+    };
+    if page > 4096 {
+        // One 4 KiB probe per page: a huge page is mapped whole. Asking for the whole range
+        // instead makes the kernel fill a byte per 4 KiB (1 MiB of answer for 4 GiB of RAM,
+        // 28 ms here against ~3 ms for 2048 probes).
+        let mut byte = 0u8;
+        for s in (0..size).step_by(page as usize) {
+            // SAFETY: mincore only reads the page tables of one 4 KiB page of the range (a
+            // live mapping of guest RAM) and writes one byte into `byte`.
+            let rc = unsafe { libc::mincore((host + s) as *mut libc::c_void, 4096, &mut byte) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if byte & 1 != 0 {
+                add(s);
+            }
+        }
+        return Ok(out);
+    }
     let mut vec = vec![0u8; size.div_ceil(4096) as usize];
     // SAFETY: mincore only reads the page tables of the range (a live mapping of guest RAM)
     // and writes one byte per 4 KiB page into `vec`, which is that long.
@@ -214,16 +241,9 @@ pub fn mapped_extents(host: u64, size: u64, page: u64) -> std::io::Result<Vec<(u
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let step = (page / 4096) as usize;
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (i, v) in vec.iter().step_by(step).enumerate() {
-        if v & 1 == 0 {
-            continue;
-        }
-        let (s, e) = (i as u64 * page, ((i as u64 + 1) * page).min(size));
-        match out.last_mut() {
-            Some(last) if last.1 == s => last.1 = e,
-            _ => out.push((s, e)),
+    for (i, v) in vec.iter().enumerate() {
+        if v & 1 != 0 {
+            add(i as u64 * 4096);
         }
     }
     Ok(out)
