@@ -86,7 +86,6 @@ struct Job {
     backing: Vec<u8>,
 }
 
-
 /// The 2 MiB-aligned-for-direct-I/O part of a buffer of `CHUNK_SIZE + DIRECT_ALIGN` bytes.
 fn aligned(backing: &mut [u8]) -> &mut [u8] {
     let skew = backing.as_ptr().align_offset(DIRECT_ALIGN as usize);
