@@ -97,11 +97,17 @@ fn round_trip_after(
     r.body
 }
 
+/// The huge pages two 64 MiB guests need, or `None` once the test is reported skipped.
+fn reserve() -> Option<Reservation> {
+    Reservation::ensure(2 * 32)
+        .map_err(|why| molt_tests::skip("snapshots of hugetlb RAM", &why))
+        .ok()
+}
+
 #[test]
 fn huge_page_and_small_page_snapshots_restore_into_either() {
-    let reservation = match Reservation::ensure(2 * 32) {
-        Ok(r) => r,
-        Err(why) => return molt_tests::skip("snapshots of hugetlb RAM", &why),
+    let Some(reservation) = reserve() else {
+        return;
     };
     let dir = TempDir::new("snapshot-huge");
     round_trip(&dir, "size=64M,hugepages=on", ",hugepages=off,lazy=off");
@@ -112,9 +118,8 @@ fn huge_page_and_small_page_snapshots_restore_into_either() {
 
 #[test]
 fn hugetlb_ram_adopted_by_a_live_update_is_still_written_sparse() {
-    let reservation = match Reservation::ensure(2 * 32) {
-        Ok(r) => r,
-        Err(why) => return molt_tests::skip("snapshots of hugetlb RAM", &why),
+    let Some(reservation) = reserve() else {
+        return;
     };
     let dir = TempDir::new("snapshot-huge-adopted");
     // The new image's mapping of RAM has no page tables for the huge pages the guest

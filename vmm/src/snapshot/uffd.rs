@@ -148,14 +148,19 @@ impl Uffd {
         Ok(Self { fd })
     }
 
-    /// Registers `[start, start + len)` of this process for write-protect faults.
-    pub fn register_wp(&self, start: u64, len: u64) -> io::Result<()> {
+    /// Registers `[start, start + len)` of this process for the faults of `mode`.
+    fn register_mode(&self, start: u64, len: u64, mode: u64) -> io::Result<()> {
         let mut reg = UffdioRegister {
             range: UffdioRange { start, len },
-            mode: UFFDIO_REGISTER_MODE_WP,
+            mode,
             ioctls: 0,
         };
         ioctl(&self.fd, UFFDIO_REGISTER, &mut reg)
+    }
+
+    /// Registers `[start, start + len)` of this process for write-protect faults.
+    pub fn register_wp(&self, start: u64, len: u64) -> io::Result<()> {
+        self.register_mode(start, len, UFFDIO_REGISTER_MODE_WP)
     }
 
     /// Write-protects `[start, start + len)` (`on`), or removes the protection and wakes
@@ -198,23 +203,13 @@ impl Uffd {
 
     /// Registers `[start, start + len)` of this process for missing-page faults.
     pub fn register(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut reg = UffdioRegister {
-            range: UffdioRange { start, len },
-            mode: UFFDIO_REGISTER_MODE_MISSING,
-            ioctls: 0,
-        };
-        ioctl(&self.fd, UFFDIO_REGISTER, &mut reg)
+        self.register_mode(start, len, UFFDIO_REGISTER_MODE_MISSING)
     }
 
     /// Registers `[start, start + len)` of this process for minor faults (a page the file
     /// holds but this mapping does not map yet).
     pub fn register_minor(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut reg = UffdioRegister {
-            range: UffdioRange { start, len },
-            mode: UFFDIO_REGISTER_MODE_MINOR,
-            ioctls: 0,
-        };
-        ioctl(&self.fd, UFFDIO_REGISTER, &mut reg)
+        self.register_mode(start, len, UFFDIO_REGISTER_MODE_MINOR)
     }
 
     /// Maps into `[start, start + len)` (registered for minor faults) the pages the file
