@@ -421,7 +421,8 @@ impl Machine {
         })
     }
 
-    /// Stops every vCPU at a consistent point (pending I/O completed) and waits for it.
+    /// Stops every vCPU and waits for it (a capture then completes an I/O instruction a vCPU
+    /// stopped in).
     pub fn pause(&self) {
         for v in &self.vcpus {
             v.request(VcpuRunState::Paused);

@@ -21,7 +21,9 @@ use crate::pio::PioBus;
 pub enum VcpuRunState {
     /// Executing guest code.
     Running,
-    /// Out of KVM_RUN with any pending I/O completed; registers are consistent.
+    /// Out of KVM_RUN. A PIO/MMIO instruction it stopped in is completed by the next
+    /// `KVM_RUN`: a capture makes one with `immediate_exit` first
+    /// (`arch::vcpu_state::capture`), a resume simply runs the guest again.
     Paused,
     /// Leaving its loop; the thread ends.
     Exiting,
@@ -490,8 +492,6 @@ struct VcpuLoop {
 
 enum Step {
     Continue,
-    /// The last exit left I/O for KVM to complete on the next entry.
-    PendingIo,
     End(VmExit),
 }
 
@@ -522,15 +522,10 @@ impl VcpuLoop {
         }
         crate::fault::forbidden_syscall("vcpu");
         KVM_RUN.with(|r| r.set(self.vcpu.get_kvm_run() as *mut kvm_run));
-        let mut pending_io = false;
         loop {
             match self.control.requested() {
                 VcpuRunState::Exiting => break,
                 VcpuRunState::Paused => {
-                    if pending_io {
-                        self.complete_pending_io();
-                        pending_io = false;
-                    }
                     if self.control.park(&mut self.vcpu) == VcpuRunState::Exiting {
                         break;
                     }
@@ -539,8 +534,7 @@ impl VcpuLoop {
                 VcpuRunState::Running => self.control.report(VcpuRunState::Running),
             }
             match self.step() {
-                Step::Continue => pending_io = false,
-                Step::PendingIo => pending_io = true,
+                Step::Continue => {}
                 Step::End(why) => {
                     self.exits.end(why);
                     // Stay out of the guest until the VMM tears the VM down.
@@ -564,18 +558,6 @@ impl VcpuLoop {
         self.control.notify();
     }
 
-    /// Re-enters KVM_RUN with immediate_exit set so KVM finishes an in-flight PIO/MMIO
-    /// instruction without running further guest code.
-    fn complete_pending_io(&mut self) {
-        self.vcpu.set_kvm_immediate_exit(1);
-        match self.vcpu.run() {
-            Err(e) if e.errno() == libc::EINTR => {}
-            Err(e) => log::warn!("vcpu{}: completing pending I/O: {e}", self.index),
-            Ok(_) => log::warn!("vcpu{}: unexpected exit while completing I/O", self.index),
-        }
-        self.vcpu.set_kvm_immediate_exit(0);
-    }
-
     fn step(&mut self) -> Step {
         let index = self.index;
         // Announce the entry, then look at the request once more: a requester that changed
@@ -590,19 +572,19 @@ impl VcpuLoop {
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 self.bus.read(port, data);
-                Step::PendingIo
+                Step::Continue
             }
             Ok(VcpuExit::IoOut(port, data)) => match self.bus.write(port, data) {
                 Some(end) => Step::End(end),
-                None => Step::PendingIo,
+                None => Step::Continue,
             },
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 self.bus.mmio_read(addr, data);
-                Step::PendingIo
+                Step::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 self.bus.mmio_write(addr, data);
-                Step::PendingIo
+                Step::Continue
             }
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => Step::Continue,
             Ok(VcpuExit::Shutdown) => Step::End(VmExit::Reset("triple fault")),
