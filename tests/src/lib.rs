@@ -19,6 +19,7 @@ pub mod linux_init;
 pub mod linux_log;
 pub mod native;
 pub mod netns;
+pub mod vu_backend;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
