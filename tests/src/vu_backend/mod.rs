@@ -114,6 +114,16 @@ pub struct Stats {
     pub errors: Vec<String>,
 }
 
+impl Stats {
+    /// Records why a connection ended (the first few reasons: a frontend that keeps
+    /// reconnecting to a backend that keeps failing must not fill the memory).
+    fn error(&mut self, why: String) {
+        if self.errors.len() < 8 {
+            self.errors.push(why);
+        }
+    }
+}
+
 /// State shared by the backend's thread and the test.
 struct Shared {
     stop: AtomicBool,
@@ -187,7 +197,19 @@ impl VuBlkBackend {
         &mut self,
         timeout: Duration,
     ) -> Result<Request, VuBackendError> {
+        self.arm_crash();
+        self.wait_crash(timeout)
+    }
+
+    /// Makes the backend die holding the next request it takes (see
+    /// [`Self::crash_holding_next_request`]) and returns at once.
+    pub fn arm_crash(&self) {
         self.shared.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until the backend armed with [`Self::arm_crash`] died; returns the request it
+    /// held.
+    pub fn wait_crash(&mut self, timeout: Duration) -> Result<Request, VuBackendError> {
         let deadline = Instant::now() + timeout;
         let mut stats = self.shared.lock();
         while stats.held.is_none() {
@@ -281,7 +303,7 @@ impl Connection {
                     return Step::Closed;
                 }
                 Err(e) => {
-                    shared.note(|s| s.errors.push(format!("request: {e}")));
+                    shared.note(|s| s.error(format!("request: {e}")));
                     return Step::Closed;
                 }
             }
@@ -294,7 +316,7 @@ impl Connection {
             Ok(None) => Step::Continue,
             Ok(Some(held)) => Step::Held(held),
             Err(e) => {
-                shared.note(|s| s.errors.push(format!("serving: {e}")));
+                shared.note(|s| s.error(format!("serving: {e}")));
                 Step::Closed
             }
         }
@@ -316,7 +338,7 @@ fn run(listener: &UnixListener, image: &Arc<File>, capacity: u64, shared: &Arc<S
                         conn = Some(c);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => shared.note(|s| s.errors.push(format!("accept: {e}"))),
+                    Err(e) => shared.note(|s| s.error(format!("accept: {e}"))),
                 }
             }
             continue;

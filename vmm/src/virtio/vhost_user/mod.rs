@@ -29,6 +29,8 @@ mod device;
 pub mod irqfd;
 mod monitor;
 mod session;
+#[cfg(test)]
+mod tests;
 
 pub use device::VhostUserBlk;
 
@@ -421,6 +423,11 @@ impl Connection {
     pub fn deactivate(&self) {
         let mut inner = lock(&self.inner);
         let rings = inner.rings.take();
+        // The inflight area describes the rings the reset ended: a backend handed it with
+        // the driver's next rings would resubmit their descriptors (requests of a dead backend,
+        // or ones a live backend had not finished) into rings that never made them available.
+        // The next activation asks for a fresh one.
+        inner.inflight = None;
         if inner.running {
             inner.running = false;
             if let (Some(fe), Some(r)) = (&inner.frontend, &rings) {
