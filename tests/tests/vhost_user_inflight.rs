@@ -3,6 +3,11 @@
 //! requests, and a new one on the same socket. molt keeps the inflight area and hands it to
 //! the new backend, which finishes the request: the guest sees no error and its disk records
 //! continue exactly once — also when molt was live-updated while the backend was away.
+//!
+//! The guest has one request in flight at a time, and molt restarts a ring at its used index,
+//! so a backend without the area would take the held request again from the available ring
+//! and the guest alone could not tell. What the new backend reports (it adopted the area and
+//! resubmitted exactly the held request) is what shows the handover.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
