@@ -1,8 +1,10 @@
 //! Benchmark (not a test): the guest's disk records with the built-in virtio-blk and with a
 //! vhost-user disk served by qemu-storage-daemon, across live updates. For each it prints the
 //! record rate and the interval between records without updates, the longest gap between two
-//! completed records around each update (records as molt's stdout delivers them), and the
-//! update's pause. The goal: gap ≤ pause + one record interval.
+//! completed records around each update (records as molt's stdout delivers them), how long
+//! the update request takes, the record gap around the pause split into last record → pause
+//! and resume → next record, and the update's pause. The goal: gap ≤ pause + one record
+//! interval.
 //!
 //! `cargo bench -p molt-vmm --bench vhost_user [-- --updates N]` (MOLT_BIN picks the binary).
 
@@ -92,6 +94,11 @@ fn run(name: &str, disk: &str, updates: usize, dir: &TempDir) {
         .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
         .collect();
     let (mut gaps, mut pauses) = (Vec::new(), Vec::new());
+    // The gap around the pause and its parts: last record → pause, the pause (ending when
+    // the answer is read, which the new image sends right after the resume), answer → next
+    // record; and the whole request (prepare, pause, answer).
+    let (mut around, mut befores, mut afters, mut requests) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..updates {
         let before = Instant::now();
         let body = format!(r#"{{"binary": "{}"}}"#, molt_bin().display());
@@ -102,12 +109,24 @@ fn run(name: &str, disk: &str, updates: usize, dir: &TempDir) {
         molt.collect_for(SPACING);
         // The longest gap between records that spans the update's request.
         let times = record_times(&molt);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let gap = times
             .windows(2)
             .filter(|w| w[1] >= before && w[0] <= after)
-            .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+            .map(|w| ms(w[1] - w[0]))
             .fold(0.0, f64::max);
         gaps.push(gap);
+        requests.push(ms(after - before));
+        let pause = Duration::from_secs_f64(pauses.last().copied().unwrap_or(0.0) / 1e3);
+        let paused_at = after.checked_sub(pause).unwrap_or(before);
+        if let Some(w) = times
+            .windows(2)
+            .find(|w| w[0] <= paused_at && w[1] >= after)
+        {
+            around.push(ms(w[1] - w[0]));
+            befores.push(ms(paused_at - w[0]));
+            afters.push(ms(w[1] - after));
+        }
     }
     assert_eq!(api::put(&socket, "vm.shutdown", "{}").status, 204);
     let out = molt.finish(WAIT);
@@ -119,9 +138,13 @@ fn run(name: &str, disk: &str, updates: usize, dir: &TempDir) {
     };
     let (gap_max, pause_max, interval_max) = (max(&gaps), max(&pauses), max(&intervals));
     println!(
-        "| {name} | {rate:.0} | {:.2} / {interval_max:.2} ms | {:.2} / {gap_max:.2} ms | {:.2} / {pause_max:.2} ms | {failed} |",
+        "| {name} | {rate:.0} | {:.2} / {interval_max:.2} ms | {:.2} / {gap_max:.2} ms | {:.2} ms | {:.2} ms = {:.2} + pause + {:.2} | {:.2} / {pause_max:.2} ms | {failed} |",
         median(&mut intervals),
         median(&mut gaps),
+        median(&mut requests),
+        median(&mut around),
+        median(&mut befores),
+        median(&mut afters),
         median(&mut pauses),
     );
 }
@@ -143,8 +166,8 @@ fn main() {
             .and_then(|f| f.set_len(64 << 20))
             .expect("disk image");
     }
-    println!("| disk | records/s | record interval without updates p50 / max | record gap across an update p50 / max | update pause p50 / max | guest failures |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| disk | records/s | record interval without updates p50 / max | longest record gap during an update request p50 / max | update request → answer p50 | record gap around the pause p50 = last record → pause + pause + resume → next record | update pause p50 / max | guest failures |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     run(
         "built-in virtio-blk",
         &format!("path={}", file_img.display()),
