@@ -176,9 +176,13 @@ fn take_over(
         return Err(IncomingError::Unclaimed(unclaimed));
     }
     let book = h.book.taken_over();
+    // Each vCPU thread on a CPU of its own for the rest of the pause, as a transfer's
+    // receiver does ([`crate::affinity`]).
+    let mut spread = crate::affinity::Spread::default();
     let source = match builder {
         Ok(e) => {
             let (kvm, prebuilt) = e.finish()?;
+            spread = prebuilt.wake();
             MachineSource::RestoreInto {
                 state: &h.vm,
                 prebuilt,
@@ -200,6 +204,7 @@ fn take_over(
         runtime.vmm.resume_confirmed()?
     };
     let resume_ms = resumed_ns.saturating_sub(resume_from_ns) as f64 / 1e6;
+    spread.undo();
     fault::inject(Step::AfterResume)?;
     rebuild_api(&mut runtime, api);
     let phases = h.update.phases(main_ns, restore_ms, resume_ms);
