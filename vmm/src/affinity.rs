@@ -1,14 +1,15 @@
 //! Keeping a pause's parallel work on CPUs of its own.
 //!
 //! A receiver's main thread (a transfer's receiver, or the new image of a cpr-exec) wakes
-//! its vCPU threads to restore their vCPUs while it restores the rest, then resumes them. On a host this small the scheduler often wakes a thread on
-//! the waker's CPU (it skips the search for an idle CPU when the host looks busy): the two
-//! halves of the restore then ran one after the other beside an idle CPU, and with two vCPUs
-//! on two CPUs the second vCPU thread waited behind the first, already running the guest,
-//! for the rest of its time slice (1.4–1.9 ms); after a cpr-exec the main thread itself waited
-//! 1.4 ms behind the resumed vCPU before it could answer the request. For the pause, each vCPU thread is kept on a
-//! CPU of its own when there are CPUs enough — the CPUs other than the main thread's first —
-//! and the masks are given back after the resume.
+//! its vCPU threads to restore their vCPUs while it restores the rest, then resumes them. On
+//! a host this small the scheduler often wakes a thread on the waker's CPU (it skips the
+//! search for an idle CPU when the host looks busy): the two halves of the restore then ran
+//! one after the other beside an idle CPU, and with two vCPUs on two CPUs the second vCPU
+//! thread waited behind the first, already running the guest, for the rest of its time slice
+//! (1.4–1.9 ms); after a cpr-exec the main thread itself waited 1.4 ms behind the resumed
+//! vCPU before it could answer the request. For the pause, each vCPU thread is kept on a CPU
+//! of its own when there are CPUs enough — the CPUs other than the main thread's first — and
+//! the masks are given back after the resume.
 
 /// The vCPU threads moved, with the masks they had.
 #[derive(Default)]
