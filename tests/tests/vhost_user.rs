@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use molt_tests::api::{self, Reply};
-use molt_tests::{guest_lines, molt_bin, GuestLine, Molt, TempDir};
+use molt_tests::api;
+use molt_tests::{GuestLine, TempDir};
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(60);
+mod vhost_common;
+use vhost_common::{Vm, WAIT};
+
 const QSD: &str = "qemu-storage-daemon";
 
 /// A qemu-storage-daemon exporting one image as vhost-user-blk; killed when dropped.
@@ -114,144 +116,6 @@ impl Drop for Backend {
     }
 }
 
-/// A VM with a vhost-user disk, its console in a file (the file travels with the VM).
-struct Vm {
-    first: Molt,
-    receivers: Vec<Molt>,
-    api: PathBuf,
-    console: PathBuf,
-    dir: TempDir,
-}
-
-impl Vm {
-    fn start(dir: TempDir, backend: &Backend) -> Vm {
-        let api = dir.join("api.sock");
-        let console = dir.join("console.log");
-        let disk = format!("vhost_user=on,socket={}", backend.socket.display());
-        let args = [
-            "--api-socket".to_string(),
-            api.display().to_string(),
-            "--serial".into(),
-            format!("file={}", console.display()),
-            "--disk".into(),
-            disk,
-            "--cmdline".into(),
-            "molt.memtest=4 molt.blk=on".into(),
-        ];
-        let first = Molt::spawn(&args);
-        api::wait_ready(&api, WAIT);
-        let vm = Vm {
-            first,
-            receivers: Vec::new(),
-            api,
-            console,
-            dir,
-        };
-        vm.wait_records(3);
-        vm
-    }
-
-    fn console(&self) -> String {
-        let mut text = std::fs::read_to_string(&self.console).unwrap_or_default();
-        text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
-        text
-    }
-
-    fn lines(&self) -> Vec<GuestLine> {
-        guest_lines(self.console().lines())
-    }
-
-    fn last(&self, kind: &str, key: &str) -> u64 {
-        self.lines()
-            .iter()
-            .filter(|l| l.kind == kind && l.get(key).is_some() && !l.has("FAIL"))
-            .map(|l| l.num(key))
-            .max()
-            .unwrap_or(0)
-    }
-
-    fn wait_for(&self, kind: &str, key: &str, more: u64) {
-        let target = self.last(kind, key) + more;
-        let deadline = Instant::now() + WAIT;
-        while self.last(kind, key) < target {
-            assert!(
-                Instant::now() < deadline,
-                "no {kind} {key}={target}:\n{}",
-                self.tail()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn wait_records(&self, more: u64) {
-        self.wait_for("blk", "n", more);
-    }
-
-    fn wait_ticks(&self, more: u64) {
-        self.wait_for("tick", "n", more);
-    }
-
-    fn tail(&self) -> String {
-        let text = self.console();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    fn info(&self) -> Value {
-        let r = api::get(&self.api, "vm.info");
-        assert_eq!(r.status, 200, "{r:?}");
-        r.body
-    }
-
-    fn device(&self) -> Value {
-        self.info()["devices"][0]["vhost_user"].clone()
-    }
-
-    fn cpr_exec(&self) -> Reply {
-        let body = format!(r#"{{"binary": "{}"}}"#, molt_bin().display());
-        api::put(&self.api, "vm.cpr-exec", &body)
-    }
-
-    fn transfer(&mut self) -> Reply {
-        let socket = self.dir.join(&format!("in{}.sock", self.receivers.len()));
-        self.receivers
-            .push(Molt::spawn_incoming(&molt_bin(), &socket, &[], &[]));
-        let body = format!(r#"{{"socket": "{}"}}"#, socket.display());
-        api::put(&self.api, "vm.cpr-transfer", &body)
-    }
-
-    /// Every completed record exactly once, in order, from 1; nothing failed.
-    fn assert_records_continuous(&self) {
-        let text = self.console();
-        assert!(!text.contains("FAIL"), "{text}");
-        let records: Vec<u64> = guest_lines(text.lines())
-            .iter()
-            .filter(|l| l.kind == "blk" && l.get("n").is_some())
-            .map(|l| l.num("n"))
-            .collect();
-        assert!(records.len() > 10, "too few disk records:\n{text}");
-        for (i, n) in records.iter().enumerate() {
-            assert_eq!(*n, i as u64 + 1, "disk records out of sequence");
-        }
-        let boots = guest_lines(text.lines())
-            .iter()
-            .filter(|l| l.kind == "boot")
-            .count();
-        assert_eq!(boots, 1, "{text}");
-    }
-
-    fn shutdown(self) {
-        assert_eq!(api::put(&self.api, "vm.shutdown", "{}").status, 204);
-        let out = self.first.finish(WAIT);
-        assert_eq!(out.code(), Some(0), "{}", out.describe());
-        for r in self.receivers {
-            let out = r.finish(WAIT);
-            assert!(out.code().is_some(), "{}", out.describe());
-            out.assert_no_panic();
-        }
-    }
-}
-
 fn assert_connected(device: &Value, reconnects: u64) {
     assert_eq!(device["state"], "connected", "{device}");
     assert_eq!(device["reconnects"], reconnects, "{device}");
@@ -263,7 +127,7 @@ fn disk_records_continue_through_twenty_updates_on_one_backend_connection() {
     let Some(backend) = Backend::start(&dir) else {
         return;
     };
-    let vm = Vm::start(dir, &backend);
+    let vm = Vm::start(&dir, &backend.socket, "molt.memtest=4 molt.blk=on");
     let sockets = backend.sockets();
     assert_eq!(sockets.len(), 2, "listener and one connection: {sockets:?}");
     let pid = vm.info()["pid"].clone();
@@ -288,7 +152,7 @@ fn disk_records_continue_through_twenty_updates_on_one_backend_connection() {
         sockets,
         "the backend saw another connection"
     );
-    vm.assert_records_continuous();
+    vm.assert_records_continuous(10);
     vm.shutdown();
 }
 
@@ -298,7 +162,7 @@ fn disk_records_continue_through_transfers_and_updates_on_one_backend_connection
     let Some(backend) = Backend::start(&dir) else {
         return;
     };
-    let mut vm = Vm::start(dir, &backend);
+    let mut vm = Vm::start(&dir, &backend.socket, "molt.memtest=4 molt.blk=on");
     let sockets = backend.sockets();
     for i in 0..3 {
         let r = vm.transfer();
@@ -311,7 +175,7 @@ fn disk_records_continue_through_transfers_and_updates_on_one_backend_connection
     }
     assert_eq!(vm.info()["updates"]["count"], 6);
     // A snapshot would not hold the backend's requests: refused, and the guest runs on.
-    let snap = vm.dir.join("snap");
+    let snap = dir.join("snap");
     let r = api::put(
         &vm.api,
         "vm.snapshot",
@@ -328,7 +192,7 @@ fn disk_records_continue_through_transfers_and_updates_on_one_backend_connection
         sockets,
         "the backend saw another connection"
     );
-    vm.assert_records_continuous();
+    vm.assert_records_continuous(10);
     vm.shutdown();
 }
 
@@ -338,7 +202,7 @@ fn a_backend_that_dies_and_comes_back_is_reconnected_and_the_guest_keeps_running
     let Some(backend) = Backend::start(&dir) else {
         return;
     };
-    let vm = Vm::start(dir, &backend);
+    let vm = Vm::start(&dir, &backend.socket, "molt.memtest=4 molt.blk=on");
     let (image, socket) = backend.kill_with_a_request_in_flight();
     // The guest keeps ticking while its disk does not answer.
     vm.wait_ticks(2);

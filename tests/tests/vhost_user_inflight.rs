@@ -10,141 +10,13 @@
 //! resubmitted exactly the held request) is what shows the handover.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
-use molt_tests::api::{self, Reply};
 use molt_tests::vu_backend::{Request, Stats, VuBlkBackend};
-use molt_tests::{guest_lines, molt_bin, GuestLine, Molt, TempDir};
+use molt_tests::TempDir;
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(60);
-
-/// A VM with one vhost-user disk, its console in a file (which travels with the VM).
-struct Vm {
-    molt: Molt,
-    api: PathBuf,
-    console: PathBuf,
-}
-
-impl Vm {
-    fn start(dir: &TempDir, socket: &std::path::Path) -> Vm {
-        let api = dir.join("api.sock");
-        let console = dir.join("console.log");
-        let args = [
-            "--api-socket".to_string(),
-            api.display().to_string(),
-            "--serial".into(),
-            format!("file={}", console.display()),
-            "--disk".into(),
-            format!("vhost_user=on,socket={}", socket.display()),
-            "--cmdline".into(),
-            "molt.blk=on".into(),
-        ];
-        let molt = Molt::spawn(&args);
-        api::wait_ready(&api, WAIT);
-        let vm = Vm { molt, api, console };
-        vm.wait_records(3);
-        vm
-    }
-
-    fn console(&self) -> String {
-        let mut text = std::fs::read_to_string(&self.console).unwrap_or_default();
-        text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
-        text
-    }
-
-    fn lines(&self) -> Vec<GuestLine> {
-        guest_lines(self.console().lines())
-    }
-
-    fn tail(&self) -> String {
-        let text = self.console();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// The highest completed `kind` line's `key`.
-    fn last(&self, kind: &str, key: &str) -> u64 {
-        let lines = self.lines();
-        let done = lines
-            .iter()
-            .filter(|l| l.kind == kind && l.get(key).is_some() && !l.has("FAIL"));
-        done.map(|l| l.num(key)).max().unwrap_or(0)
-    }
-
-    fn wait_for(&self, kind: &str, key: &str, more: u64) {
-        let target = self.last(kind, key) + more;
-        let deadline = Instant::now() + WAIT;
-        while self.last(kind, key) < target {
-            assert!(
-                Instant::now() < deadline,
-                "no {kind} {key}={target}; vm.info {}:\n{}",
-                self.device(),
-                self.tail()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn wait_records(&self, more: u64) {
-        self.wait_for("blk", "n", more);
-    }
-
-    fn wait_ticks(&self, more: u64) {
-        self.wait_for("tick", "n", more);
-    }
-
-    fn info(&self) -> Value {
-        let r = api::get(&self.api, "vm.info");
-        assert_eq!(r.status, 200, "{r:?}");
-        r.body
-    }
-
-    /// The disk's `vhost_user` part of `vm.info`.
-    fn device(&self) -> Value {
-        self.info()["devices"][0]["vhost_user"].clone()
-    }
-
-    /// Waits until molt has noticed that the backend is gone.
-    fn wait_disconnected(&self) {
-        let deadline = Instant::now() + WAIT;
-        while self.device()["state"] != "disconnected" {
-            assert!(Instant::now() < deadline, "{}", self.device());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn cpr_exec(&self) -> Reply {
-        let body = format!(r#"{{"binary": "{}"}}"#, molt_bin().display());
-        api::put(&self.api, "vm.cpr-exec", &body)
-    }
-
-    /// No request failed or timed out, every disk record is there exactly once and in
-    /// order, and the guest booted once.
-    fn assert_records_continuous(&self) {
-        let text = self.console();
-        assert!(!text.contains("FAIL"), "a request failed:\n{text}");
-        let lines = guest_lines(text.lines());
-        let records: Vec<u64> = lines
-            .iter()
-            .filter(|l| l.kind == "blk" && l.get("n").is_some())
-            .map(|l| l.num("n"))
-            .collect();
-        assert!(records.len() > 8, "too few disk records:\n{text}");
-        for (i, n) in records.iter().enumerate() {
-            assert_eq!(*n, i as u64 + 1, "disk records out of sequence:\n{text}");
-        }
-        let boots = lines.iter().filter(|l| l.kind == "boot").count();
-        assert_eq!(boots, 1, "{text}");
-    }
-
-    fn shutdown(self) {
-        assert_eq!(api::put(&self.api, "vm.shutdown", "{}").status, 204);
-        let out = self.molt.finish(WAIT);
-        assert_eq!(out.code(), Some(0), "{}", out.describe());
-        out.assert_no_panic();
-    }
-}
+mod vhost_common;
+use vhost_common::{Vm, WAIT};
 
 /// An 8 MiB image and the socket path in `dir`.
 fn disk(dir: &TempDir) -> (PathBuf, PathBuf) {
@@ -178,7 +50,7 @@ fn a_request_the_dead_backend_held_is_finished_by_the_next_one() {
     let dir = TempDir::new("vhost-inflight");
     let (image, socket) = disk(&dir);
     let mut first = VuBlkBackend::serve(&image, &socket).unwrap();
-    let vm = Vm::start(&dir, &socket);
+    let vm = Vm::start(&dir, &socket, "molt.blk=on");
     let held = first.crash_holding_next_request(WAIT).unwrap();
     vm.wait_disconnected();
     // The request is not failed: the inflight area keeps it for the next backend.
@@ -192,7 +64,7 @@ fn a_request_the_dead_backend_held_is_finished_by_the_next_one() {
     vm.wait_records(5);
     assert_connected_nothing_failed(&vm.device(), 1);
     assert_resubmitted(&second.stats(), held);
-    vm.assert_records_continuous();
+    vm.assert_records_continuous(8);
     vm.shutdown();
     drop(second);
 }
@@ -202,7 +74,7 @@ fn the_inflight_area_survives_an_update_while_the_backend_is_away() {
     let dir = TempDir::new("vhost-inflight-update");
     let (image, socket) = disk(&dir);
     let mut first = VuBlkBackend::serve(&image, &socket).unwrap();
-    let vm = Vm::start(&dir, &socket);
+    let vm = Vm::start(&dir, &socket, "molt.blk=on");
     let pid = vm.info()["pid"].clone();
     let held = first.crash_holding_next_request(WAIT).unwrap();
     vm.wait_disconnected();
@@ -229,7 +101,7 @@ fn the_inflight_area_survives_an_update_while_the_backend_is_away() {
     assert_eq!(vm.info()["updates"]["count"], 3);
     assert_connected_nothing_failed(&vm.device(), 1);
     assert_resubmitted(&second.stats(), held);
-    vm.assert_records_continuous();
+    vm.assert_records_continuous(8);
     vm.shutdown();
     drop(second);
 }
