@@ -9,16 +9,16 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::ring::Desc;
 use super::VuBackendError;
 
-/// Read sectors.
-pub const T_IN: u32 = 0;
-/// Write sectors.
-pub const T_OUT: u32 = 1;
-/// Flush the image.
-pub const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_GET_ID,
+};
+pub use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_FLUSH as T_FLUSH, VIRTIO_BLK_T_IN as T_IN, VIRTIO_BLK_T_OUT as T_OUT,
+};
+
+const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 const SECTOR: u64 = 512;
 const ID: &[u8] = b"molt-test-vu-blk";
 
@@ -137,7 +137,7 @@ pub fn execute(
                 S_IOERR
             }
         }
-        T_GET_ID => {
+        VIRTIO_BLK_T_GET_ID => {
             let mut id = ID;
             for (addr, len) in &output {
                 let n = (*len).min(id.len());
