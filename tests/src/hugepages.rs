@@ -1,7 +1,9 @@
 //! The host's 2 MiB huge page pool, for tests of `hugepages=on`.
 //!
-//! The pool is host-wide: tests that use it run in separate test binaries (cargo runs those
-//! one after another) and put the pool back when done.
+//! The pool is host-wide. Test binaries run one after another; the tests inside one run in
+//! parallel, so each [`Reservation`] adds pages of its own and gives back just those.
+
+use std::sync::{Mutex, MutexGuard};
 
 use crate::meminfo;
 
@@ -21,30 +23,42 @@ fn write_nr_hugepages(n: u64) -> Result<(), String> {
         .map_err(|e| format!("cannot write {n} to {NR_HUGEPAGES}: {e}"))
 }
 
-/// The host's free huge pages, raised to at least `needed` for as long as this lives.
+/// Reservations of this process are made and given back one at a time.
+static POOL_LOCK: Mutex<()> = Mutex::new(());
+
+fn pool_lock() -> MutexGuard<'static, ()> {
+    POOL_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `needed` huge pages added to the host's pool for as long as this lives (tests in one
+/// binary run in parallel: each adds its own pages and takes back only those, so one test
+/// giving its pages back never takes another's).
 pub struct Reservation {
-    /// The pool size to restore on drop, when we changed it.
-    restore: Option<u64>,
+    /// Pages this reservation added to the pool.
+    added: u64,
 }
 
 impl Reservation {
-    /// Makes at least `needed` huge pages free (raising the pool as root if needed), or
-    /// says why that is impossible (the caller prints it as its skip reason).
+    /// Adds `needed` huge pages to the pool (as root), or, where the pool cannot be raised,
+    /// checks that `needed` are free; or says why neither works (the caller prints it as its
+    /// skip reason).
     pub fn ensure(needed: u64) -> Result<Reservation, String> {
+        let _lock = pool_lock();
         let free = meminfo("HugePages_Free").ok_or("no HugePages_Free in /proc/meminfo")?;
-        if free >= needed {
-            return Ok(Reservation { restore: None });
-        }
         let before = nr_hugepages()?;
-        write_nr_hugepages(before + (needed - free))?;
-        let guard = Reservation {
-            restore: Some(before),
-        };
-        let now = meminfo("HugePages_Free").unwrap_or(0);
-        if now < needed {
+        if let Err(e) = write_nr_hugepages(before + needed) {
+            return if free >= needed {
+                Ok(Reservation { added: 0 })
+            } else {
+                Err(format!("{free} huge pages free, {needed} needed, and {e}"))
+            };
+        }
+        let added = nr_hugepages()?.saturating_sub(before);
+        let guard = Reservation { added };
+        if added < needed && free + added < needed {
             return Err(format!(
-                "raised {NR_HUGEPAGES} from {before} but only {now} huge pages are free, \
-                 {needed} needed (host memory too fragmented or limited)"
+                "raised {NR_HUGEPAGES} from {before} by {needed} but it grew by {added}, \
+                 {free} were free before (host memory too fragmented or limited)"
             ));
         }
         Ok(guard)
@@ -53,10 +67,14 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if let Some(n) = self.restore {
-            if let Err(e) = write_nr_hugepages(n) {
-                eprintln!("could not restore {NR_HUGEPAGES}: {e}");
-            }
+        if self.added == 0 {
+            return;
+        }
+        let _lock = pool_lock();
+        let result =
+            nr_hugepages().and_then(|now| write_nr_hugepages(now.saturating_sub(self.added)));
+        if let Err(e) = result {
+            eprintln!("could not give back {} huge pages: {e}", self.added);
         }
     }
 }

@@ -93,6 +93,10 @@ mod tests {
 
     #[test]
     fn huge_pages_written_by_another_mapping_are_found() {
+        let _pool = match molt_tests::hugepages::Reservation::ensure(16) {
+            Ok(p) => p,
+            Err(why) => return molt_tests::skip("hugetlb RAM", &why),
+        };
         let cfg = MemoryConfig {
             size: 32 << 20,
             hugepages: true,

@@ -353,20 +353,23 @@ mod tests {
         std::fs::create_dir(dir).unwrap();
         let mut sources = super::super::ram::RegionSource::all(ram).unwrap();
         super::super::ram::RegionSource::find_data(&mut sources).unwrap();
+        let paths: Vec<_> = (0..sources.len())
+            .map(|i| dir.join(format!("ram{i}.mem")))
+            .collect();
+        let progress = super::super::status::Progress::new(
+            super::super::SnapshotMode::Paused,
+            dir.to_path_buf(),
+            ram.total(),
+        );
+        let ctx = super::super::ram_write::WriteCtx {
+            progress: &progress,
+            gate: None,
+        };
         let mut descs = Vec::new();
-        for (i, src) in sources.iter().enumerate() {
-            let path = dir.join(format!("ram{i}.mem"));
-            let progress = super::super::status::Progress::new(
-                super::super::SnapshotMode::Paused,
-                path.clone(),
-                src.size,
-            );
-            let ctx = super::super::ram::WriteCtx {
-                index: i,
-                progress: &progress,
-                gate: None,
-            };
-            descs.push(super::super::ram::write_region(src, &path, &ctx).unwrap());
+        for (desc, file) in super::super::ram_write::write_regions(&sources, &paths, &ctx).unwrap()
+        {
+            file.sync_all().unwrap();
+            descs.push(desc);
         }
         let files = descs
             .iter()

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::ram_write::AlignedBuf;
+
 /// A set of pages of one region, one bit each.
 pub struct PageSet {
     bits: Vec<u64>,
@@ -86,7 +88,7 @@ pub struct Pool {
     page: usize,
     /// Buffers the refill thread keeps ready.
     target: usize,
-    free: Mutex<Vec<Box<[u8]>>>,
+    free: Mutex<Vec<AlignedBuf>>,
     low: Condvar,
     stop: AtomicBool,
 }
@@ -103,12 +105,12 @@ impl Pool {
         }
     }
 
-    fn free(&self) -> MutexGuard<'_, Vec<Box<[u8]>>> {
+    fn free(&self) -> MutexGuard<'_, Vec<AlignedBuf>> {
         self.free.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A buffer (a new one if the pool is empty).
-    pub fn get(&self) -> Box<[u8]> {
+    pub fn get(&self) -> AlignedBuf {
         let got = {
             let mut free = self.free();
             let got = free.pop();
@@ -121,7 +123,7 @@ impl Pool {
     }
 
     /// Gives a buffer back.
-    pub fn put(&self, b: Box<[u8]>) {
+    pub fn put(&self, b: AlignedBuf) {
         if b.len() == self.page {
             self.free().push(b);
         }
@@ -155,8 +157,8 @@ impl Pool {
 }
 
 /// A buffer of `page` bytes with every page of it faulted in.
-fn make(page: usize) -> Box<[u8]> {
-    let mut b = vec![0u8; page].into_boxed_slice();
+fn make(page: usize) -> AlignedBuf {
+    let mut b = AlignedBuf::new(page);
     for x in b.iter_mut().step_by(4096) {
         *x = 1;
     }
@@ -194,7 +196,7 @@ mod tests {
         let (a, b, c) = (p.get(), p.get(), p.get());
         assert_eq!((a.len(), b.len(), c.len()), (8192, 8192, 8192));
         p.put(a);
-        p.put(vec![0u8; 4].into_boxed_slice());
+        p.put(AlignedBuf::new(4));
         assert_eq!(p.free().len(), 1);
         // The refill thread tops the pool up to its target, and stops when told.
         std::thread::scope(|s| {

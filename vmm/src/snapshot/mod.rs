@@ -18,6 +18,7 @@ pub mod lazy;
 pub mod live;
 mod live_pages;
 pub mod ram;
+mod ram_write;
 pub mod restore;
 pub mod status;
 mod uffd;

@@ -1,21 +1,19 @@
-//! Guest RAM to and from memory files. Writing finds each region's data with
+//! Guest RAM to and from memory files. Where each region holds data is found with
 //! `SEEK_DATA`/`SEEK_HOLE` (4 KiB memfd RAM) or from this process's page tables with
-//! `mincore` (2 MiB hugetlb RAM, where hugetlbfs reports everything as data) and copies only
-//! those extents from the mapping, so pages the guest never touched cost no I/O, get no page
-//! and stay holes in the file. Every chunk that holds data is checksummed whole.
+//! `mincore` (2 MiB hugetlb RAM, where hugetlbfs reports everything as data); the writer
+//! ([`super::ram_write`]) copies only those extents, so pages the guest never touched cost no
+//! I/O, get no page and stay holes in the file. Every chunk that holds data is checksummed
+//! whole, and checked when it is read back.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use cpr::snapshot::{chunk_checksum, MemoryFile, CHUNK_SIZE};
+use cpr::snapshot::{chunk_checksum, MemoryFile};
 use nix::unistd::{lseek, Whence};
 use vm_memory::{Bytes, GuestAddress};
 
-use std::sync::atomic::Ordering::Relaxed;
-
-use super::status::Progress;
 use super::SnapshotError;
 use crate::config::HUGE_PAGE_SIZE;
 use crate::memory::GuestRam;
@@ -48,73 +46,6 @@ pub fn data_extents(fd: impl AsFd, size: u64) -> std::io::Result<Vec<(u64, u64)>
         off = hole;
     }
     Ok(out)
-}
-
-/// Block alignment of direct I/O.
-const DIRECT_ALIGN: u64 = 4096;
-
-/// Creates a memory file for direct I/O (`O_DIRECT`: RAM streams to the disk without filling
-/// the page cache, several times faster here), or for buffered I/O on a file system without
-/// it (tmpfs).
-fn create_direct(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let open = |flags| {
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(flags)
-            .open(path)
-    };
-    match open(libc::O_DIRECT) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            // Some file systems create the file and then refuse the flag.
-            let _ = std::fs::remove_file(path);
-            open(0)
-        }
-        r => r,
-    }
-}
-
-/// One chunk read and checksummed, waiting to be written.
-struct Job {
-    c: usize,
-    start: u64,
-    len: usize,
-    sum: u64,
-    /// The data extents inside the chunk, in file offsets.
-    overlapping: Vec<(u64, u64)>,
-    backing: Vec<u8>,
-}
-
-/// The 2 MiB-aligned-for-direct-I/O part of a buffer of `CHUNK_SIZE + DIRECT_ALIGN` bytes.
-fn aligned(backing: &mut [u8]) -> &mut [u8] {
-    let skew = backing.as_ptr().align_offset(DIRECT_ALIGN as usize);
-    &mut backing[skew..skew + CHUNK_SIZE as usize]
-}
-
-/// The chunks that hold data: index, byte range and the data extents inside.
-#[allow(clippy::type_complexity)]
-fn chunk_jobs(
-    file: &MemoryFile,
-    extents: &[(u64, u64)],
-) -> Vec<(usize, u64, u64, Vec<(u64, u64)>)> {
-    let mut out = Vec::new();
-    let mut first = 0;
-    for c in 0..file.chunks.len() {
-        let (start, end) = file.chunk_range(c);
-        while extents.get(first).is_some_and(|e| e.1 <= start) {
-            first += 1;
-        }
-        let overlapping: Vec<(u64, u64)> = extents[first..]
-            .iter()
-            .take_while(|e| e.0 < end)
-            .map(|&(s, e)| (s.max(start), e.min(end)))
-            .collect();
-        if !overlapping.is_empty() {
-            out.push((c, start, end, overlapping));
-        }
-    }
-    out
 }
 
 /// One region to write: its memfd, where this process maps it, and where its data was when
@@ -248,248 +179,6 @@ pub fn mapped_extents(host: u64, size: u64, page: u64) -> std::io::Result<Vec<(u
     Ok(out)
 }
 
-/// The live-snapshot hook of the RAM writer.
-pub trait ChunkGate: Sync {
-    /// `chunk`, the bytes at `start` of region `region`, was just read from the memfd: put
-    /// back the pages the guest changed since the pause, and let it write them freely.
-    fn settle(&self, region: usize, start: u64, chunk: &mut [u8]) -> std::io::Result<()>;
-}
-
-/// How one region is written.
-pub struct WriteCtx<'a> {
-    /// Index of the region.
-    pub index: usize,
-    /// Progress shown in `vm.info` (and the cancel flag).
-    pub progress: &'a Progress,
-    /// Live mode: the pages saved from guest writes.
-    pub gate: Option<&'a dyn ChunkGate>,
-}
-
-/// Regions with at most this many chunks of data are written without a reader thread.
-const INLINE_CHUNKS: usize = 2;
-
-/// Reads chunks of one region for writing.
-struct ChunkReader<'a> {
-    /// Host address of the region's mapping in this process.
-    host: u64,
-    gate: Option<&'a dyn ChunkGate>,
-    index: usize,
-    path: &'a Path,
-}
-
-impl ChunkReader<'_> {
-    /// Reads chunk `c` (`start..end`) into `backing` and checksums it. The data extents are
-    /// copied from the region's mapping (hugetlbfs serves `pread` at a third of the speed of
-    /// a copy here), the rest of the chunk is zero: nothing outside the extents is touched,
-    /// so no hole gets a page.
-    fn read(
-        &self,
-        c: usize,
-        start: u64,
-        end: u64,
-        overlapping: Vec<(u64, u64)>,
-        mut backing: Vec<u8>,
-    ) -> Result<Job, SnapshotError> {
-        let chunk = &mut aligned(&mut backing)[..(end - start) as usize];
-        let mut at = start;
-        for &(s, e) in &overlapping {
-            chunk[(at - start) as usize..(s - start) as usize].fill(0);
-            let dst = &mut chunk[(s - start) as usize..(e - start) as usize];
-            // SAFETY: `[s, e)` lies within the region (the extents were found inside it),
-            // whose mapping at `host` lives as long as the VM; the destination is a distinct
-            // buffer of the same length. Guest RAM may change under the copy only in live
-            // mode, where the gate then puts back every page written since the pause.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    (self.host + s) as *const u8,
-                    dst.as_mut_ptr(),
-                    dst.len(),
-                )
-            };
-            at = e;
-        }
-        chunk[(at - start) as usize..].fill(0);
-        match self.gate {
-            Some(g) => g.settle(self.index, start, chunk),
-            None => Ok(()),
-        }
-        .map_err(|source| SnapshotError::Write {
-            what: "write-protecting guest RAM for",
-            path: self.path.to_path_buf(),
-            source,
-        })?;
-        let sum = chunk_checksum(chunk);
-        Ok(Job {
-            c,
-            start,
-            len: (end - start) as usize,
-            sum,
-            overlapping,
-            backing,
-        })
-    }
-}
-
-/// A memory file being written: opened for direct I/O (large extents stream to the disk
-/// without filling the page cache) and for buffered I/O (small extents: a few pages written
-/// directly cost one synchronous device write each, while buffered ones go out together
-/// when the file is synced).
-struct Output {
-    direct: File,
-    buffered: File,
-}
-
-/// Extents smaller than this are written through the page cache.
-const SMALL_EXTENT: u64 = 256 << 10;
-
-/// Writes the data extents of a chunk read into `out` and records its checksum in `file`;
-/// gives back the buffer.
-fn write_job(
-    out: &Output,
-    file: &mut MemoryFile,
-    mut job: Job,
-    ctx: &WriteCtx<'_>,
-    path: &Path,
-) -> Result<Vec<u8>, SnapshotError> {
-    if ctx.progress.cancelled() {
-        return Err(SnapshotError::Cancelled);
-    }
-    #[cfg(feature = "test-next")]
-    if std::env::var("MOLT_TEST_FAULT").as_deref() == Ok("snapshot-slow") {
-        // Tests need a window in which the RAM write is under way.
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let chunk = &aligned(&mut job.backing)[..job.len];
-    file.chunks[job.c] = Some(job.sum);
-    for &(s, e) in &job.overlapping {
-        // Whole blocks for O_DIRECT: the chunk holds the true bytes around the extent.
-        let (bs, be) = (s - job.start, e - job.start);
-        let bs = bs / DIRECT_ALIGN * DIRECT_ALIGN;
-        let be = (be.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN).min(job.len as u64);
-        let bytes = &chunk[bs as usize..be as usize];
-        let fd = if be - bs < SMALL_EXTENT {
-            &out.buffered
-        } else {
-            &out.direct
-        };
-        fd.write_all_at(bytes, job.start + bs)
-            .map_err(|source| SnapshotError::Write {
-                what: "writing",
-                path: path.to_path_buf(),
-                source,
-            })?;
-        file.data_bytes += be - bs;
-        ctx.progress.bytes_written.fetch_add(e - s, Relaxed);
-    }
-    Ok(job.backing)
-}
-
-/// Writes `src` into a new sparse memory file at `path` and syncs it.
-pub fn write_region(
-    src: &RegionSource,
-    path: &Path,
-    ctx: &WriteCtx<'_>,
-) -> Result<MemoryFile, SnapshotError> {
-    let (desc, out) = write_region_unsynced(src, path, ctx)?;
-    out.sync_all().map_err(|source| SnapshotError::Write {
-        what: "syncing",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(desc)
-}
-
-/// Writes `src` into a new sparse memory file at `path`; the caller syncs the file it gets
-/// back (a snapshot syncs all of its files together: one journal commit, not one each).
-pub fn write_region_unsynced(
-    src: &RegionSource,
-    path: &Path,
-    ctx: &WriteCtx<'_>,
-) -> Result<(MemoryFile, File), SnapshotError> {
-    let err = |what: &'static str| {
-        let path = path.to_path_buf();
-        move |source| SnapshotError::Write { what, path, source }
-    };
-    let size = src.size;
-    let mut laps = crate::laps::Laps::start("memory file");
-    let direct = create_direct(path).map_err(err("creating"))?;
-    let buffered = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(err("opening"))?;
-    let out = Output { direct, buffered };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut file = MemoryFile {
-        file: name,
-        size,
-        chunk_size: CHUNK_SIZE,
-        chunks: vec![None; MemoryFile::chunk_count(size, CHUNK_SIZE)],
-        data_bytes: 0,
-    };
-    let jobs = chunk_jobs(&file, &src.extents);
-    laps.mark("create");
-    let reader = ChunkReader {
-        host: src.host,
-        gate: ctx.gate,
-        index: ctx.index,
-        path,
-    };
-    if jobs.len() <= INLINE_CHUNKS {
-        // Few chunks (an idle guest's RAM): read and write them on this thread. A pipeline's
-        // thread and buffers cost more than they save here, and on a busy host every hand-off
-        // between threads waits for a core.
-        let mut backing = Vec::new();
-        for (c, start, end, overlapping) in jobs {
-            if backing.is_empty() {
-                backing = vec![0u8; (CHUNK_SIZE + DIRECT_ALIGN) as usize];
-            }
-            let job = reader.read(c, start, end, overlapping, backing)?;
-            laps.mark("read");
-            backing = write_job(&out, &mut file, job, ctx, path)?;
-            laps.mark("write");
-        }
-    } else {
-        // A reader thread reads and checksums chunks while this one writes them: the two
-        // halves of the work overlap. Buffers circulate between them.
-        std::thread::scope(|scope| -> Result<(), SnapshotError> {
-            let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Job, SnapshotError>>(2);
-            let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-            for _ in 0..3 {
-                let _ = free_tx.send(vec![0u8; (CHUNK_SIZE + DIRECT_ALIGN) as usize]);
-            }
-            let reader = &reader;
-            scope.spawn(move || {
-                for (c, start, end, overlapping) in jobs {
-                    let Ok(backing) = free_rx.recv() else {
-                        return;
-                    };
-                    if full_tx
-                        .send(reader.read(c, start, end, overlapping, backing))
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
-            for job in full_rx {
-                let _ = free_tx.send(write_job(&out, &mut file, job?, ctx, path)?);
-            }
-            Ok(())
-        })?;
-    }
-    // Sized last: on this host's ext4, writing into a file already sized (sparse) runs at a
-    // third of the speed of extending it.
-    laps.mark("data");
-    out.direct.set_len(size).map_err(err("sizing"))?;
-    laps.mark("size");
-    laps.log();
-    // Syncing either fd syncs the file, whichever fd wrote its pages.
-    Ok((file, out.direct))
-}
-
 /// Checks a memory file's description against the region it restores and opens the file.
 pub fn open_checked(dir: &Path, desc: &MemoryFile, size: u64) -> Result<File, SnapshotError> {
     let path = dir.join(&desc.file);
@@ -572,6 +261,10 @@ pub fn load_chunk(
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::fs::OpenOptions;
+
+    use super::super::ram_write::{write_region, WriteCtx};
+    use super::super::status::Progress;
     use super::*;
     use crate::config::MemoryConfig;
 
@@ -582,7 +275,6 @@ pub(crate) mod tests {
         let src = all.remove(0);
         let progress = Progress::new(super::super::SnapshotMode::Paused, path.into(), src.size);
         let ctx = WriteCtx {
-            index: 0,
             progress: &progress,
             gate: None,
         };

@@ -20,7 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::dir::{check_target, Staging};
 use super::live::{self, Armed};
-use super::ram::{write_region_unsynced, RegionSource, WriteCtx};
+use super::ram::RegionSource;
+use super::ram_write::{write_regions, WriteCtx};
 use super::status::{self, Phase, Progress};
 use super::{
     ms, DiskIdentity, Snapshot, SnapshotError, SnapshotMode, SnapshotPhases, SnapshotReport,
@@ -332,15 +333,18 @@ impl Job {
         );
         laps.mark("find data");
         progress.set_phase(Phase::Ram);
+        let ctx = WriteCtx {
+            progress: &progress,
+            gate: armed.as_ref().map(Armed::gate),
+        };
+        let paths: Vec<PathBuf> = (0..sources.len())
+            .map(|i| staging.path().join(memory_file_name(i)))
+            .collect();
         let mut written = Vec::new();
-        for (i, src) in sources.iter().enumerate() {
-            let ctx = WriteCtx {
-                index: i,
-                progress: &progress,
-                gate: armed.as_ref().map(Armed::gate),
-            };
-            let path = staging.path().join(memory_file_name(i));
-            let (desc, file) = write_region_unsynced(src, &path, &ctx)?;
+        for ((desc, file), path) in write_regions(&sources, &paths, &ctx)?
+            .into_iter()
+            .zip(paths)
+        {
             snapshot.memory.push(desc);
             written.push((file, path));
         }
