@@ -56,13 +56,13 @@ fn poll(socket: &Path, stop: &AtomicBool, bar: bool) {
         let Some(s) = r.body.as_ref().and_then(|b| b.get("snapshot")) else {
             continue;
         };
-        let text = describe(s);
+        let text = describe(s, bar);
         let mut err = std::io::stderr().lock();
         if bar {
             let _ = write!(err, "\r\x1b[2K{text}");
             drawn = true;
         } else if last_line.is_none_or(|t| t.elapsed() >= LINE_EVERY) {
-            let _ = writeln!(err, "{}", text.replace(['[', ']', '#', '.'], "").trim());
+            let _ = writeln!(err, "{text}");
             last_line = Some(Instant::now());
         }
         let _ = err.flush();
@@ -72,8 +72,8 @@ fn poll(socket: &Path, stop: &AtomicBool, bar: bool) {
     }
 }
 
-/// One line about a `vm.info` `snapshot` object.
-fn describe(s: &serde_json::Value) -> String {
+/// One line about a `vm.info` `snapshot` object, with a bar for a terminal.
+fn describe(s: &serde_json::Value, bar: bool) -> String {
     let n = |k: &str| s.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
     let (done, total) = (n("bytes_written"), n("bytes_total"));
     let frac = if total > 0 {
@@ -81,17 +81,24 @@ fn describe(s: &serde_json::Value) -> String {
     } else {
         0.0
     };
-    let filled = (frac * BAR_WIDTH as f64) as usize;
-    let mut line = format!(
-        "snapshot [{}{}] {:>3}% {}/{} MiB {} {:.1} s",
-        "#".repeat(filled),
-        ".".repeat(BAR_WIDTH - filled),
-        (frac * 100.0) as u32,
+    let mut line = String::from("snapshot ");
+    if bar {
+        let filled = (frac * BAR_WIDTH as f64) as usize;
+        line.push_str(&format!(
+            "[{}{}] ",
+            "#".repeat(filled),
+            ".".repeat(BAR_WIDTH - filled)
+        ));
+    }
+    let percent = (frac * 100.0) as u32;
+    let width = if bar { 3 } else { 0 };
+    line.push_str(&format!(
+        "{percent:>width$}% {}/{} MiB {} {:.1} s",
         done >> 20,
         total >> 20,
         s.get("phase").and_then(|p| p.as_str()).unwrap_or("?"),
         n("elapsed_ms") as f64 / 1e3,
-    );
+    ));
     if s.get("mode").and_then(|m| m.as_str()) == Some("live") {
         let worst = s
             .get("worst_fault_us")
@@ -114,9 +121,15 @@ mod tests {
         let s = serde_json::json!({"bytes_written": 3 << 20, "bytes_total": 12 << 20,
             "phase": "ram", "elapsed_ms": 1500, "mode": "live", "write_faults": 7,
             "worst_fault_us": 120.4});
-        let line = describe(&s);
+        let line = describe(&s, true);
         assert!(line.starts_with("snapshot [#######......"), "{line}");
         assert!(line.contains(" 25% 3/12 MiB ram 1.5 s"), "{line}");
         assert!(line.ends_with("write-faults=7 worst=120us"), "{line}");
+        // Plain lines (not a terminal): no bar, and the seconds keep their decimal point.
+        let plain = describe(&s, false);
+        assert_eq!(
+            plain,
+            "snapshot 25% 3/12 MiB ram 1.5 s write-faults=7 worst=120us"
+        );
     }
 }
