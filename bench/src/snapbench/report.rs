@@ -107,8 +107,8 @@ pub fn table(rows: &[Row]) -> (String, usize) {
     }
     out.push_str(
         "\n### Live snapshot while the guest's memtest rewrites RAM\n\n\
-         | RAM | pages | written MiB | pause ms (VMM) | guest gap_max µs | total ms | RAM MB/s | \
-         dd MB/s | ratio | write faults | fault p50 µs | p99 µs | max µs | goals |\n\
+         | RAM | pages | written MiB | pause ms (VMM) | guest gap_max µs during (before) | total ms | \
+         RAM MB/s | dd MB/s | ratio | write faults | fault p50 µs | p99 µs | max µs | goals |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (c, s) in rows.iter().filter(|(c, _)| c.mode == "live") {
@@ -133,11 +133,12 @@ pub fn table(rows: &[Row]) -> (String, usize) {
         ];
         failures += goals.iter().filter(|g| g.contains("FAIL")).count();
         out.push_str(&format!(
-            "| {} | {pages} | {:.1} | {:.2} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {:.0} | {:.0} | {:.0} | {} |\n",
+            "| {} | {pages} | {:.1} | {:.2} | {} ({}) | {:.0} | {:.0} | {:.0} | {:.2} | {} | {:.0} | {:.0} | {:.0} | {} |\n",
             ram_label(c, s),
             s.ram_bytes as f64 / (1 << 20) as f64,
             s.pause_ms,
             s.guest_gap_max_us,
+            s.guest_gap_before_us,
             s.total_ms,
             s.ram_mb_s,
             s.dd_mb_s,

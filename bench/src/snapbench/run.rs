@@ -56,6 +56,9 @@ pub struct Sample {
     pub max_us: f64,
     /// Live: the guest's own worst gap between loop iterations during the snapshot, µs.
     pub guest_gap_max_us: u64,
+    /// The longest such stall over as many ticks before the snapshot: what the guest's own
+    /// serial lines cost it (each byte a port write), with no snapshot running, µs.
+    pub guest_gap_before_us: u64,
     /// The restored guest's memtest passed (or no restore was done).
     pub memtest_ok: bool,
 }
@@ -154,10 +157,22 @@ pub fn run(bin: &Path, dir: &Path, c: &Config) -> Result<Sample> {
             l.contains(" tick ") && field(l, "n").is_some()
         });
         std::thread::sleep(Duration::from_millis(250));
-        s.guest_gap_max_us = vm.serial_lines()[before.min(n)..]
+        let lines = vm.serial_lines();
+        let gaps = |lines: &[String]| -> Vec<u64> {
+            lines
+                .iter()
+                .filter(|l| l.contains(" tick "))
+                .filter_map(|l| field(l, "gap_max_us"))
+                .collect()
+        };
+        let during = gaps(&lines[before.min(n)..]);
+        let earlier = gaps(&lines[..before.min(n)]);
+        s.guest_gap_max_us = during.iter().copied().max().unwrap_or(0);
+        s.guest_gap_before_us = earlier
             .iter()
-            .filter(|l| l.contains(" tick "))
-            .filter_map(|l| field(l, "gap_max_us"))
+            .rev()
+            .take(during.len().max(1))
+            .copied()
             .max()
             .unwrap_or(0);
         vm.shutdown()?;
