@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod cpio;
+pub mod file_vm;
 pub mod host;
 pub mod hugepages;
 pub mod kernel;

@@ -3,135 +3,63 @@
 //! process, the old one exits 0; every failure before the commit leaves the guest running on
 //! the sender with a JSON error.
 
+use std::ops::{Deref, DerefMut};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use molt_tests::api::{self, Reply};
-use molt_tests::{guest_lines, molt_bin, Molt, TempDir};
+use molt_tests::file_vm::{FileVm, WAIT};
+use molt_tests::{molt_bin, TempDir};
 
 const NEXT_BIN: &str = env!("MOLT_NEXT_BIN");
 const VERSION: &str = env!("CARGO_PKG_VERSION");
-const WAIT: Duration = Duration::from_secs(60);
 
-/// A VM whose console goes to a file (the file travels with the VM), with an API socket.
+/// A VM whose console goes to a file (the file travels with the VM), with an API socket; the
+/// guest runs a small memtest unless the arguments give a command line.
 struct Vm {
-    first: Molt,
-    receivers: Vec<Molt>,
-    api: PathBuf,
-    console: PathBuf,
-    dir: TempDir,
+    vm: FileVm,
+    /// Owns the directory of the VM's files.
+    _dir: TempDir,
+}
+
+impl Deref for Vm {
+    type Target = FileVm;
+    fn deref(&self) -> &FileVm {
+        &self.vm
+    }
+}
+
+impl DerefMut for Vm {
+    fn deref_mut(&mut self) -> &mut FileVm {
+        &mut self.vm
+    }
 }
 
 impl Vm {
     fn start(tag: &str, extra: &[&str]) -> Vm {
         let dir = TempDir::new(tag);
-        let api = dir.join("api.sock");
-        let console = dir.join("console.log");
-        let mut args = vec![
-            "--api-socket".to_string(),
-            api.display().to_string(),
-            "--serial".into(),
-            format!("file={}", console.display()),
-        ];
+        let mut args = extra.to_vec();
         if !extra.contains(&"--cmdline") {
-            args.extend(["--cmdline".into(), "molt.memtest=4".into()]);
+            args.extend(["--cmdline", "molt.memtest=4"]);
         }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let first = Molt::spawn(&args);
-        api::wait_ready(&api, WAIT);
         let vm = Vm {
-            first,
-            receivers: Vec::new(),
-            api,
-            console,
-            dir,
+            vm: FileVm::start(dir.path(), &args),
+            _dir: dir,
         };
         vm.wait_ticks(2);
         vm
     }
 
-    /// Whole console lines so far.
-    fn console(&self) -> String {
-        let mut text = std::fs::read_to_string(&self.console).unwrap_or_default();
-        text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
-        text
-    }
-
-    fn ticks(&self) -> Vec<u64> {
-        guest_lines(self.console().lines())
-            .iter()
-            .filter(|l| l.kind == "tick")
-            .map(|l| l.num("n"))
-            .collect()
-    }
-
-    fn wait_ticks(&self, more: u64) {
-        let target = self.ticks().last().copied().unwrap_or(0) + more;
-        let deadline = Instant::now() + WAIT;
-        while self.ticks().last().copied().unwrap_or(0) < target {
-            assert!(
-                Instant::now() < deadline,
-                "no tick {target}:\n{}",
-                self.console()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
+    /// Ticks and memtest passes continue with none lost or repeated, one boot, no failure.
     fn assert_continuous(&self) {
-        let text = self.console();
-        let lines = guest_lines(text.lines());
-        assert_eq!(
-            lines.iter().filter(|l| l.kind == "boot").count(),
-            1,
-            "{text}"
-        );
-        for (kind, key) in [("tick", "n"), ("memtest", "pass")] {
-            let ns: Vec<u64> = lines
-                .iter()
-                .filter(|l| l.kind == kind && l.get(key).is_some())
-                .map(|l| l.num(key))
-                .collect();
-            for (i, n) in ns.iter().enumerate() {
-                assert_eq!(*n, i as u64 + 1, "{kind} sequence broken: {ns:?}");
-            }
-        }
-        assert!(!text.contains("FAIL"), "{text}");
+        self.assert_one_boot_no_failure();
+        self.assert_sequence("tick", "n");
+        self.assert_sequence("memtest", "pass");
     }
 
-    /// Starts a receiver (`bin`) and transfers the VM to it.
-    fn transfer_to(&mut self, bin: &Path, env: &[(&str, &str)]) -> Reply {
-        let socket = self.dir.join(&format!("in{}.sock", self.receivers.len()));
-        let receiver = Molt::spawn_incoming(bin, &socket, &["--log-level", "info"], env);
-        self.receivers.push(receiver);
-        self.transfer(&socket)
-    }
-
-    fn transfer(&self, socket: &Path) -> Reply {
-        let body = format!(r#"{{"socket": "{}"}}"#, socket.display());
-        api::put(&self.api, "vm.cpr-transfer", &body)
-    }
-
-    fn info(&self) -> serde_json::Value {
-        let r = api::get(&self.api, "vm.info");
-        assert_eq!(r.status, 200, "{r:?}");
-        r.body
-    }
-
-    fn pid(&self) -> u64 {
-        self.info()["pid"].as_u64().unwrap()
-    }
-
-    /// Stops the VM wherever it runs and checks every process ended well.
     fn shutdown(self) {
-        assert_eq!(api::put(&self.api, "vm.shutdown", "{}").status, 204);
-        let out = self.first.finish(WAIT);
-        assert_eq!(out.code(), Some(0), "{}", out.describe());
-        for r in self.receivers {
-            let out = r.finish(WAIT);
-            assert!(out.code().is_some(), "{}", out.describe());
-        }
+        self.vm.shutdown();
     }
 }
 
@@ -156,7 +84,7 @@ fn assert_transferred(r: &Reply, from_pid: u64, to_version: &str) {
 fn a_transfer_keeps_the_guest_and_the_api_path_and_the_sender_exits_0() {
     let mut vm = Vm::start("transfer-basic", &["--cpus", "2"]);
     let from = vm.pid();
-    let r = vm.transfer_to(&molt_bin(), &[]);
+    let r = vm.transfer_to_this_build();
     assert_transferred(&r, from, VERSION);
     let to = vm.pid();
     assert_eq!(
@@ -194,46 +122,30 @@ fn transfers_to_the_next_version_and_back_and_mixed_with_cpr_exec() {
         &["--disk", &disk, "--cmdline", "molt.memtest=4 molt.blk=on"],
     );
     let pid = vm.pid();
-    let r = vm.transfer_to(Path::new(NEXT_BIN), &[]);
+    let r = vm.transfer_to(Path::new(NEXT_BIN), &["--log-level", "info"], &[]);
     assert_transferred(&r, pid, &format!("{VERSION}+next"));
     vm.wait_ticks(2);
     let pid = vm.pid();
-    let r = api::put(
-        &vm.api,
-        "vm.cpr-exec",
-        &format!(r#"{{"binary": "{}"}}"#, molt_bin().display()),
-    );
+    let r = vm.cpr_exec(&molt_bin());
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body["mode"], "exec");
     assert_eq!(r.body["pid"], pid);
     vm.wait_ticks(2);
-    let r = vm.transfer_to(&molt_bin(), &[]);
+    let r = vm.transfer_to_this_build();
     assert_transferred(&r, pid, VERSION);
     vm.wait_ticks(2);
     assert_eq!(vm.info()["updates"]["count"], 3);
     vm.assert_continuous();
     // The disk went along: its records continue, in sequence, none failed.
-    let text = vm.console();
-    let records: Vec<u64> = guest_lines(text.lines())
-        .iter()
-        .filter(|l| l.kind == "blk" && l.get("n").is_some())
-        .map(|l| l.num("n"))
-        .collect();
-    assert!(records.len() > 3, "too few disk records:\n{text}");
-    for (i, n) in records.iter().enumerate() {
-        assert_eq!(
-            *n,
-            i as u64 + 1,
-            "disk records out of sequence: {records:?}"
-        );
-    }
+    let records = vm.assert_sequence("blk", "n");
+    assert!(records > 3, "too few disk records:\n{}", vm.console());
     vm.shutdown();
 }
 
 #[test]
 fn twenty_transfers_in_a_chain_leave_fds_and_memory_flat() {
     let mut vm = Vm::start("transfer-twenty", &[]);
-    let r = vm.transfer_to(&molt_bin(), &[]);
+    let r = vm.transfer_to_this_build();
     assert_eq!(r.status, 200, "{r:?}");
     vm.wait_ticks(1);
     let first = vm.pid();
@@ -245,7 +157,7 @@ fn twenty_transfers_in_a_chain_leave_fds_and_memory_flat() {
     );
     for _ in 1..20 {
         let from = vm.pid();
-        let r = vm.transfer_to(&molt_bin(), &[]);
+        let r = vm.transfer_to_this_build();
         assert_transferred(&r, from, VERSION);
     }
     vm.wait_ticks(2);
@@ -285,14 +197,22 @@ fn failed_transfers_leave_the_guest_running_on_the_sender() {
     let r = vm.transfer(&vm.dir.join("nobody.sock"));
     assert_kept(&vm, &r, pid, "transfer to");
     // A receiver that dies in the middle of its restore, after the pause.
-    let r = vm.transfer_to(Path::new(NEXT_BIN), &[("MOLT_TEST_FAULT", "vcpus:exit")]);
+    let r = vm.transfer_to(
+        Path::new(NEXT_BIN),
+        &["--log-level", "info"],
+        &[("MOLT_TEST_FAULT", "vcpus:exit")],
+    );
     assert_kept(&vm, &r, pid, "closed");
     // A receiver that fails its restore refuses, and says why.
-    let r = vm.transfer_to(Path::new(NEXT_BIN), &[("MOLT_TEST_FAULT", "devices:error")]);
+    let r = vm.transfer_to(
+        Path::new(NEXT_BIN),
+        &["--log-level", "info"],
+        &[("MOLT_TEST_FAULT", "devices:error")],
+    );
     assert_kept(&vm, &r, pid, "injected fault at devices");
     // Something that speaks garbage, and something that never answers.
     for garbage in [true, false] {
-        let path = vm.dir.join(&format!("fake-{garbage}.sock"));
+        let path = vm.dir.join(format!("fake-{garbage}.sock"));
         let listener = fake_receiver(&path);
         let talker = std::thread::spawn(move || {
             let conn = nix::sys::socket::accept(listener.as_raw_fd()).unwrap();

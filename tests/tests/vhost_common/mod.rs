@@ -2,86 +2,47 @@
 //! console in a file (which travels with the VM across updates and transfers).
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::ops::{Deref, DerefMut};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use molt_tests::api::{self, Reply};
-use molt_tests::{guest_lines, molt_bin, GuestLine, Molt, TempDir};
+use molt_tests::api::Reply;
+use molt_tests::file_vm::FileVm;
+pub use molt_tests::file_vm::WAIT;
+use molt_tests::{molt_bin, TempDir};
 use serde_json::Value;
 
-pub const WAIT: Duration = Duration::from_secs(60);
+pub struct Vm(FileVm);
 
-pub struct Vm {
-    first: Molt,
-    receivers: Vec<Molt>,
-    pub api: PathBuf,
-    console: PathBuf,
-    /// Where transfer sockets go.
-    dir: PathBuf,
+impl Deref for Vm {
+    type Target = FileVm;
+    fn deref(&self) -> &FileVm {
+        &self.0
+    }
+}
+
+impl DerefMut for Vm {
+    fn deref_mut(&mut self) -> &mut FileVm {
+        &mut self.0
+    }
 }
 
 impl Vm {
     /// Boots with the disk served at `socket` and the guest's `cmdline`; returns once the
     /// guest has completed 3 disk records.
     pub fn start(dir: &TempDir, socket: &Path, cmdline: &str) -> Vm {
-        let api = dir.join("api.sock");
-        let console = dir.join("console.log");
-        let args = [
-            "--api-socket".to_string(),
-            api.display().to_string(),
-            "--serial".into(),
-            format!("file={}", console.display()),
-            "--disk".into(),
-            format!("vhost_user=on,socket={}", socket.display()),
-            "--cmdline".into(),
-            cmdline.into(),
-        ];
-        let first = Molt::spawn(&args);
-        api::wait_ready(&api, WAIT);
-        let vm = Vm {
-            first,
-            receivers: Vec::new(),
-            api,
-            console,
-            dir: dir.path().to_path_buf(),
-        };
+        let disk = format!("vhost_user=on,socket={}", socket.display());
+        let vm = Vm(FileVm::start(
+            dir.path(),
+            &["--disk", &disk, "--cmdline", cmdline],
+        ));
         vm.wait_records(3);
         vm
     }
 
-    /// The console's whole lines.
-    pub fn console(&self) -> String {
-        let mut text = std::fs::read_to_string(&self.console).unwrap_or_default();
-        text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
-        text
-    }
-
-    pub fn lines(&self) -> Vec<GuestLine> {
-        guest_lines(self.console().lines())
-    }
-
-    /// The highest completed `kind` line's `key`.
-    pub fn last(&self, kind: &str, key: &str) -> u64 {
-        self.lines()
-            .iter()
-            .filter(|l| l.kind == kind && l.get(key).is_some() && !l.has("FAIL"))
-            .map(|l| l.num(key))
-            .max()
-            .unwrap_or(0)
-    }
-
     fn wait_for(&self, kind: &str, key: &str, more: u64) {
-        let target = self.last(kind, key) + more;
-        let deadline = Instant::now() + WAIT;
-        while self.last(kind, key) < target {
-            assert!(
-                Instant::now() < deadline,
-                "no {kind} {key}={target}; vm.info {}:\n{}",
-                self.device(),
-                self.tail()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.0
+            .wait_for(kind, key, more, || format!("vm.info {}", self.device()));
     }
 
     pub fn wait_records(&self, more: u64) {
@@ -90,18 +51,6 @@ impl Vm {
 
     pub fn wait_ticks(&self, more: u64) {
         self.wait_for("tick", "n", more);
-    }
-
-    pub fn tail(&self) -> String {
-        let text = self.console();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    pub fn info(&self) -> Value {
-        let r = api::get(&self.api, "vm.info");
-        assert_eq!(r.status, 200, "{r:?}");
-        r.body
     }
 
     /// The disk's `vhost_user` part of `vm.info`.
@@ -118,50 +67,30 @@ impl Vm {
         }
     }
 
+    /// A cpr-exec to this build.
     pub fn cpr_exec(&self) -> Reply {
-        let body = format!(r#"{{"binary": "{}"}}"#, molt_bin().display());
-        api::put(&self.api, "vm.cpr-exec", &body)
+        self.0.cpr_exec(&molt_bin())
     }
 
-    /// Transfers the VM to a new `molt --incoming`.
+    /// Transfers the VM to a new `molt --incoming` of this build.
     pub fn transfer(&mut self) -> Reply {
-        let socket = self.dir.join(format!("in{}.sock", self.receivers.len()));
-        self.receivers
-            .push(Molt::spawn_incoming(&molt_bin(), &socket, &[], &[]));
-        let body = format!(r#"{{"socket": "{}"}}"#, socket.display());
-        api::put(&self.api, "vm.cpr-transfer", &body)
+        self.0.transfer_to_this_build()
     }
 
     /// No request failed or timed out, more than `at_least` disk records are there, each
     /// exactly once and in order from 1, and the guest booted once.
     pub fn assert_records_continuous(&self, at_least: usize) {
-        let text = self.console();
-        assert!(!text.contains("FAIL"), "a request failed:\n{text}");
-        let lines = guest_lines(text.lines());
-        let records: Vec<u64> = lines
-            .iter()
-            .filter(|l| l.kind == "blk" && l.get("n").is_some())
-            .map(|l| l.num("n"))
-            .collect();
-        assert!(records.len() > at_least, "too few disk records:\n{text}");
-        for (i, n) in records.iter().enumerate() {
-            assert_eq!(*n, i as u64 + 1, "disk records out of sequence:\n{text}");
-        }
-        let boots = lines.iter().filter(|l| l.kind == "boot").count();
-        assert_eq!(boots, 1, "{text}");
+        self.assert_one_boot_no_failure();
+        let records = self.assert_sequence("blk", "n");
+        assert!(
+            records > at_least,
+            "too few disk records:\n{}",
+            self.console()
+        );
     }
 
-    /// Shuts the VM down: the process running it exits 0, every process it ran in ended
-    /// without a panic.
+    /// Shuts the VM down (see [`FileVm::shutdown`]).
     pub fn shutdown(self) {
-        assert_eq!(api::put(&self.api, "vm.shutdown", "{}").status, 204);
-        let out = self.first.finish(WAIT);
-        assert_eq!(out.code(), Some(0), "{}", out.describe());
-        out.assert_no_panic();
-        for r in self.receivers {
-            let out = r.finish(WAIT);
-            assert!(out.code().is_some(), "{}", out.describe());
-            out.assert_no_panic();
-        }
+        self.0.shutdown();
     }
 }
