@@ -129,17 +129,22 @@ struct Plan {
     jobs: usize,
 }
 
+/// The byte range of chunk `c` of a region of `size` bytes (the last chunk may be short).
+fn chunk_range(size: u64, c: usize) -> (u64, u64) {
+    let start = c as u64 * CHUNK_SIZE;
+    (start, (start + CHUNK_SIZE).min(size))
+}
+
 impl Plan {
-    fn new(sources: &[RegionSource], files: &[MemoryFile]) -> Self {
+    fn new(sources: &[RegionSource]) -> Self {
         let mut jobs = 0;
         let chunks = sources
             .iter()
-            .zip(files)
-            .map(|(src, file)| {
-                let mut out = vec![None; file.chunks.len()];
+            .map(|src| {
+                let mut out = vec![None; MemoryFile::chunk_count(src.size, CHUNK_SIZE)];
                 let mut first = 0;
                 for (c, slot) in out.iter_mut().enumerate() {
-                    let (start, end) = file.chunk_range(c);
+                    let (start, end) = chunk_range(src.size, c);
                     let ext = &src.extents;
                     while ext.get(first).is_some_and(|e| e.1 <= start) {
                         first += 1;
@@ -189,6 +194,20 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    /// The next job: a page the gate saved whole, else the next chunk in order, read into a
+    /// buffer from `buf`. `None` once everything is read (or `buf` has none to give).
+    fn next(
+        &self,
+        plan: &mut Plan,
+        buf: impl FnOnce() -> Option<AlignedBuf>,
+    ) -> Option<Result<Job, SnapshotError>> {
+        if let Some(job) = self.saved_job(plan) {
+            return Some(Ok(job));
+        }
+        let (r, c, overlapping) = plan.next_in_order()?;
+        Some(self.read(r, c, overlapping, buf()?))
+    }
+
     /// A page the gate saved whole, as a job (or given back at once if its chunk held no
     /// data at the pause).
     fn saved_job(&self, plan: &mut Plan) -> Option<Job> {
@@ -203,13 +222,14 @@ impl Reader<'_> {
                 gate.recycle(page);
                 continue;
             };
-            let len = page.len();
+            let (start, end) = chunk_range(self.sources[region].size, c);
+            let len = (end - start) as usize;
             return Some(Job {
                 region,
                 c,
                 start,
                 len,
-                sum: chunk_checksum(&page),
+                sum: chunk_checksum(&page[..len]),
                 overlapping,
                 buf: page,
                 saved: true,
@@ -230,8 +250,7 @@ impl Reader<'_> {
         mut buf: AlignedBuf,
     ) -> Result<Job, SnapshotError> {
         let src = &self.sources[region];
-        let start = c as u64 * CHUNK_SIZE;
-        let end = (start + CHUNK_SIZE).min(src.size);
+        let (start, end) = chunk_range(src.size, c);
         let chunk = &mut buf[..(end - start) as usize];
         let mut at = start;
         for &(s, e) in &overlapping {
@@ -365,7 +384,7 @@ pub fn write_regions(
             data_bytes: 0,
         });
     }
-    let mut plan = Plan::new(sources, &files);
+    let mut plan = Plan::new(sources);
     if let Some(g) = ctx.gate {
         for (r, chunks) in plan.chunks.iter().enumerate() {
             let data: Vec<bool> = chunks.iter().map(Option::is_some).collect();
@@ -384,16 +403,9 @@ pub fn write_regions(
         // thread and buffers cost more than they save here, and on a busy host every hand-off
         // between threads waits for a core.
         let mut buf = None;
-        loop {
-            let job = match reader.saved_job(&mut plan) {
-                Some(job) => job,
-                None => match plan.next_in_order() {
-                    Some((r, c, ov)) => {
-                        reader.read(r, c, ov, buf.take().unwrap_or_else(chunk_buf))?
-                    }
-                    None => break,
-                },
-            };
+        while let Some(job) = reader.next(&mut plan, || Some(buf.take().unwrap_or_else(chunk_buf)))
+        {
+            let job = job?;
             laps.mark("read");
             buf = write_job(&outs, &mut files, job, ctx, paths)?.or(buf);
             laps.mark("write");
@@ -408,21 +420,11 @@ pub fn write_regions(
                 let _ = free_tx.send(chunk_buf());
             }
             let reader = &reader;
-            scope.spawn(move || loop {
-                let job = match reader.saved_job(&mut plan) {
-                    Some(job) => Ok(job),
-                    None => {
-                        let Some((r, c, ov)) = plan.next_in_order() else {
-                            return;
-                        };
-                        let Ok(buf) = free_rx.recv() else {
-                            return;
-                        };
-                        reader.read(r, c, ov, buf)
+            scope.spawn(move || {
+                while let Some(job) = reader.next(&mut plan, || free_rx.recv().ok()) {
+                    if full_tx.send(job).is_err() {
+                        return;
                     }
-                };
-                if full_tx.send(job).is_err() {
-                    return;
                 }
             });
             for job in full_rx {
