@@ -29,6 +29,16 @@ impl FileVm {
     /// Starts molt with its API socket and console file in `dir` and `args`; returns once the
     /// API answers.
     pub fn start<S: AsRef<str>>(dir: &Path, args: &[S]) -> FileVm {
+        Self::start_with(&molt_bin(), dir, args, &[])
+    }
+
+    /// As [`start`](Self::start), running `bin` with `env` added to its environment.
+    pub fn start_with<S: AsRef<str>>(
+        bin: &Path,
+        dir: &Path,
+        args: &[S],
+        env: &[(&str, &str)],
+    ) -> FileVm {
         let api = dir.join("api.sock");
         let console = dir.join("console.log");
         let mut all = vec![
@@ -38,7 +48,7 @@ impl FileVm {
             format!("file={}", console.display()),
         ];
         all.extend(args.iter().map(|a| a.as_ref().to_string()));
-        let first = Molt::spawn(&all);
+        let first = Molt::spawn_env(bin, &all, env);
         api::wait_ready(&api, WAIT);
         FileVm {
             first,
@@ -147,6 +157,12 @@ impl FileVm {
         api::put(&self.api, "vm.cpr-exec", &body)
     }
 
+    /// A cpr-exec to `binary` through a stand-in (the guest runs while the binary starts).
+    pub fn cpr_exec_stand_in(&self, binary: &Path) -> Reply {
+        let body = format!(r#"{{"binary": "{}", "stand_in": true}}"#, binary.display());
+        api::put(&self.api, "vm.cpr-exec", &body)
+    }
+
     /// Starts a receiver (`bin --incoming`, with `extra` arguments and `env`) and transfers
     /// the VM to it.
     pub fn transfer_to(&mut self, bin: &Path, extra: &[&str], env: &[(&str, &str)]) -> Reply {
@@ -170,9 +186,15 @@ impl FileVm {
     /// Shuts the VM down: the process running it exits 0, every process it ran in ended
     /// without a panic.
     pub fn shutdown(self) {
+        self.shutdown_first_exiting(0);
+    }
+
+    /// As [`shutdown`](Self::shutdown), the first process (its PID kept by every cpr-exec)
+    /// having exited with `code` by then.
+    pub fn shutdown_first_exiting(self, code: i32) {
         assert_eq!(api::put(&self.api, "vm.shutdown", "{}").status, 204);
         let out = self.first.finish(WAIT);
-        assert_eq!(out.code(), Some(0), "{}", out.describe());
+        assert_eq!(out.code(), Some(code), "{}", out.describe());
         out.assert_no_panic();
         for r in self.receivers {
             let out = r.finish(WAIT);

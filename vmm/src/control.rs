@@ -293,6 +293,9 @@ impl Control {
             ApiRequest::CprTransfer(r) => {
                 update::transfer_out::perform(&mut self.vmm, &mut api, conn, &r.socket).into()
             }
+            ApiRequest::CprExec(r) if r.stand_in => {
+                update::stand_in::perform(&mut self.vmm, &mut api, conn, &r).into()
+            }
             ApiRequest::CprExec(r) => {
                 update::outgoing::perform(&mut self.vmm, &mut api, conn, &r).into()
             }

@@ -32,6 +32,19 @@ fn main() {
     if std::env::args().nth(1).as_deref() == Some(update::GUARDIAN_ARG) {
         std::process::exit(update::guardian::main());
     }
+    let first = std::env::args().nth(1);
+    if first.as_deref() == Some(update::stand_in::STAND_IN_ARG)
+        || first.as_deref() == Some(update::stand_in::RECEIVE_ARG)
+    {
+        reap_children_automatically();
+        let level = vmm::cli::log_level_arg(std::env::args()).unwrap_or(log::LevelFilter::Warn);
+        init_logging(level);
+        std::process::exit(if first.as_deref() == Some(update::stand_in::STAND_IN_ARG) {
+            update::stand_in::stand_in_main(started)
+        } else {
+            update::stand_in::receive_main(started)
+        });
+    }
     // A live update: this image continues a running VM (its command line's resources are
     // not used; the handoff record describes the VM).
     if let Some(env) = update::incoming::detect() {

@@ -47,6 +47,10 @@ pub enum CtlCommand {
         /// An argument for the new binary, replacing the running ones (repeat for several).
         #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
         args: Vec<String>,
+        /// Keep the guest running while the binary is executed (two short pauses: into a
+        /// stand-in process and back).
+        #[arg(long)]
+        stand_in: bool,
     },
     /// Hand the VM to a separately started `molt --incoming PATH` (PUT vm.cpr-transfer).
     CprTransfer {
@@ -150,8 +154,15 @@ impl CtlCommand {
                 let body = serde_json::json!({ "path": path, "mode": mode }).to_string();
                 ("PUT", api("vm.snapshot"), Some(body))
             }
-            Self::CprExec { binary, args } => {
+            Self::CprExec {
+                binary,
+                args,
+                stand_in,
+            } => {
                 let mut body = serde_json::Map::new();
+                if *stand_in {
+                    body.insert("stand_in".into(), serde_json::json!(true));
+                }
                 if let Some(b) = binary {
                     body.insert("binary".into(), serde_json::json!(b));
                 }

@@ -82,6 +82,10 @@ pub struct CprExecRequest {
     /// Arguments (without argv\[0\]) instead of the running ones.
     #[serde(default)]
     pub args: Option<Vec<String>>,
+    /// Keep the guest running while the binary is executed: hand it to a stand-in process
+    /// first and take it back in the new image ([`crate::update::stand_in`]).
+    #[serde(default)]
+    pub stand_in: bool,
 }
 
 /// A response to one request: an HTTP status and a JSON body.

@@ -227,6 +227,7 @@ mod tests {
             Ok(ApiRequest::CprExec(CprExecRequest {
                 binary: Some("/usr/bin/molt".into()),
                 args: Some(vec!["--cpus".into(), "2".into()]),
+                stand_in: false,
             }))
         );
     }

@@ -39,6 +39,9 @@ pub struct InFlight {
     pub from_pid: u32,
     /// `exec` or `transfer`.
     pub mode: String,
+    /// The reports of this update's earlier legs: a cpr-exec through a stand-in hands the VM
+    /// to the stand-in, then from it to the new image.
+    pub earlier: Vec<super::UpdateReport>,
 }
 
 impl InFlight {

@@ -275,6 +275,31 @@ fn dismiss_guardian(env: &ExecEnv) {
     }
 }
 
+/// The report of the handoff `h` whose guest runs again here since `resumed_ns`.
+pub(super) fn leg_report(
+    h: &Handoff,
+    vmm: &crate::runtime::Vmm,
+    phases_ms: Phases,
+    resumed_ns: u64,
+    rollback: Option<String>,
+) -> UpdateReport {
+    let pause_ms = resumed_ns.saturating_sub(h.update.paused_at_ns) as f64 / 1e6;
+    UpdateReport {
+        pause_ms,
+        stopped_ms: pause_ms - phases_ms.pause,
+        mode: h.update.mode.clone(),
+        from_pid: h.update.from_pid,
+        phases_ms,
+        from_version: h.update.from_version.clone(),
+        to_version: crate::VERSION.to_string(),
+        pid: std::process::id(),
+        binary: vmm.identity.exe.clone(),
+        rolled_back: rollback,
+        carried_requests: h.update.carried_requests,
+        legs: Vec::new(),
+    }
+}
+
 /// The guest runs: writes the report into the history and answers the request that started
 /// the handoff (`rollback` says why the guest runs on the previous binary, if it does).
 pub(super) fn finish(
@@ -288,20 +313,8 @@ pub(super) fn finish(
     if vmm.config().memory.prefault {
         vmm.populate_in_background();
     }
-    let pause_ms = resumed_ns.saturating_sub(h.update.paused_at_ns) as f64 / 1e6;
-    let report = UpdateReport {
-        pause_ms,
-        stopped_ms: pause_ms - phases_ms.pause,
-        mode: h.update.mode.clone(),
-        from_pid: h.update.from_pid,
-        phases_ms,
-        from_version: h.update.from_version.clone(),
-        to_version: crate::VERSION.to_string(),
-        pid: std::process::id(),
-        binary: vmm.identity.exe.clone(),
-        rolled_back: rollback.clone(),
-        carried_requests: h.update.carried_requests,
-    };
+    let last = leg_report(h, vmm, phases_ms, resumed_ns, rollback.clone());
+    let report = UpdateReport::of_legs(h.update.earlier.clone(), last);
     match rollback {
         None => vmm.history.updates += 1,
         Some(_) => vmm.history.rollbacks += 1,

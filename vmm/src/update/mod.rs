@@ -23,6 +23,7 @@ pub mod handoff;
 pub mod holder;
 pub mod incoming;
 pub mod outgoing;
+pub mod stand_in;
 mod sys;
 pub mod target;
 pub mod transfer_in;
@@ -89,6 +90,15 @@ pub enum UpdateError {
     /// The transfer to another process failed before it committed (the guest runs here).
     #[error("transfer to {0} failed")]
     Transfer(PathBuf, #[source] cpr::transfer::TransferError),
+    /// The stand-in of a cpr-exec could not be started (the guest runs here).
+    #[error("cannot start the stand-in")]
+    StandInStart(#[source] std::io::Error),
+    /// Handing the VM to the stand-in failed before it committed (the guest runs here).
+    #[error("handing the VM to the stand-in (pid {0}) failed")]
+    StandIn(u32, #[source] cpr::transfer::TransferError),
+    /// The new image did not take the VM over from the stand-in, which runs the guest on.
+    #[error("the new image {0} did not take the VM over; the guest runs on in the stand-in (pid {1}) on the previous binary")]
+    NewImage(PathBuf, u32, #[source] cpr::transfer::TransferError),
     /// execve returned.
     #[error("cannot execute {0}")]
     Exec(PathBuf, #[source] cpr::ExecError),
@@ -113,7 +123,7 @@ impl UpdateError {
             UpdateError::BadTarget(..) | UpdateError::Untrusted(..) => 400,
             UpdateError::Exec(_, cpr::ExecError::Nul) => 400,
             UpdateError::Busy | UpdateError::FdLimit { .. } | UpdateError::Ending(_) => 409,
-            UpdateError::Transfer(..) => 502,
+            UpdateError::Transfer(..) | UpdateError::StandIn(..) | UpdateError::NewImage(..) => 502,
             _ => 500,
         }
     }
@@ -189,6 +199,43 @@ pub struct UpdateReport {
     /// pause (posted receive buffers included): carried over in the queue state and used by
     /// the new image.
     pub carried_requests: u64,
+    /// An update in more than one handover (a cpr-exec through a stand-in: to the stand-in,
+    /// then from it to the new image, the guest running in between): each one's report. The
+    /// figures above are their sums.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub legs: Vec<UpdateReport>,
+}
+
+impl UpdateReport {
+    /// The report of an update whose last handover is `last`, after `earlier` ones: the
+    /// pauses, their phases and the requests carried add up; who started it is the first
+    /// leg's, the rest the last one's.
+    pub fn of_legs(earlier: Vec<UpdateReport>, last: UpdateReport) -> UpdateReport {
+        let Some(first) = earlier.first().cloned() else {
+            return last;
+        };
+        let mut legs = earlier;
+        legs.push(last.clone());
+        let sum = |f: fn(&UpdateReport) -> f64| legs.iter().map(f).sum::<f64>();
+        let phases_ms = Phases {
+            pause: sum(|l| l.phases_ms.pause),
+            save: sum(|l| l.phases_ms.save),
+            exec: sum(|l| l.phases_ms.exec),
+            restore: sum(|l| l.phases_ms.restore),
+            resume: sum(|l| l.phases_ms.resume),
+        };
+        UpdateReport {
+            pause_ms: sum(|l| l.pause_ms),
+            stopped_ms: sum(|l| l.stopped_ms),
+            mode: first.mode,
+            from_pid: first.from_pid,
+            phases_ms,
+            from_version: first.from_version,
+            carried_requests: legs.iter().map(|l| l.carried_requests).sum(),
+            legs,
+            ..last
+        }
+    }
 }
 
 /// Update bookkeeping kept across updates.

@@ -24,8 +24,8 @@ fn ms(d: std::time::Duration) -> f64 {
 
 /// What an update executes, decided before anything is paused.
 pub(super) struct Plan {
-    target: PathBuf,
-    argv: Vec<String>,
+    pub target: PathBuf,
+    pub argv: Vec<String>,
 }
 
 /// Fds the new image opens besides the inherited ones and their duplicates (KVM, vCPUs,
@@ -51,7 +51,7 @@ fn check_fd_budget() -> Result<(), UpdateError> {
     Ok(())
 }
 
-fn plan(vmm: &Vmm, req: &CprExecRequest) -> Result<Plan, UpdateError> {
+pub(super) fn plan(vmm: &Vmm, req: &CprExecRequest) -> Result<Plan, UpdateError> {
     let allowed = vmm.config().update_binaries.as_deref();
     let target = validate_target(req.binary.as_ref().unwrap_or(&vmm.identity.exe), allowed)?;
     check_fd_budget()?;

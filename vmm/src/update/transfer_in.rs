@@ -187,8 +187,20 @@ fn prebuild(chan: &Channel) -> Result<Built, ReceiveError> {
     })
 }
 
-/// Receives the paused VM and resumes it here; returns the runtime to run.
-fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
+/// A VM received and running here; the request that started the handoff not answered yet.
+pub(super) struct Received {
+    /// The VMM running the guest.
+    pub runtime: Runtime,
+    /// The record it came with.
+    pub handoff: Handoff,
+    /// Where the pause went.
+    pub phases: super::Phases,
+    /// Wall-clock ns when the guest ran again.
+    pub resumed_ns: u64,
+}
+
+/// Receives the paused VM and resumes it here.
+pub(super) fn receive(chan: &Channel, started: Instant) -> Result<Received, ReceiveError> {
     let Built {
         machine: mut prebuilt,
         kvm,
@@ -250,37 +262,53 @@ fn receive(chan: &Channel, started: Instant) -> Result<Runtime, ReceiveError> {
         &[],
     );
     let phases = h.update.phases(received_ns, restore_ms, resume_ms);
-    super::incoming::finish(&h, &mut runtime, phases, resumed_ns, None);
     fds.release_originals();
-    Ok(runtime)
+    Ok(Received {
+        runtime,
+        handoff: h,
+        phases,
+        resumed_ns,
+    })
+}
+
+/// Tells the sender why the VM was not taken over (it keeps the guest) and says it here.
+pub(super) fn refuse(chan: &Channel, e: &ReceiveError) {
+    let reason = crate::error_chain(e);
+    let _ = chan.send(
+        &Message::Refused {
+            reason: reason.clone(),
+        },
+        &[],
+        &[],
+    );
+    eprintln!("molt: error: receiving the VM failed (the sender keeps it): {reason}");
+}
+
+/// Receives the VM on `chan`, answers the request that started the handoff and runs the VM;
+/// returns the process exit code. `rollback` says why this binary runs instead of the one
+/// the update asked for.
+pub(super) fn run_on(chan: Channel, started: Instant, rollback: Option<String>) -> i32 {
+    match receive(&chan, started) {
+        Ok(mut got) => {
+            // The sender is done with us (it exits once it read Committed).
+            drop(chan);
+            let (h, phases) = (&got.handoff, got.phases.clone());
+            super::incoming::finish(h, &mut got.runtime, phases, got.resumed_ns, rollback);
+            crate::run_to_end(Ok(got.runtime))
+        }
+        Err(e) => {
+            refuse(&chan, &e);
+            1
+        }
+    }
 }
 
 /// `molt --incoming PATH`: returns the process exit code.
 pub fn run(path: &Path, started: Instant) -> i32 {
-    let chan = match accept_one(path) {
-        Ok(c) => c,
+    match accept_one(path) {
+        Ok(chan) => run_on(chan, started, None),
         Err(e) => {
             eprintln!("molt: error: {}", crate::error_chain(&e));
-            return 1;
-        }
-    };
-    match receive(&chan, started) {
-        Ok(runtime) => {
-            // The sender is done with us (it exits once it read Committed).
-            drop(chan);
-            crate::run_to_end(Ok(runtime))
-        }
-        Err(e) => {
-            let reason = crate::error_chain(&e);
-            // Before the commit the sender keeps the guest: tell it why.
-            let _ = chan.send(
-                &Message::Refused {
-                    reason: reason.clone(),
-                },
-                &[],
-                &[],
-            );
-            eprintln!("molt: error: receiving the VM failed (the sender keeps it): {reason}");
             1
         }
     }

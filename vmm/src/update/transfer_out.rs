@@ -5,7 +5,7 @@
 //! the sender exits 0 and never resumes the guest from its own, stale, state.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cpr::transfer::{expect, Channel, Message, TransferError};
@@ -13,7 +13,7 @@ use cpr::CommitPage;
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
 use super::outgoing::Paused;
-use super::{UpdateError, HANDOFF_KIND};
+use super::{UpdateError, UpdateReport, HANDOFF_KIND};
 use crate::api::{ApiServer, ConnId};
 use crate::persist::FdRole;
 use crate::runtime::Vmm;
@@ -80,32 +80,51 @@ pub fn perform(vmm: &mut Vmm, api: &mut ApiServer, conn: ConnId, socket: &Path) 
         Ok(c) => c,
         Err(e) => return failed(e),
     };
-    let commit = match CommitPage::create() {
-        Ok(c) => c,
-        Err(e) => return UpdateError::CommitPage(e),
+    let leg = Leg {
+        target: socket.to_path_buf(),
+        mode: "transfer",
+        earlier: Vec::new(),
     };
-    if let Err(e) = prepare(&chan, vmm, &commit) {
-        return failed(e);
-    }
-    let paused = match super::outgoing::pause_for_handoff(
-        vmm,
-        api,
-        conn,
-        socket.to_path_buf(),
-        "transfer",
-    ) {
-        Ok(p) => p,
-        Err(e) => return e,
-    };
-    let was_paused = paused.flight.was_paused;
-    let err = match hand_over(&chan, vmm, api, paused) {
+    match send(vmm, api, conn, &chan, leg, failed) {
         Ok(()) => committed(vmm, api),
+        Err(e) => e,
+    }
+}
+
+/// One handover by the transfer protocol.
+pub(super) struct Leg {
+    /// What the update goes to (the report's target).
+    pub target: PathBuf,
+    /// The report's mode.
+    pub mode: &'static str,
+    /// The reports of the update's earlier legs (a cpr-exec through a stand-in has two).
+    pub earlier: Vec<UpdateReport>,
+}
+
+/// Hands the VM to the receiver on `chan` for the request on `conn`. `Ok` once the receiver
+/// committed: it runs the guest, and this process must leave everything it handed over
+/// alone. `Err` when the guest still runs here (`failed` says why the protocol failed).
+pub(super) fn send(
+    vmm: &mut Vmm,
+    api: &mut ApiServer,
+    conn: ConnId,
+    chan: &Channel,
+    leg: Leg,
+    failed: impl Fn(TransferError) -> UpdateError,
+) -> Result<(), UpdateError> {
+    let commit = CommitPage::create().map_err(UpdateError::CommitPage)?;
+    prepare(chan, vmm, &commit).map_err(&failed)?;
+    let mut paused = super::outgoing::pause_for_handoff(vmm, api, conn, leg.target, leg.mode)?;
+    paused.flight.earlier = leg.earlier;
+    let was_paused = paused.flight.was_paused;
+    let err = match hand_over(chan, vmm, api, paused) {
+        Ok(()) => return Ok(()),
         Err(e) => e,
     };
     // The commit point decides: take the VM back, or let the receiver keep it.
     if !commit.try_abort() {
         log::warn!("the receiver committed although the transfer reported: {err}");
-        committed(vmm, api);
+        return Ok(());
     }
     let _ = chan.send(
         &Message::Refused {
@@ -120,7 +139,7 @@ pub fn perform(vmm: &mut Vmm, api: &mut ApiServer, conn: ConnId, socket: &Path) 
             log::error!("cannot resume the guest after a failed transfer: {e}");
         }
     }
-    failed(err)
+    Err(failed(err))
 }
 
 /// Captures, saves and sends the record with every fd but RAM (the receiver has RAM), then
@@ -158,10 +177,15 @@ fn hand_over(
     Ok(())
 }
 
-/// The receiver runs the guest: leave its sockets in place and go.
-fn committed(vmm: &Vmm, api: &mut ApiServer) -> ! {
+/// The receiver runs the guest: leave its sockets in place (to it).
+pub(super) fn let_go(vmm: &Vmm, api: &mut ApiServer) {
     api.set_remove_on_drop(false);
     vmm.serial_out().set_remove_on_drop(false);
+}
+
+/// The receiver runs the guest: leave its sockets in place and go.
+pub(super) fn committed(vmm: &Vmm, api: &mut ApiServer) -> ! {
+    let_go(vmm, api);
     log::info!("transfer committed: the guest runs in the receiver; exiting");
     // No teardown: the vCPUs stay stopped, and nothing here may touch what the receiver owns.
     std::process::exit(0)

@@ -1,0 +1,233 @@
+//! cpr-exec through a stand-in (`{"stand_in": true}`): the guest keeps running while the
+//! process executes its new binary, instead of waiting paused for the new image to start and
+//! build its KVM VM.
+//!
+//! 1. The old image starts a stand-in (this binary again, `__cpr-stand-in`) and hands the VM
+//!    to it by the transfer protocol over a socket pair: the stand-in builds the machine
+//!    while the guest runs, so the pause covers only capture, record and restore.
+//! 2. Once the stand-in committed, the old image executes the new binary (same PID) with
+//!    one end of a second socket pair (`__cpr-receive FD`); the guest runs in the stand-in
+//!    meanwhile.
+//! 3. The stand-in hands the VM on to the new image the same way, and exits 0. The new
+//!    image answers the request with both handovers' report.
+//!
+//! Failure before the stand-in committed leaves the guest here, as a failed transfer does.
+//! If the new binary cannot be executed, this binary is executed instead and takes the VM
+//! back (the report says `rolled_back`). If the new image dies or refuses before it
+//! committed, the guest runs on in the stand-in (another PID), which answers the request
+//! with the error.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Instant;
+
+use cpr::transfer::Channel;
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+use super::outgoing::plan;
+use super::transfer_out::{self, Leg};
+use super::UpdateError;
+use crate::api::{ApiResponse, ApiServer, ConnId, CprExecRequest, ErrorReply};
+use crate::runtime::Vmm;
+
+/// First argument of the stand-in: `__cpr-stand-in FROM_FD TO_FD`.
+pub const STAND_IN_ARG: &str = "__cpr-stand-in";
+/// First argument of a new image that takes the VM back from the stand-in:
+/// `__cpr-receive FD [the VM's arguments]` (only their log level is used).
+pub const RECEIVE_ARG: &str = "__cpr-receive";
+/// Why the new image takes the VM back although it is not the binary asked for.
+const ROLLBACK_VAR: &str = "MOLT_CPR_STAND_IN_ROLLBACK";
+
+fn pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
+}
+
+/// Starts the stand-in with `from` (the old image's channel) and `to` (the new image's).
+fn spawn(from: &OwnedFd, to: &OwnedFd) -> std::io::Result<u32> {
+    for fd in [from, to] {
+        super::sys::set_cloexec(fd, false)?;
+    }
+    let args = [
+        STAND_IN_ARG.to_string(),
+        from.as_raw_fd().to_string(),
+        to.as_raw_fd().to_string(),
+        format!("--log-level={}", log::max_level()),
+    ];
+    // Its own process group: a Ctrl-C in molt's terminal must not kill it while it holds the
+    // guest. Started by the unfiltered launcher: a child of a filtered thread could not exec.
+    let child = crate::seccomp::launcher::run(move || {
+        Command::new("/proc/self/exe")
+            .args(args)
+            .process_group(0)
+            .spawn()
+    })
+    .unwrap_or_else(|| Err(std::io::Error::other("the launcher thread is gone")));
+    for fd in [from, to] {
+        let _ = super::sys::set_cloexec(fd, true);
+    }
+    // The kernel reaps it: molt ignores SIGCHLD.
+    Ok(child?.id())
+}
+
+/// The old image's side: returns only if the guest still runs here.
+pub fn perform(
+    vmm: &mut Vmm,
+    api: &mut ApiServer,
+    conn: ConnId,
+    req: &CprExecRequest,
+) -> UpdateError {
+    let plan = match plan(vmm, req) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    crate::snapshot::lazy::wait_until_filled();
+    let fds = pair().and_then(|(ours, from)| Ok((ours, from, pair()?)));
+    let (ours, from, (new_image, to)) = match fds {
+        Ok(f) => f,
+        Err(e) => return UpdateError::StandInStart(e),
+    };
+    let pid = match spawn(&from, &to) {
+        Ok(pid) => pid,
+        Err(e) => return UpdateError::StandInStart(e),
+    };
+    drop((from, to));
+    let chan = Channel::new(ours);
+    let leg = Leg {
+        target: plan.target.clone(),
+        mode: "exec",
+        earlier: Vec::new(),
+    };
+    if let Err(e) = transfer_out::send(vmm, api, conn, &chan, leg, |e| {
+        UpdateError::StandIn(pid, e)
+    }) {
+        // It exits by itself once it learns it gets nothing.
+        return e;
+    }
+    // The stand-in runs the guest: this process becomes the new image.
+    transfer_out::let_go(vmm, api);
+    log::info!("cpr-exec: the stand-in (pid {pid}) runs the guest; executing the new image");
+    become_new_image(vmm, &plan.target, &plan.argv, new_image)
+}
+
+/// Executes `target` to take the VM back from the stand-in on `chan`; if that fails, this
+/// binary again. Exits if neither can run (the stand-in then keeps the guest).
+fn become_new_image(vmm: &Vmm, target: &std::path::Path, argv: &[String], chan: OwnedFd) -> ! {
+    if let Err(e) = super::sys::set_cloexec(&chan, false) {
+        log::error!("cannot pass the stand-in's channel on; it keeps the guest: {e}");
+        std::process::exit(1);
+    }
+    let mut args = vec![
+        target.display().to_string(),
+        RECEIVE_ARG.to_string(),
+        chan.as_raw_fd().to_string(),
+    ];
+    args.extend(argv.iter().skip(1).cloned());
+    let env = cpr::exec::clean_env();
+    let (path, a, e) = (target.to_path_buf(), args.clone(), env.clone());
+    let err = crate::seccomp::launcher::run(move || cpr::exec::exec_path(&path, &a, e));
+    let reason = match err {
+        Some(Err(e)) => format!("cannot execute {}: {e}", target.display()),
+        _ => "the launcher thread is gone".to_string(),
+    };
+    log::error!("cpr-exec: {reason}; taking the VM back on the previous binary");
+    if let Some(exe) = vmm.identity.exe_file.as_ref().and_then(|f| f.try_clone().ok()) {
+        args[0] = vmm.identity.exe.display().to_string();
+        let mut env = env;
+        env.push((ROLLBACK_VAR.into(), reason.into()));
+        let err = crate::seccomp::launcher::run(move || cpr::exec::exec_fd(&exe, &args, env));
+        if let Some(Err(e)) = err {
+            log::error!("cannot execute the previous binary either: {e}");
+        }
+    }
+    log::error!("cpr-exec: the guest runs on in the stand-in");
+    std::process::exit(1)
+}
+
+/// Takes an inherited fd number from the command line (its own from here on).
+fn inherited(arg: Option<String>) -> Option<OwnedFd> {
+    let fd: RawFd = arg?.parse().ok().filter(|fd| *fd > 2)?;
+    // SAFETY: F_GETFD only reads the flags of whatever `fd` is (EBADF if nothing).
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the fd is open (fcntl above), and its number was passed on our command line by
+    // the process that made it inheritable for us: nothing else in this process owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    super::sys::set_cloexec(&fd, true).ok()?;
+    Some(fd)
+}
+
+/// `molt __cpr-receive FD …`: the new image takes the VM over from the stand-in. Returns
+/// the exit code.
+pub fn receive_main(started: Instant) -> i32 {
+    let rollback = std::env::var(ROLLBACK_VAR).ok();
+    std::env::remove_var(ROLLBACK_VAR);
+    let Some(fd) = inherited(std::env::args().nth(2)) else {
+        eprintln!("molt: error: {RECEIVE_ARG} needs the number of an inherited socket");
+        return 2;
+    };
+    super::transfer_in::run_on(Channel::new(fd), started, rollback)
+}
+
+/// `molt __cpr-stand-in FROM TO`: receives the VM on FROM, hands it on over TO, exits 0.
+/// If the second handover fails the guest runs on here and this process stays its VMM.
+pub fn stand_in_main(started: Instant) -> i32 {
+    let mut args = std::env::args().skip(2);
+    let (Some(from), Some(to)) = (inherited(args.next()), inherited(args.next())) else {
+        eprintln!("molt: error: {STAND_IN_ARG} needs two inherited sockets");
+        return 2;
+    };
+    let from = Channel::new(from);
+    let mut got = match super::transfer_in::receive(&from, started) {
+        Ok(got) => got,
+        Err(e) => {
+            super::transfer_in::refuse(&from, &e);
+            return 1;
+        }
+    };
+    drop(from);
+    let h = &got.handoff;
+    let first = super::incoming::leg_report(
+        h,
+        &got.runtime.vmm,
+        got.phases.clone(),
+        got.resumed_ns,
+        None,
+    );
+    let waiting = h.parts.api.as_ref().and_then(|a| a.waiting);
+    let target = h.update.target.clone();
+    let runtime = &mut got.runtime;
+    let Some(api) = runtime.api.as_mut() else {
+        log::error!("cpr-exec: the stand-in has no API server; it keeps the guest");
+        return crate::run_to_end(Ok(got.runtime));
+    };
+    let to = Channel::new(to);
+    let leg = Leg {
+        target: target.clone(),
+        mode: "exec",
+        earlier: vec![first],
+    };
+    // A client that hung up has no connection to carry: an id no connection has.
+    let conn = waiting.unwrap_or(ConnId::MAX);
+    let me = std::process::id();
+    let failed = |e| UpdateError::NewImage(target.clone(), me, e);
+    match transfer_out::send(&mut runtime.vmm, api, conn, &to, leg, failed) {
+        Ok(()) => transfer_out::committed(&runtime.vmm, api),
+        Err(e) => {
+            log::error!("cpr-exec: {}", crate::error_chain(&e));
+            let reply = ErrorReply::<()> {
+                error: crate::error_chain(&e),
+                report: None,
+            };
+            api.respond(conn, ApiResponse::json(e.status(), &reply));
+            api.end_handoff();
+        }
+    }
+    crate::run_to_end(Ok(got.runtime))
+}
