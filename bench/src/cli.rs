@@ -47,7 +47,8 @@ pub struct Args {
     pub min_gap_ms: u64,
 
     /// Hand-over modes, comma-separated: exec (`vm.cpr-exec`), transfer (`vm.cpr-transfer`
-    /// to a separately started `molt --incoming`).
+    /// to a separately started `molt --incoming`), stand-in (`vm.cpr-exec` through a stand-in
+    /// process).
     #[arg(
         long,
         value_name = "LIST",

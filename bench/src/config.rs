@@ -33,24 +33,30 @@ pub enum Mode {
     Exec,
     /// `vm.cpr-transfer`: to a separately started `molt --incoming PATH`.
     Transfer,
+    /// `vm.cpr-exec` with `"stand_in": true`: through a stand-in process (same PID; two
+    /// pauses, the guest running in the stand-in while molt executes its binary).
+    #[serde(rename = "stand-in")]
+    StandIn,
 }
 
 impl Mode {
-    /// `exec` or `transfer`.
+    /// `exec`, `transfer` or `stand-in`.
     pub fn label(self) -> &'static str {
         match self {
             Mode::Exec => "exec",
             Mode::Transfer => "transfer",
+            Mode::StandIn => "stand-in",
         }
     }
 
-    /// Parses `exec` or `transfer`.
+    /// Parses `exec`, `transfer` or `stand-in`.
     pub fn parse(s: &str) -> Result<Mode> {
         match s.trim() {
             "exec" => Ok(Mode::Exec),
             "transfer" => Ok(Mode::Transfer),
+            "stand-in" => Ok(Mode::StandIn),
             other => Err(Error::Usage(format!(
-                "unknown mode {other:?}: expected exec or transfer"
+                "unknown mode {other:?}: expected exec, transfer or stand-in"
             ))),
         }
     }

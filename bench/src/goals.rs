@@ -136,6 +136,13 @@ pub fn evaluate_stopped(configs: &[ConfigResult], peer: &[PeerResult]) -> Vec<Ch
         false,
         2.0,
     ));
+    out.push(check(
+        "exec through a stand-in stopped p50 at 1 GiB (both pauses)",
+        h,
+        stopped_at(configs, Mode::StandIn, 1, h, 1024),
+        false,
+        2.0,
+    ));
     out
 }
 

@@ -155,7 +155,7 @@ fn bench(args: &cli::Args) -> Result<usize> {
     };
     write_outputs(&report, &args.out)?;
     eprintln!(
-        "molt-bench: done in {:.0} s; wrote {}/results.md, results.json, pause.png, transfer.png",
+        "molt-bench: done in {:.0} s; wrote {}/results.md, results.json and a plot per mode",
         t0.elapsed().as_secs_f64(),
         args.out.display()
     );
@@ -211,6 +211,7 @@ fn write_outputs(report: &Report, out: &Path) -> Result<()> {
     for (mode, file) in [
         (config::Mode::Exec, "pause.png"),
         (config::Mode::Transfer, "transfer.png"),
+        (config::Mode::StandIn, "stand-in.png"),
     ] {
         let rows: Vec<_> = report
             .configs

@@ -1,4 +1,4 @@
-//! `pause.png` / `transfer.png`: p50 stopped span against guest RAM size (log₂ axis) for 1 vCPU, one line per page
+//! `pause.png` / `transfer.png` / `stand-in.png`: p50 stopped span against guest RAM size (log₂ axis) for 1 vCPU, one line per page
 //! size and RAM use, with bars from the smallest sample to the p99. Pure-Rust drawing
 //! (plotters' bitmap backend, text through ab_glyph with the DejaVu Sans bytes compiled in).
 

@@ -103,8 +103,10 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "Machine: {}.\n", r.machine.line());
     let _ = writeln!(
         s,
-        "{} updates (`PUT /api/v1/vm.cpr-exec`, body `{{}}`, or `PUT /api/v1/vm.cpr-transfer` \
-         to a `molt --incoming` started beside it) per configuration, embedded test \
+        "{} updates (`PUT /api/v1/vm.cpr-exec`, body `{{}}` for *exec* and \
+         `{{\"stand_in\": true}}` for *stand-in*, whose figures add up both of its pauses; or \
+         `PUT /api/v1/vm.cpr-transfer` to a `molt --incoming` started beside it) per \
+         configuration, embedded test \
          guest (`{}`). *stopped* is `stopped_ms` (all vCPUs stopped → the last one back in \
          the guest), *pause* adds the kick (the `pause` phase). Times in ms; p50/p99 by nearest rank (with 20 updates the \
          p99 is the largest). *pause* is molt's `pause_ms` (vCPUs stopped → running again) and \

@@ -101,7 +101,7 @@ fn drive(cfg: &Config, opts: &Options, res: &mut ConfigResult) -> Result<()> {
         }
         res.attempted += 1;
         let receiver = match cfg.mode {
-            Mode::Exec => None,
+            Mode::Exec | Mode::StandIn => None,
             Mode::Transfer => Some(crate::transfer::start_receiver(&opts.molt, &dir, update)?),
         };
         let t0 = Instant::now();
@@ -110,7 +110,10 @@ fn drive(cfg: &Config, opts: &Options, res: &mut ConfigResult) -> Result<()> {
                 &sock,
                 "PUT",
                 "/api/v1/vm.cpr-exec",
-                Some("{}"),
+                Some(match cfg.mode {
+                    Mode::StandIn => r#"{"stand_in": true}"#,
+                    _ => "{}",
+                }),
                 REQUEST_TIMEOUT,
             ),
             Some(r) => crate::transfer::request(&sock, r, REQUEST_TIMEOUT),

@@ -22,20 +22,14 @@ fn start(dir: &TempDir, bin: &Path, env: &[(&str, &str)]) -> FileVm {
         .and_then(|f| f.set_len(8 << 20))
         .unwrap();
     let disk = format!("path={}", img.display());
-    let args = [
-        "--disk",
-        &disk,
-        "--cmdline",
-        "molt.memtest=4 molt.blk=on",
-    ];
+    let args = ["--disk", &disk, "--cmdline", "molt.memtest=4 molt.blk=on"];
     let vm = FileVm::start_with(bin, dir.path(), &args, env);
     vm.wait_ticks(2);
     vm
 }
 
 fn gone(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_or(true, |s| s.contains("zombie"))
+    std::fs::read_to_string(format!("/proc/{pid}/status")).map_or(true, |s| s.contains("zombie"))
 }
 
 fn wait_gone(pid: u64, what: &str) {
@@ -87,7 +81,11 @@ fn stand_in_updates_keep_the_pid_and_the_guest_to_the_next_version_and_back() {
     let dir = TempDir::new("stand-in");
     let vm = start(&dir, &molt_bin(), &[]);
     let pid = vm.pid();
-    let fds = |pid: u64| std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let fds = |pid: u64| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
     let mut fd_counts = Vec::new();
     for (i, (bin, version)) in [
         (Path::new(NEXT_BIN).to_path_buf(), format!("{VERSION}+next")),
@@ -104,7 +102,10 @@ fn stand_in_updates_keep_the_pid_and_the_guest_to_the_next_version_and_back() {
         let info = vm.info();
         assert_eq!(info["pid"], pid, "{info}");
         assert_eq!(info["updates"]["count"], i as u64 + 1, "{info}");
-        assert_eq!(info["updates"]["last"]["legs"].as_array().map(Vec::len), Some(2));
+        assert_eq!(
+            info["updates"]["last"]["legs"].as_array().map(Vec::len),
+            Some(2)
+        );
         vm.wait_for("blk", "n", 2, String::new);
         fd_counts.push(fds(pid));
     }

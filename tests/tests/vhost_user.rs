@@ -1,5 +1,5 @@
 //! vhost-user disks served by qemu-storage-daemon: the guest's disk records continue through
-//! cpr-exec updates and cpr-transfers while the backend keeps its one connection, and a
+//! cpr-exec updates (plain and through a stand-in) and cpr-transfers while the backend keeps its one connection, and a
 //! backend that dies and comes back costs the guest nothing but the requests it had taken.
 
 use std::collections::BTreeSet;
@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use molt_tests::api;
-use molt_tests::{GuestLine, TempDir};
+use molt_tests::{molt_bin, GuestLine, TempDir};
 use serde_json::Value;
 
 mod vhost_common;
@@ -157,7 +157,7 @@ fn disk_records_continue_through_twenty_updates_on_one_backend_connection() {
 }
 
 #[test]
-fn disk_records_continue_through_transfers_and_updates_on_one_backend_connection() {
+fn disk_records_continue_through_transfers_and_updates_and_stand_ins_on_one_backend_connection() {
     let dir = TempDir::new("vhost-transfer");
     let Some(backend) = Backend::start(&dir) else {
         return;
@@ -172,8 +172,12 @@ fn disk_records_continue_through_transfers_and_updates_on_one_backend_connection
         let r = vm.cpr_exec();
         assert_eq!(r.status, 200, "update after transfer {i}: {r:?}");
         vm.wait_records(2);
+        let r = vm.cpr_exec_stand_in(&molt_bin());
+        assert_eq!(r.status, 200, "update through a stand-in {i}: {r:?}");
+        assert_eq!(r.body["legs"].as_array().map(Vec::len), Some(2), "{r:?}");
+        vm.wait_records(2);
     }
-    assert_eq!(vm.info()["updates"]["count"], 6);
+    assert_eq!(vm.info()["updates"]["count"], 9);
     // A snapshot would not hold the backend's requests: refused, and the guest runs on.
     let snap = dir.join("snap");
     let r = api::put(

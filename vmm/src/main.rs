@@ -39,11 +39,13 @@ fn main() {
         reap_children_automatically();
         let level = vmm::cli::log_level_arg(std::env::args()).unwrap_or(log::LevelFilter::Warn);
         init_logging(level);
-        std::process::exit(if first.as_deref() == Some(update::stand_in::STAND_IN_ARG) {
-            update::stand_in::stand_in_main(started)
-        } else {
-            update::stand_in::receive_main(started)
-        });
+        std::process::exit(
+            if first.as_deref() == Some(update::stand_in::STAND_IN_ARG) {
+                update::stand_in::stand_in_main(started)
+            } else {
+                update::stand_in::receive_main(started)
+            },
+        );
     }
     // A live update: this image continues a running VM (its command line's resources are
     // not used; the handoff record describes the VM).

@@ -297,11 +297,18 @@ fn ctl_client() {
     let cpr = CtlCommand::CprExec {
         binary: Some("/b".into()),
         args: vec!["--x".into()],
+        stand_in: false,
     };
     assert_eq!(
         run(cpr).unwrap(),
         Some(json!({"binary": "/b", "args": ["--x"]}))
     );
+    let cpr = CtlCommand::CprExec {
+        binary: None,
+        args: Vec::new(),
+        stand_in: true,
+    };
+    assert_eq!(run(cpr).unwrap(), Some(json!({"stand_in": true})));
     let get = CtlCommand::Get {
         endpoint: "vm.bogus".into(),
     };

@@ -249,3 +249,45 @@ pub struct UpdateHistory {
     /// The last update's report.
     pub last: Option<UpdateReport>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leg(from_pid: u32, pid: u32, kick: f64, stopped: f64) -> UpdateReport {
+        UpdateReport {
+            pause_ms: kick + stopped,
+            stopped_ms: stopped,
+            mode: "exec".into(),
+            from_pid,
+            phases_ms: Phases {
+                pause: kick,
+                save: stopped / 2.0,
+                restore: stopped / 2.0,
+                ..Phases::default()
+            },
+            from_version: format!("v{from_pid}"),
+            to_version: format!("v{pid}"),
+            pid,
+            carried_requests: 1,
+            ..UpdateReport::default()
+        }
+    }
+
+    #[test]
+    fn an_update_in_two_legs_reports_their_sums_from_the_first_to_the_last() {
+        let (first, last) = (leg(10, 20, 0.25, 0.5), leg(20, 10, 0.125, 0.25));
+        let r = UpdateReport::of_legs(vec![first.clone()], last.clone());
+        assert_eq!((r.pause_ms, r.stopped_ms), (1.125, 0.75));
+        assert_eq!(r.phases_ms.pause, 0.375);
+        assert_eq!(r.phases_ms.save + r.phases_ms.restore, 0.75);
+        assert_eq!((r.from_pid, r.pid), (10, 10));
+        assert_eq!((r.from_version.as_str(), r.to_version.as_str()), ("v10", "v10"));
+        assert_eq!(r.carried_requests, 2);
+        assert_eq!(r.legs, vec![first, last.clone()]);
+        // One leg is just that leg, with no list of legs in the JSON.
+        let one = UpdateReport::of_legs(Vec::new(), last.clone());
+        assert_eq!(one, last);
+        assert!(serde_json::to_value(&one).unwrap().get("legs").is_none());
+    }
+}

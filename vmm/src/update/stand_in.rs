@@ -103,9 +103,8 @@ pub fn perform(
         mode: "exec",
         earlier: Vec::new(),
     };
-    if let Err(e) = transfer_out::send(vmm, api, conn, &chan, leg, |e| {
-        UpdateError::StandIn(pid, e)
-    }) {
+    if let Err(e) = transfer_out::send(vmm, api, conn, &chan, leg, |e| UpdateError::StandIn(pid, e))
+    {
         // It exits by itself once it learns it gets nothing.
         return e;
     }
@@ -136,7 +135,12 @@ fn become_new_image(vmm: &Vmm, target: &std::path::Path, argv: &[String], chan: 
         _ => "the launcher thread is gone".to_string(),
     };
     log::error!("cpr-exec: {reason}; taking the VM back on the previous binary");
-    if let Some(exe) = vmm.identity.exe_file.as_ref().and_then(|f| f.try_clone().ok()) {
+    if let Some(exe) = vmm
+        .identity
+        .exe_file
+        .as_ref()
+        .and_then(|f| f.try_clone().ok())
+    {
         args[0] = vmm.identity.exe.display().to_string();
         let mut env = env;
         env.push((ROLLBACK_VAR.into(), reason.into()));
