@@ -46,7 +46,10 @@ fn every_endpoint_answers() {
         "/api/v1/vm.cpr-exec",
         r#"{"binary": "/bin/molt", "args": ["-v"]}"#,
     );
-    assert_eq!(r.body, Some(json!({"binary": "/bin/molt", "args": ["-v"]})));
+    assert_eq!(
+        r.body,
+        Some(json!({"binary": "/bin/molt", "args": ["-v"], "stand_in": false}))
+    );
 }
 
 #[test]
@@ -301,14 +304,17 @@ fn ctl_client() {
     };
     assert_eq!(
         run(cpr).unwrap(),
-        Some(json!({"binary": "/b", "args": ["--x"]}))
+        Some(json!({"binary": "/b", "args": ["--x"], "stand_in": false}))
     );
     let cpr = CtlCommand::CprExec {
         binary: None,
         args: Vec::new(),
         stand_in: true,
     };
-    assert_eq!(run(cpr).unwrap(), Some(json!({"stand_in": true})));
+    assert_eq!(
+        run(cpr).unwrap(),
+        Some(json!({"binary": null, "args": null, "stand_in": true}))
+    );
     let get = CtlCommand::Get {
         endpoint: "vm.bogus".into(),
     };

@@ -282,7 +282,10 @@ mod tests {
         assert_eq!(r.phases_ms.pause, 0.375);
         assert_eq!(r.phases_ms.save + r.phases_ms.restore, 0.75);
         assert_eq!((r.from_pid, r.pid), (10, 10));
-        assert_eq!((r.from_version.as_str(), r.to_version.as_str()), ("v10", "v10"));
+        assert_eq!(
+            (r.from_version.as_str(), r.to_version.as_str()),
+            ("v10", "v10")
+        );
         assert_eq!(r.carried_requests, 2);
         assert_eq!(r.legs, vec![first, last.clone()]);
         // One leg is just that leg, with no list of legs in the JSON.

@@ -37,7 +37,8 @@ fn handle(req: ApiRequest, paused: &mut bool) -> ApiResponse {
         }
         ApiRequest::Shutdown => ApiResponse::no_content(),
         ApiRequest::CprExec(r) => {
-            ApiResponse::json(200, &json!({ "binary": r.binary, "args": r.args }))
+            let echo = json!({ "binary": r.binary, "args": r.args, "stand_in": r.stand_in });
+            ApiResponse::json(200, &echo)
         }
         ApiRequest::CprTransfer(r) => ApiResponse::json(200, &json!({ "socket": r.socket })),
         ApiRequest::Snapshot(r) => ApiResponse::json(200, &json!({ "path": r.path })),
