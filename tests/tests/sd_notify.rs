@@ -111,6 +111,22 @@ fn ready_then_mainpid_of_the_receiver_then_stopping() {
         "{after_exec:?}"
     );
 
+    // Through a stand-in: the stand-in is the main process while it holds the guest, then
+    // the same PID again; nothing says stopping.
+    let r = api::put(&socket, "vm.cpr-exec", r#"{"stand_in": true}"#);
+    assert_eq!(r.status, 200, "{r:?}");
+    let stand_in = r.body["legs"][0]["pid"]
+        .as_u64()
+        .expect("the stand-in's pid");
+    let msgs = notify.until(&format!("MAINPID={}", first.pid()));
+    let at = |pid: u64| {
+        msgs.iter()
+            .position(|m| m.contains(&format!("MAINPID={pid}")))
+    };
+    let (held, back) = (at(stand_in), at(u64::from(first.pid())));
+    assert!(held.is_some() && held < back, "{msgs:?}");
+    assert!(!msgs.iter().any(|m| m.contains("STOPPING")), "{msgs:?}");
+
     // A transfer: the receiver (started by the operator, in the service's environment) is
     // the main process from then on; the sender exits without STOPPING=1.
     let incoming = dir.join("in.sock");

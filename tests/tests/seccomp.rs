@@ -160,6 +160,13 @@ fn a_hundred_updates_with_seccomp_on_keep_working() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_filtered(pid, "after the update to the next build");
     vm.wait_ticks(2);
+    // Through a stand-in, whose filters are its own; the new image's are in place after.
+    let r = vm.put("vm.cpr-exec", r#"{"stand_in": true}"#);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["pid"], pid, "{r:?}");
+    assert_eq!(r.body["legs"].as_array().map(Vec::len), Some(2), "{r:?}");
+    assert_filtered(pid, "after an update through a stand-in");
+    vm.wait_ticks(2);
     assert_eq!(vm.put("vm.shutdown", "").status, 204);
     let out = vm.molt.finish(WAIT);
     out.assert_code(0);
