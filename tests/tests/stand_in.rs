@@ -173,3 +173,32 @@ fn a_stand_in_that_fails_leaves_the_guest_where_it_was() {
     assert_continuous(&vm);
     vm.shutdown();
 }
+
+/// The new binary cannot be executed after the stand-in took the VM: molt executes its own
+/// binary instead, which takes the VM back in the same PID and says why.
+#[test]
+fn a_new_binary_that_cannot_be_executed_is_replaced_by_the_running_one() {
+    let dir = TempDir::new("stand-in-exec-fails");
+    // The next build fails its execve of the new binary when asked to.
+    let vm = start(
+        &dir,
+        Path::new(NEXT_BIN),
+        &[("MOLT_TEST_FAULT", "stand-in-exec:error")],
+    );
+    let pid = vm.pid();
+    let r = vm.cpr_exec_stand_in(&molt_bin());
+    assert_eq!(r.status, 500, "{r:?}");
+    let report = &r.body["report"];
+    let why = report["rolled_back"].as_str().unwrap_or_default();
+    assert!(why.contains("cannot execute"), "{r:?}");
+    assert_eq!(report["pid"], pid, "{r:?}");
+    assert_eq!(report["to_version"], format!("{VERSION}+next"), "{r:?}");
+    assert_eq!(report["legs"].as_array().map(Vec::len), Some(2), "{r:?}");
+    let info = vm.info();
+    assert_eq!(info["pid"], pid, "{info}");
+    assert_eq!(info["updates"]["rollbacks"], 1, "{info}");
+    vm.wait_ticks(3);
+    vm.wait_for("blk", "n", 2, String::new);
+    assert_continuous(&vm);
+    vm.shutdown();
+}

@@ -21,6 +21,9 @@ pub enum Step {
     BeforeResume,
     /// The handoff is committed and the guest runs.
     AfterResume,
+    /// Not a restore step: the old image of a cpr-exec through a stand-in is about to
+    /// execute the new binary (an error here stands for `execve` failing).
+    StandInExec,
 }
 
 impl Step {
@@ -35,6 +38,7 @@ impl Step {
             Step::Api => "api",
             Step::BeforeResume => "before-resume",
             Step::AfterResume => "after-resume",
+            Step::StandInExec => "stand-in-exec",
         }
     }
 }

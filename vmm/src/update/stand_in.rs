@@ -128,11 +128,15 @@ fn become_new_image(vmm: &Vmm, target: &std::path::Path, argv: &[String], chan: 
     ];
     args.extend(argv.iter().skip(1).cloned());
     let env = cpr::exec::clean_env();
-    let (path, a, e) = (target.to_path_buf(), args.clone(), env.clone());
-    let err = crate::seccomp::launcher::run(move || cpr::exec::exec_path(&path, &a, e));
-    let reason = match err {
-        Some(Err(e)) => format!("cannot execute {}: {e}", target.display()),
-        _ => "the launcher thread is gone".to_string(),
+    let reason = match crate::fault::inject(crate::fault::Step::StandInExec) {
+        Err(e) => format!("cannot execute {}: {e}", target.display()),
+        Ok(()) => {
+            let (path, a, e) = (target.to_path_buf(), args.clone(), env.clone());
+            match crate::seccomp::launcher::run(move || cpr::exec::exec_path(&path, &a, e)) {
+                Some(Err(e)) => format!("cannot execute {}: {e}", target.display()),
+                _ => "the launcher thread is gone".to_string(),
+            }
+        }
     };
     log::error!("cpr-exec: {reason}; taking the VM back on the previous binary");
     if let Some(exe) = vmm
