@@ -18,6 +18,9 @@
 //! exits 0
 //! ```
 //!
+//! A receiver that refused may be replaced on the same connection (minor 1): the new one
+//! sends `Again` and the exchange starts over.
+//!
 //! RAM goes as fds here; a transfer to another host can send it as payload instead.
 
 use std::io;
@@ -34,7 +37,7 @@ pub const PROTOCOL: &str = "molt-cpr-transfer";
 /// Major version: a receiver refuses any other.
 pub const MAJOR: u16 = 1;
 /// Minor version: additive changes.
-pub const MINOR: u16 = 0;
+pub const MINOR: u16 = 1;
 /// Largest payload packet.
 pub const CHUNK: usize = 60 << 10;
 /// Largest payload accepted.
@@ -68,6 +71,9 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// A new receiver on the same connection, after the one before it refused (a rollback
+    /// that executed the previous binary): the sender may start over with a hello.
+    Again,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -256,6 +262,12 @@ impl Channel {
     /// The socket's fd (to keep it across an exec, or poll it).
     pub fn fd(&self) -> RawFd {
         self.sock.as_raw_fd()
+    }
+}
+
+impl AsFd for Channel {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock.as_fd()
     }
 }
 

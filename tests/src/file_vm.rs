@@ -16,8 +16,9 @@ pub const WAIT: Duration = Duration::from_secs(60);
 
 /// See the module documentation.
 pub struct FileVm {
-    first: Molt,
+    first: Option<Molt>,
     receivers: Vec<Molt>,
+    shut_down: bool,
     /// The API socket.
     pub api: PathBuf,
     console: PathBuf,
@@ -51,8 +52,9 @@ impl FileVm {
         let first = Molt::spawn_env(bin, &all, env);
         api::wait_ready(&api, WAIT);
         FileVm {
-            first,
+            first: Some(first),
             receivers: Vec::new(),
+            shut_down: false,
             api,
             console,
             dir: dir.to_path_buf(),
@@ -191,15 +193,33 @@ impl FileVm {
 
     /// As [`shutdown`](Self::shutdown), the first process (its PID kept by every cpr-exec)
     /// having exited with `code` by then.
-    pub fn shutdown_first_exiting(self, code: i32) {
+    pub fn shutdown_first_exiting(mut self, code: i32) {
         assert_eq!(api::put(&self.api, "vm.shutdown", "{}").status, 204);
-        let out = self.first.finish(WAIT);
+        self.shut_down = true;
+        let first = self.first.take().expect("the first process");
+        let out = first.finish(WAIT);
         assert_eq!(out.code(), Some(code), "{}", out.describe());
         out.assert_no_panic();
-        for r in self.receivers {
+        for r in std::mem::take(&mut self.receivers) {
             let out = r.finish(WAIT);
             assert!(out.code().is_some(), "{}", out.describe());
             out.assert_no_panic();
+        }
+    }
+}
+
+/// A test that failed half-way: the VM ends too, whichever process runs it by now (a
+/// receiver or a stand-in this test did not start directly is not killed with its children).
+impl Drop for FileVm {
+    fn drop(&mut self) {
+        if !self.shut_down {
+            let _ = api::request(
+                &self.api,
+                "PUT",
+                "/api/v1/vm.shutdown",
+                Some("{}"),
+                Duration::from_secs(2),
+            );
         }
     }
 }

@@ -123,12 +123,37 @@ fn stand_in_updates_keep_the_pid_and_the_guest_to_the_next_version_and_back() {
     vm.shutdown();
 }
 
-/// The new image fails before it commits: the stand-in resumes the guest and answers.
+/// The new image refuses before it commits: it executes the previous binary, which takes
+/// the VM back from the stand-in in the same PID.
 #[test]
-fn a_new_image_that_fails_leaves_the_guest_running_in_the_stand_in() {
-    let dir = TempDir::new("stand-in-new-fails");
+fn a_new_image_that_refuses_is_replaced_by_the_previous_binary_in_the_same_pid() {
+    let dir = TempDir::new("stand-in-new-refuses");
     // Only the next build (the new image here) reads the fault.
     let vm = start(&dir, &molt_bin(), &[("MOLT_TEST_FAULT", "devices:error")]);
+    let pid = vm.pid();
+    let r = vm.cpr_exec_stand_in(Path::new(NEXT_BIN));
+    assert_eq!(r.status, 500, "{r:?}");
+    let report = &r.body["report"];
+    let why = report["rolled_back"].as_str().unwrap_or_default();
+    assert!(why.contains("injected"), "{r:?}");
+    assert_eq!(report["pid"], pid, "{r:?}");
+    assert_eq!(report["to_version"], VERSION, "{r:?}");
+    assert_eq!(report["legs"].as_array().map(Vec::len), Some(2), "{r:?}");
+    let info = vm.info();
+    assert_eq!(info["pid"], pid, "{info}");
+    assert_eq!(info["version"], VERSION, "{info}");
+    assert_eq!(info["updates"]["rollbacks"], 1, "{info}");
+    vm.wait_ticks(3);
+    vm.wait_for("blk", "n", 2, String::new);
+    assert_continuous(&vm);
+    vm.shutdown();
+}
+
+/// The new image dies before it commits: the stand-in resumes the guest and answers.
+#[test]
+fn a_new_image_that_dies_leaves_the_guest_running_in_the_stand_in() {
+    let dir = TempDir::new("stand-in-new-dies");
+    let vm = start(&dir, &molt_bin(), &[("MOLT_TEST_FAULT", "devices:exit")]);
     let pid = vm.pid();
     let r = vm.cpr_exec_stand_in(Path::new(NEXT_BIN));
     assert_eq!(r.status, 502, "{r:?}");
@@ -144,9 +169,10 @@ fn a_new_image_that_fails_leaves_the_guest_running_in_the_stand_in() {
     vm.wait_ticks(3);
     vm.wait_for("blk", "n", 2, String::new);
     assert_continuous(&vm);
-    // The new image (the first PID) exited non-zero; the stand-in ends with the VM.
+    // The new image (the first PID) exited with the injected code; the stand-in ends with
+    // the VM.
     wait_gone(pid, "the new image");
-    vm.shutdown_first_exiting(1);
+    vm.shutdown_first_exiting(3);
 }
 
 /// The stand-in fails before it commits: the guest runs on in the molt that asked.

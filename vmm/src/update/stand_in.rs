@@ -13,16 +13,17 @@
 //!
 //! Failure before the stand-in committed leaves the guest here, as a failed transfer does.
 //! If the new binary cannot be executed, this binary is executed instead and takes the VM
-//! back (the report says `rolled_back`). If the new image dies or refuses before it
-//! committed, the guest runs on in the stand-in (another PID), which answers the request
-//! with the error.
+//! back (the report says `rolled_back`). A new image that refuses executes this binary too
+//! (an fd of it comes along), which says `Again` on the same channel and takes the VM back
+//! in the same PID. A new image that dies leaves the guest in the stand-in (another PID),
+//! which answers the request with the error.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Instant;
 
-use cpr::transfer::Channel;
+use cpr::transfer::{Channel, Message};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
 use super::outgoing::plan;
@@ -38,6 +39,12 @@ pub const STAND_IN_ARG: &str = "__cpr-stand-in";
 pub const RECEIVE_ARG: &str = "__cpr-receive";
 /// Why the new image takes the VM back although it is not the binary asked for.
 const ROLLBACK_VAR: &str = "MOLT_CPR_STAND_IN_ROLLBACK";
+/// Set for a receiver that replaces one that refused (it says `Again` first).
+const AGAIN_VAR: &str = "MOLT_CPR_STAND_IN_AGAIN";
+/// The fd of the binary that started the update, for a new image that cannot take over.
+const PREVIOUS_VAR: &str = "MOLT_CPR_STAND_IN_PREVIOUS_FD";
+/// How long the stand-in waits for the previous binary after the new image refused.
+const AGAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(socketpair(
@@ -128,10 +135,17 @@ fn become_new_image(vmm: &Vmm, target: &std::path::Path, argv: &[String], chan: 
     ];
     args.extend(argv.iter().skip(1).cloned());
     let env = cpr::exec::clean_env();
+    // The new image gets this binary too, to take the VM back if it cannot.
+    let mut target_env = env.clone();
+    if let Some(exe) = vmm.identity.exe_file.as_ref() {
+        if super::sys::set_cloexec(exe, false).is_ok() {
+            target_env.push((PREVIOUS_VAR.into(), exe.as_raw_fd().to_string().into()));
+        }
+    }
     let reason = match crate::fault::inject(crate::fault::Step::StandInExec) {
         Err(e) => format!("cannot execute {}: {e}", target.display()),
         Ok(()) => {
-            let (path, a, e) = (target.to_path_buf(), args.clone(), env.clone());
+            let (path, a, e) = (target.to_path_buf(), args.clone(), target_env);
             match crate::seccomp::launcher::run(move || cpr::exec::exec_path(&path, &a, e)) {
                 Some(Err(e)) => format!("cannot execute {}: {e}", target.display()),
                 _ => "the launcher thread is gone".to_string(),
@@ -172,15 +186,69 @@ fn inherited(arg: Option<String>) -> Option<OwnedFd> {
 }
 
 /// `molt __cpr-receive FD …`: the new image takes the VM over from the stand-in. Returns
-/// the exit code.
+/// the exit code. If it cannot, and it is not a rollback already, it executes the previous
+/// binary on the same channel, which takes the VM back in this PID.
 pub fn receive_main(started: Instant) -> i32 {
     let rollback = std::env::var(ROLLBACK_VAR).ok();
-    std::env::remove_var(ROLLBACK_VAR);
+    let again = std::env::var_os(AGAIN_VAR).is_some();
+    let previous = inherited(std::env::var(PREVIOUS_VAR).ok());
+    for var in [ROLLBACK_VAR, AGAIN_VAR, PREVIOUS_VAR] {
+        std::env::remove_var(var);
+    }
     let Some(fd) = inherited(std::env::args().nth(2)) else {
         eprintln!("molt: error: {RECEIVE_ARG} needs the number of an inherited socket");
         return 2;
     };
-    super::transfer_in::run_on(Channel::new(fd), started, rollback)
+    let chan = Channel::new(fd);
+    if again {
+        // The stand-in waits for a new receiver after the refusal of the one before.
+        if let Err(e) = chan.send(&Message::Again, &[], &[]) {
+            eprintln!("molt: error: the stand-in is gone: {e}");
+            return 1;
+        }
+    }
+    let e = match super::transfer_in::take_over(&chan, started, rollback.clone()) {
+        Ok(runtime) => {
+            drop((chan, previous));
+            return crate::run_to_end(Ok(runtime));
+        }
+        Err(e) => e,
+    };
+    super::transfer_in::refuse(&chan, &e);
+    let (None, Some(previous)) = (rollback, previous) else {
+        return 1;
+    };
+    let reason = crate::error_chain(&e);
+    log::error!("cpr-exec: {reason}; taking the VM back on the previous binary");
+    let mut env = cpr::exec::clean_env();
+    env.push((ROLLBACK_VAR.into(), reason.into()));
+    env.push((AGAIN_VAR.into(), "1".into()));
+    let argv: Vec<String> = std::env::args().collect();
+    let kept = super::sys::set_cloexec(&chan, false);
+    let Err(e) = kept.map_err(cpr::ExecError::Exec).and_then(|()| {
+        // No launcher runs yet: nothing in this image filtered a thread that executes.
+        cpr::exec::exec_fd(&previous, &argv, env)
+    });
+    eprintln!("molt: error: the rollback to the previous binary failed: {e}");
+    1
+}
+
+/// After the new image failed with `e`: whether a new receiver took its place on `chan`
+/// (one that refused executes the previous binary, which says `Again`).
+fn replaced(chan: &Channel, e: &cpr::transfer::TransferError) -> bool {
+    if !matches!(e, cpr::transfer::TransferError::Refused(_)) {
+        return false;
+    }
+    let deadline = Instant::now() + AGAIN_WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match chan.recv(left) {
+            Ok(m) if m.message == Message::Again => return true,
+            // Whatever the refusing image sent after its refusal.
+            Ok(_) | Err(cpr::transfer::TransferError::Refused(_)) if !left.is_zero() => {}
+            _ => return false,
+        }
+    }
 }
 
 /// `molt __cpr-stand-in FROM TO`: receives the VM on FROM, hands it on over TO, exits 0.
@@ -225,7 +293,17 @@ pub fn stand_in_main(started: Instant) -> i32 {
     let conn = waiting.unwrap_or(ConnId::MAX);
     let me = std::process::id();
     let failed = |e| UpdateError::NewImage(target.clone(), me, e);
-    match transfer_out::send(&mut runtime.vmm, api, conn, &to, leg, failed) {
+    let mut result = transfer_out::send(&mut runtime.vmm, api, conn, &to, leg.clone(), failed);
+    // A new image that refused executes the previous binary, which takes the VM back on the
+    // same channel.
+    while let Err(UpdateError::NewImage(_, _, e)) = &result {
+        if !replaced(&to, e) {
+            break;
+        }
+        log::warn!("cpr-exec: the new image refused; the previous binary takes the VM back");
+        result = transfer_out::send(&mut runtime.vmm, api, conn, &to, leg.clone(), failed);
+    }
+    match result {
         Ok(()) => transfer_out::committed(&runtime.vmm, api),
         Err(e) => {
             log::error!("cpr-exec: {}", crate::error_chain(&e));

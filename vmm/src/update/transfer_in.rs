@@ -284,17 +284,27 @@ pub(super) fn refuse(chan: &Channel, e: &ReceiveError) {
     eprintln!("molt: error: receiving the VM failed (the sender keeps it): {reason}");
 }
 
+/// Receives the VM on `chan` and answers the request that started the handoff. `rollback`
+/// says why this binary runs instead of the one the update asked for.
+pub(super) fn take_over(
+    chan: &Channel,
+    started: Instant,
+    rollback: Option<String>,
+) -> Result<Runtime, ReceiveError> {
+    let mut got = receive(chan, started)?;
+    let (h, phases) = (&got.handoff, got.phases.clone());
+    super::incoming::finish(h, &mut got.runtime, phases, got.resumed_ns, rollback);
+    Ok(got.runtime)
+}
+
 /// Receives the VM on `chan`, answers the request that started the handoff and runs the VM;
-/// returns the process exit code. `rollback` says why this binary runs instead of the one
-/// the update asked for.
-pub(super) fn run_on(chan: Channel, started: Instant, rollback: Option<String>) -> i32 {
-    match receive(&chan, started) {
-        Ok(mut got) => {
+/// returns the process exit code.
+fn run_on(chan: Channel, started: Instant) -> i32 {
+    match take_over(&chan, started, None) {
+        Ok(runtime) => {
             // The sender is done with us (it exits once it read Committed).
             drop(chan);
-            let (h, phases) = (&got.handoff, got.phases.clone());
-            super::incoming::finish(h, &mut got.runtime, phases, got.resumed_ns, rollback);
-            crate::run_to_end(Ok(got.runtime))
+            crate::run_to_end(Ok(runtime))
         }
         Err(e) => {
             refuse(&chan, &e);
@@ -306,7 +316,7 @@ pub(super) fn run_on(chan: Channel, started: Instant, rollback: Option<String>) 
 /// `molt --incoming PATH`: returns the process exit code.
 pub fn run(path: &Path, started: Instant) -> i32 {
     match accept_one(path) {
-        Ok(chan) => run_on(chan, started, None),
+        Ok(chan) => run_on(chan, started),
         Err(e) => {
             eprintln!("molt: error: {}", crate::error_chain(&e));
             1

@@ -92,6 +92,7 @@ pub fn perform(vmm: &mut Vmm, api: &mut ApiServer, conn: ConnId, socket: &Path) 
 }
 
 /// One handover by the transfer protocol.
+#[derive(Clone)]
 pub(super) struct Leg {
     /// What the update goes to (the report's target).
     pub target: PathBuf,
@@ -126,13 +127,17 @@ pub(super) fn send(
         log::warn!("the receiver committed although the transfer reported: {err}");
         return Ok(());
     }
-    let _ = chan.send(
-        &Message::Refused {
-            reason: err.to_string(),
-        },
-        &[],
-        &[],
-    );
+    // A receiver that refused needs no refusal back (a receiver that replaces it on the
+    // same channel must not find one either).
+    if !matches!(err, TransferError::Refused(_)) {
+        let _ = chan.send(
+            &Message::Refused {
+                reason: err.to_string(),
+            },
+            &[],
+            &[],
+        );
+    }
     api.end_handoff();
     if !was_paused {
         if let Err(e) = vmm.resume() {
