@@ -23,7 +23,6 @@
 //! Such changes bump the *minor* version, which readers accept; a different
 //! *major* version is refused.
 
-use crc::{Crc, Table, CRC_64_XZ};
 use std::marker::PhantomData;
 
 use serde::de::{self, DeserializeOwned, DeserializeSeed, MapAccess, Visitor};
@@ -44,9 +43,6 @@ pub const MAX_RECORD_LEN: usize = 64 << 20;
 
 /// Header bytes covered by the checksum (everything before it).
 const CHECKSUMMED_HEADER: usize = 20;
-/// Slice-by-16 tables: the same CRC, several times faster than byte-wise (the record is
-/// checksummed inside a live update's pause).
-const CHECKSUM: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_XZ);
 
 /// Why a record could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -400,11 +396,13 @@ fn verify(bytes: &[u8]) -> Result<(Header, &[u8]), RecordError> {
     Ok((header, payload))
 }
 
+/// CRC-64/XZ of the checksummed header and the payload (`crc64fast`: SIMD where the CPU has
+/// carry-less multiplication, ~5× the table-driven speed).
 fn checksum(header: &[u8], payload: &[u8]) -> u64 {
-    let mut digest = CHECKSUM.digest();
-    digest.update(header);
-    digest.update(payload);
-    digest.finalize()
+    let mut digest = crc64fast::Digest::new();
+    digest.write(header);
+    digest.write(payload);
+    digest.sum64()
 }
 
 /// Copies `N` bytes at `at` out of the header; the offsets are constants

@@ -1,4 +1,5 @@
 use super::*;
+use crc::{Crc, CRC_64_XZ};
 
 const WRITER: &str = "molt 0.1.0";
 

@@ -17,7 +17,6 @@
 //! The directory is written under a temporary name beside `DIR`, synced and renamed into
 //! place, so `DIR` always holds a complete snapshot or none.
 
-use crc::{Crc, Table, CRC_64_XZ};
 use serde::{Deserialize, Serialize};
 
 /// Record kind of a snapshot's state record.
@@ -26,9 +25,6 @@ pub const SNAPSHOT_KIND: &str = "molt-snapshot";
 pub const STATE_FILE: &str = "state.molt";
 /// Size of a checksummed chunk of a memory file: 2 MiB, one huge page.
 pub const CHUNK_SIZE: u64 = 2 << 20;
-
-/// Slice-by-16 tables: chunk checksums must keep up with the disk.
-const CHECKSUM: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_XZ);
 
 /// File name of RAM region `index`'s memory file.
 pub fn memory_file_name(index: usize) -> String {
@@ -45,9 +41,12 @@ pub fn is_snapshot_file(name: &str) -> bool {
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// CRC-64/XZ of one chunk's bytes.
+/// CRC-64/XZ of one chunk's bytes (`crc64fast`: 8 GB/s here against 1.5 GB/s table-driven,
+/// which bounded the writer of a snapshot).
 pub fn chunk_checksum(bytes: &[u8]) -> u64 {
-    CHECKSUM.checksum(bytes)
+    let mut digest = crc64fast::Digest::new();
+    digest.write(bytes);
+    digest.sum64()
 }
 
 /// One memory file as the state record describes it.
@@ -125,5 +124,22 @@ mod tests {
         }
         .is_consistent());
         assert_ne!(chunk_checksum(&[0; 4096]), chunk_checksum(&[1; 4096]));
+    }
+
+    #[test]
+    fn chunk_checksums_are_crc_64_xz() {
+        let reference = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+        let chunk: Vec<u8> = (0..CHUNK_SIZE as u32 + 13)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in [0, 1, 15, 16, 17, 255, 4096, chunk.len()] {
+            let bytes = &chunk[..len];
+            assert_eq!(
+                chunk_checksum(bytes),
+                reference.checksum(bytes),
+                "{len} bytes"
+            );
+        }
+        assert_eq!(chunk_checksum(b"123456789"), 0x995d_c9bb_df19_39fa);
     }
 }

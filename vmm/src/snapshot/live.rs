@@ -406,13 +406,18 @@ impl LiveWp {
         };
         let off = (addr - r.host) / r.page * r.page;
         let len = r.page.min(r.size - off);
+        let mut laps = FaultLaps::start();
         let mut guard = self.lock();
+        laps.mark(Lap::Lock);
         let inner = &mut *guard;
         if !inner.saving {
             // Recorded and unprotected under the lock: the switch to saving sees both.
             inner.dirty[i].insert(off / r.page);
             self.tracked_faults.fetch_add(1, Relaxed);
-            return self.uffd.write_protect(r.host + off, len, false);
+            let done = self.uffd.write_protect(r.host + off, len, false);
+            laps.mark(Lap::Unprotect);
+            laps.log_if_slow("tracked");
+            return done;
         }
         // Pages without data read as zeros: saved too, whether or not the writer will find
         // data there (it looks after the pause).
@@ -422,6 +427,7 @@ impl LiveWp {
             if page.len() as u64 != len {
                 page = AlignedBuf::new(len as usize);
             }
+            laps.mark(Lap::Buffer);
             if r.page == HUGE_PAGE_SIZE && mapped(r.host + off) {
                 // Through the mapping: a quarter of the time of `pread` from hugetlbfs here
                 // (~0.25 ms for 2 MiB, against ~1 ms). Only a page mapped here: reading a
@@ -440,11 +446,63 @@ impl LiveWp {
                 // A hole reads as zeros without being allocated.
                 r.memfd.read_exact_at(&mut page, off)?;
             }
+            laps.mark(Lap::Copy);
             s.pages.insert(off, page);
             self.saved_bytes.fetch_add(len, Relaxed);
         }
         drop(guard);
-        self.uffd.write_protect(r.host + off, len, false)
+        let done = self.uffd.write_protect(r.host + off, len, false);
+        laps.mark(Lap::Unprotect);
+        laps.log_if_slow("saved");
+        done
+    }
+}
+
+/// The steps of serving one fault.
+#[derive(Clone, Copy)]
+enum Lap {
+    Lock,
+    Buffer,
+    Copy,
+    Unprotect,
+}
+
+/// Where the time of one fault went, logged (debug) when it took over [`SLOW_FAULT`].
+struct FaultLaps {
+    start: Instant,
+    last: Instant,
+    us: [u128; 4],
+}
+
+/// A fault served slower than this is logged with its steps.
+const SLOW_FAULT: std::time::Duration = std::time::Duration::from_millis(1);
+
+impl FaultLaps {
+    fn start() -> Self {
+        let now = Instant::now();
+        Self {
+            start: now,
+            last: now,
+            us: [0; 4],
+        }
+    }
+
+    fn mark(&mut self, lap: Lap) {
+        let now = Instant::now();
+        self.us[lap as usize] = (now - self.last).as_micros();
+        self.last = now;
+    }
+
+    fn log_if_slow(&self, kind: &str) {
+        let total = self.start.elapsed();
+        if total >= SLOW_FAULT {
+            let [lock, buffer, copy, unprotect] = self.us;
+            log::debug!(
+                "live snapshot: {kind} fault took {} µs: lock {lock}, buffer {buffer}, copy \
+                 {copy}, unprotect {unprotect}",
+                total.as_micros()
+            );
+        }
     }
 }
 
