@@ -68,6 +68,27 @@ fn assert_updated(r: &Reply, pid: u64, to_version: &str) -> u64 {
     stand_in
 }
 
+/// A stand-in update that ended on the binary that asked, `version`, in the same PID (500,
+/// `rolled_back` saying `why`); the guest runs on. Shuts the VM down.
+fn assert_rolled_back(vm: FileVm, r: &Reply, version: &str, why: &str) {
+    assert_eq!(r.status, 500, "{r:?}");
+    let report = &r.body["report"];
+    let said = report["rolled_back"].as_str().unwrap_or_default();
+    assert!(said.contains(why), "{r:?}");
+    let pid = report["from_pid"].clone();
+    assert_eq!(report["pid"], pid, "{r:?}");
+    assert_eq!(report["to_version"], version, "{r:?}");
+    assert_eq!(report["legs"].as_array().map(Vec::len), Some(2), "{r:?}");
+    let info = vm.info();
+    assert_eq!(info["pid"], pid, "{info}");
+    assert_eq!(info["version"], version, "{info}");
+    assert_eq!(info["updates"]["rollbacks"], 1, "{info}");
+    vm.wait_ticks(3);
+    vm.wait_for("blk", "n", 2, String::new);
+    assert_continuous(&vm);
+    vm.shutdown();
+}
+
 fn assert_continuous(vm: &FileVm) {
     vm.assert_one_boot_no_failure();
     vm.assert_sequence("tick", "n");
@@ -130,23 +151,8 @@ fn a_new_image_that_refuses_is_replaced_by_the_previous_binary_in_the_same_pid()
     let dir = TempDir::new("stand-in-new-refuses");
     // Only the next build (the new image here) reads the fault.
     let vm = start(&dir, &molt_bin(), &[("MOLT_TEST_FAULT", "devices:error")]);
-    let pid = vm.pid();
     let r = vm.cpr_exec_stand_in(Path::new(NEXT_BIN));
-    assert_eq!(r.status, 500, "{r:?}");
-    let report = &r.body["report"];
-    let why = report["rolled_back"].as_str().unwrap_or_default();
-    assert!(why.contains("injected"), "{r:?}");
-    assert_eq!(report["pid"], pid, "{r:?}");
-    assert_eq!(report["to_version"], VERSION, "{r:?}");
-    assert_eq!(report["legs"].as_array().map(Vec::len), Some(2), "{r:?}");
-    let info = vm.info();
-    assert_eq!(info["pid"], pid, "{info}");
-    assert_eq!(info["version"], VERSION, "{info}");
-    assert_eq!(info["updates"]["rollbacks"], 1, "{info}");
-    vm.wait_ticks(3);
-    vm.wait_for("blk", "n", 2, String::new);
-    assert_continuous(&vm);
-    vm.shutdown();
+    assert_rolled_back(vm, &r, VERSION, "injected");
 }
 
 /// The new image dies before it commits: the stand-in resumes the guest and answers.
@@ -211,20 +217,6 @@ fn a_new_binary_that_cannot_be_executed_is_replaced_by_the_running_one() {
         Path::new(NEXT_BIN),
         &[("MOLT_TEST_FAULT", "stand-in-exec:error")],
     );
-    let pid = vm.pid();
     let r = vm.cpr_exec_stand_in(&molt_bin());
-    assert_eq!(r.status, 500, "{r:?}");
-    let report = &r.body["report"];
-    let why = report["rolled_back"].as_str().unwrap_or_default();
-    assert!(why.contains("cannot execute"), "{r:?}");
-    assert_eq!(report["pid"], pid, "{r:?}");
-    assert_eq!(report["to_version"], format!("{VERSION}+next"), "{r:?}");
-    assert_eq!(report["legs"].as_array().map(Vec::len), Some(2), "{r:?}");
-    let info = vm.info();
-    assert_eq!(info["pid"], pid, "{info}");
-    assert_eq!(info["updates"]["rollbacks"], 1, "{info}");
-    vm.wait_ticks(3);
-    vm.wait_for("blk", "n", 2, String::new);
-    assert_continuous(&vm);
-    vm.shutdown();
+    assert_rolled_back(vm, &r, &format!("{VERSION}+next"), "cannot execute");
 }
