@@ -132,6 +132,39 @@ fn disk_records_reach_the_file_and_survive_a_reboot() {
     assert_eq!(GuestLine::parse(&next.text).unwrap().num("n"), found + 1);
 }
 
+/// The devices' interrupts (polled by the guest) once reached a second vCPU running natively
+/// through the unprogrammed 8259 as "exception vector=5": the guest now masks the PICs.
+#[test]
+fn a_guest_with_two_vcpus_drives_its_disk() {
+    let dir = TempDir::new("virtio-blk-smp");
+    let img = image(&dir, 4);
+    let disk = format!("path={}", img.display());
+    let mut molt = Molt::spawn(&[
+        "--cpus",
+        "2",
+        "--disk",
+        &disk,
+        "--cmdline",
+        "molt.memtest=4 molt.blk=on",
+    ]);
+    molt.wait_line(Stream::Stdout, WAIT, |l| l.contains("cpu id=1 up"));
+    wait_blk(&mut molt, 24);
+    molt.signal(libc::SIGTERM);
+    let out = molt.finish(WAIT);
+    out.assert_code(0);
+    let text = out.stdout().join("\n");
+    assert!(
+        !text.contains("exception") && !text.contains("FAIL"),
+        "{text}"
+    );
+    let written: Vec<u64> = guest_lines(out.stdout())
+        .iter()
+        .filter(|l| l.kind == "blk" && l.get("n").is_some())
+        .map(|l| l.num("n"))
+        .collect();
+    assert_consecutive(&written, "blk");
+}
+
 #[test]
 fn read_only_disk_is_not_written() {
     let dir = TempDir::new("virtio-ro");

@@ -189,6 +189,11 @@ impl CpuTicker {
 pub extern "C" fn bsp_main(zero_page: u64) -> ! {
     boot::init_idt();
     boot::load_idt(false);
+    // The 8259 PICs come out of reset unmasked with vector base 0; devices' interrupts
+    // (polled here) must not reach a CPU through them as "exceptions" (running natively,
+    // `cli` does not keep them out). Every OS masks or reprograms them first.
+    boot::outb(0x21, 0xff);
+    boot::outb(0xa1, 0xff);
 
     let zero_page = ZeroPage::new(zero_page);
     let config = Config::parse(zero_page.cmdline());
