@@ -51,6 +51,8 @@ fn check_fd_budget() -> Result<(), UpdateError> {
     Ok(())
 }
 
+/// Checks what the update `req` executes, and waits until the memfds hold all of RAM (once a
+/// lazy restore has loaded it): the start of every cpr-exec, before anything is paused.
 pub(super) fn plan(vmm: &Vmm, req: &CprExecRequest) -> Result<Plan, UpdateError> {
     let allowed = vmm.config().update_binaries.as_deref();
     let target = validate_target(req.binary.as_ref().unwrap_or(&vmm.identity.exe), allowed)?;
@@ -61,6 +63,7 @@ pub(super) fn plan(vmm: &Vmm, req: &CprExecRequest) -> Result<Plan, UpdateError>
             .collect(),
         None => vmm.identity.argv.clone(),
     };
+    crate::snapshot::lazy::wait_until_filled();
     Ok(Plan { target, argv })
 }
 
@@ -76,8 +79,6 @@ pub fn perform(
         Ok(p) => p,
         Err(e) => return e,
     };
-    // The memfds hold all of RAM only once a lazy restore has loaded it.
-    crate::snapshot::lazy::wait_until_filled();
     // The commit page and the guardian are made while the guest still runs; the guardian
     // gets the fds just before execve.
     let commit = match CommitPage::create() {

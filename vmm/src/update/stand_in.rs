@@ -93,7 +93,6 @@ pub fn perform(
         Ok(p) => p,
         Err(e) => return e,
     };
-    crate::snapshot::lazy::wait_until_filled();
     let fds = pair().and_then(|(ours, from)| Ok((ours, from, pair()?)));
     let (ours, from, (new_image, to)) = match fds {
         Ok(f) => f,
