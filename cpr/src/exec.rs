@@ -24,6 +24,9 @@ const GUARDIAN_PIDFD: &str = "MOLT_CPR_GUARDIAN_PIDFD";
 const COMMIT_FD: &str = "MOLT_CPR_COMMIT_FD";
 const GUARDIAN_PARENT: &str = "MOLT_CPR_GUARDIAN_PARENT";
 const GUARDIAN_SOCK: &str = "MOLT_CPR_GUARDIAN_SOCK";
+const STAND_IN_ROLLBACK: &str = "MOLT_CPR_STAND_IN_ROLLBACK";
+const STAND_IN_AGAIN: &str = "MOLT_CPR_STAND_IN_AGAIN";
+const STAND_IN_PREVIOUS_FD: &str = "MOLT_CPR_STAND_IN_PREVIOUS_FD";
 
 /// Every variable of the protocol.
 const ALL: &[&str] = &[
@@ -36,6 +39,9 @@ const ALL: &[&str] = &[
     COMMIT_FD,
     GUARDIAN_PARENT,
     GUARDIAN_SOCK,
+    STAND_IN_ROLLBACK,
+    STAND_IN_AGAIN,
+    STAND_IN_PREVIOUS_FD,
 ];
 
 /// What the image that executes the next one passes along with the preserved fds.
@@ -108,6 +114,48 @@ impl ExecEnv {
         }
         if let Some(fd) = self.commit_fd {
             set(COMMIT_FD, fd.to_string());
+        }
+        base
+    }
+}
+
+/// What an image that takes a VM back from a cpr-exec's stand-in is told besides its channel
+/// (which its command line names).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StandInEnv {
+    /// Why this binary takes the VM rather than the one the update asked for.
+    pub rollback: Option<String>,
+    /// It replaces a receiver that refused, on the same channel (it says so first).
+    pub again: bool,
+    /// The binary that started the update, to execute if this image cannot take over.
+    pub previous_exe_fd: Option<RawFd>,
+}
+
+impl StandInEnv {
+    /// Reads the contract from this process's environment and removes it.
+    pub fn take() -> Self {
+        let found = Self {
+            rollback: std::env::var(STAND_IN_ROLLBACK).ok(),
+            again: std::env::var_os(STAND_IN_AGAIN).is_some(),
+            previous_exe_fd: parse(STAND_IN_PREVIOUS_FD),
+        };
+        for v in [STAND_IN_ROLLBACK, STAND_IN_AGAIN, STAND_IN_PREVIOUS_FD] {
+            std::env::remove_var(v);
+        }
+        found
+    }
+
+    /// `base` (see [`clean_env`]) plus this contract.
+    pub fn apply(&self, mut base: Vec<(OsString, OsString)>) -> Vec<(OsString, OsString)> {
+        let mut set = |k: &str, v: String| base.push((k.into(), v.into()));
+        if let Some(r) = &self.rollback {
+            set(STAND_IN_ROLLBACK, r.clone());
+        }
+        if self.again {
+            set(STAND_IN_AGAIN, "1".into());
+        }
+        if let Some(fd) = self.previous_exe_fd {
+            set(STAND_IN_PREVIOUS_FD, fd.to_string());
         }
         base
     }
@@ -216,6 +264,27 @@ mod tests {
         assert!(clean_env()
             .iter()
             .all(|(k, _)| !k.to_string_lossy().starts_with("MOLT_CPR_")));
+    }
+
+    #[test]
+    fn the_stand_in_contract_round_trips_and_leaves_nothing_behind() {
+        let sent = StandInEnv {
+            rollback: Some("cannot execute".into()),
+            again: true,
+            previous_exe_fd: Some(5),
+        };
+        for (k, v) in sent.apply(Vec::new()) {
+            std::env::set_var(k, v);
+        }
+        assert!(clean_env()
+            .iter()
+            .all(|(k, _)| !k.to_string_lossy().starts_with("MOLT_CPR_")));
+        assert_eq!(StandInEnv::take(), sent);
+        assert_eq!(
+            StandInEnv::take(),
+            StandInEnv::default(),
+            "variables removed"
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub mod transfer;
 pub mod transport;
 
 pub use commit::CommitPage;
-pub use exec::{ExecEnv, ExecError, GuardianEnv};
+pub use exec::{ExecEnv, ExecError, GuardianEnv, StandInEnv};
 pub use fds::{is_cloexec, open_fds, FdError, FdRegistry, PreservedFd};
 pub use inherit::Inherited;
 pub use memfd::{is_sealed, read_record, seals, write_sealed, MemfdError};

@@ -14,9 +14,9 @@
 //! Failure before the stand-in committed leaves the guest here, as a failed transfer does.
 //! If the new binary cannot be executed, this binary is executed instead and takes the VM
 //! back (the report says `rolled_back`). A new image that refuses executes this binary too
-//! (an fd of it comes along), which says `Again` on the same channel and takes the VM back
-//! in the same PID. A new image that dies leaves the guest in the stand-in (another PID),
-//! which answers the request with the error.
+//! (an fd of it comes along, [`cpr::StandInEnv`]), which says `Again` on the same channel and
+//! takes the VM back in the same PID. A new image that dies leaves the guest in the stand-in
+//! (another PID), which answers the request with the error.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -24,6 +24,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use cpr::transfer::{Channel, Message};
+use cpr::StandInEnv;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
 use super::outgoing::plan;
@@ -37,12 +38,6 @@ pub const STAND_IN_ARG: &str = "__cpr-stand-in";
 /// First argument of a new image that takes the VM back from the stand-in:
 /// `__cpr-receive FD [the VM's arguments]` (only their log level is used).
 pub const RECEIVE_ARG: &str = "__cpr-receive";
-/// Why the new image takes the VM back although it is not the binary asked for.
-const ROLLBACK_VAR: &str = "MOLT_CPR_STAND_IN_ROLLBACK";
-/// Set for a receiver that replaces one that refused (it says `Again` first).
-const AGAIN_VAR: &str = "MOLT_CPR_STAND_IN_AGAIN";
-/// The fd of the binary that started the update, for a new image that cannot take over.
-const PREVIOUS_VAR: &str = "MOLT_CPR_STAND_IN_PREVIOUS_FD";
 /// How long the stand-in waits for the previous binary after the new image refused.
 const AGAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -133,14 +128,18 @@ fn become_new_image(vmm: &Vmm, target: &std::path::Path, argv: &[String], chan: 
         chan.as_raw_fd().to_string(),
     ];
     args.extend(argv.iter().skip(1).cloned());
-    let env = cpr::exec::clean_env();
     // The new image gets this binary too, to take the VM back if it cannot.
-    let mut target_env = env.clone();
-    if let Some(exe) = vmm.identity.exe_file.as_ref() {
-        if super::sys::set_cloexec(exe, false).is_ok() {
-            target_env.push((PREVIOUS_VAR.into(), exe.as_raw_fd().to_string().into()));
-        }
+    let previous_exe_fd = vmm
+        .identity
+        .exe_file
+        .as_ref()
+        .filter(|exe| super::sys::set_cloexec(exe, false).is_ok())
+        .map(|exe| exe.as_raw_fd());
+    let target_env = StandInEnv {
+        previous_exe_fd,
+        ..StandInEnv::default()
     }
+    .apply(cpr::exec::clean_env());
     let reason = match crate::fault::inject(crate::fault::Step::StandInExec) {
         Err(e) => format!("cannot execute {}: {e}", target.display()),
         Ok(()) => {
@@ -159,8 +158,11 @@ fn become_new_image(vmm: &Vmm, target: &std::path::Path, argv: &[String], chan: 
         .and_then(|f| f.try_clone().ok())
     {
         args[0] = vmm.identity.exe.display().to_string();
-        let mut env = env;
-        env.push((ROLLBACK_VAR.into(), reason.into()));
+        let env = StandInEnv {
+            rollback: Some(reason),
+            ..StandInEnv::default()
+        }
+        .apply(cpr::exec::clean_env());
         let err = crate::seccomp::launcher::run(move || cpr::exec::exec_fd(&exe, &args, env));
         if let Some(Err(e)) = err {
             log::error!("cannot execute the previous binary either: {e}");
@@ -170,15 +172,21 @@ fn become_new_image(vmm: &Vmm, target: &std::path::Path, argv: &[String], chan: 
     std::process::exit(1)
 }
 
-/// Takes an inherited fd number from the command line (its own from here on).
-fn inherited(arg: Option<String>) -> Option<OwnedFd> {
-    let fd: RawFd = arg?.parse().ok().filter(|fd| *fd > 2)?;
+/// An fd number from the command line.
+fn fd_arg(arg: Option<String>) -> Option<RawFd> {
+    arg?.parse().ok()
+}
+
+/// Takes an inherited fd (this process's own from here on).
+fn inherited(fd: Option<RawFd>) -> Option<OwnedFd> {
+    let fd = fd.filter(|fd| *fd > 2)?;
     // SAFETY: F_GETFD only reads the flags of whatever `fd` is (EBADF if nothing).
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return None;
     }
-    // SAFETY: the fd is open (fcntl above), and its number was passed on our command line by
-    // the process that made it inheritable for us: nothing else in this process owns it.
+    // SAFETY: the fd is open (fcntl above), and its number was passed (command line or
+    // environment) by the process that made it inheritable for us: nothing else in this
+    // process owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     super::sys::set_cloexec(&fd, true).ok()?;
     Some(fd)
@@ -188,13 +196,13 @@ fn inherited(arg: Option<String>) -> Option<OwnedFd> {
 /// the exit code. If it cannot, and it is not a rollback already, it executes the previous
 /// binary on the same channel, which takes the VM back in this PID.
 pub fn receive_main(started: Instant) -> i32 {
-    let rollback = std::env::var(ROLLBACK_VAR).ok();
-    let again = std::env::var_os(AGAIN_VAR).is_some();
-    let previous = inherited(std::env::var(PREVIOUS_VAR).ok());
-    for var in [ROLLBACK_VAR, AGAIN_VAR, PREVIOUS_VAR] {
-        std::env::remove_var(var);
-    }
-    let Some(fd) = inherited(std::env::args().nth(2)) else {
+    let StandInEnv {
+        rollback,
+        again,
+        previous_exe_fd,
+    } = StandInEnv::take();
+    let previous = inherited(previous_exe_fd);
+    let Some(fd) = inherited(fd_arg(std::env::args().nth(2))) else {
         eprintln!("molt: error: {RECEIVE_ARG} needs the number of an inherited socket");
         return 2;
     };
@@ -219,9 +227,12 @@ pub fn receive_main(started: Instant) -> i32 {
     };
     let reason = crate::error_chain(&e);
     log::error!("cpr-exec: {reason}; taking the VM back on the previous binary");
-    let mut env = cpr::exec::clean_env();
-    env.push((ROLLBACK_VAR.into(), reason.into()));
-    env.push((AGAIN_VAR.into(), "1".into()));
+    let env = StandInEnv {
+        rollback: Some(reason),
+        again: true,
+        previous_exe_fd: None,
+    }
+    .apply(cpr::exec::clean_env());
     let argv: Vec<String> = std::env::args().collect();
     let kept = super::sys::set_cloexec(&chan, false);
     let Err(e) = kept.map_err(cpr::ExecError::Exec).and_then(|()| {
@@ -254,7 +265,10 @@ fn replaced(chan: &Channel, e: &cpr::transfer::TransferError) -> bool {
 /// If the second handover fails the guest runs on here and this process stays its VMM.
 pub fn stand_in_main(started: Instant) -> i32 {
     let mut args = std::env::args().skip(2);
-    let (Some(from), Some(to)) = (inherited(args.next()), inherited(args.next())) else {
+    let (Some(from), Some(to)) = (
+        inherited(fd_arg(args.next())),
+        inherited(fd_arg(args.next())),
+    ) else {
         eprintln!("molt: error: {STAND_IN_ARG} needs two inherited sockets");
         return 2;
     };
