@@ -72,6 +72,11 @@ fn blk_ns(molt: &Molt) -> Vec<u64> {
             l.raw
         );
     }
+    blk_numbers(&lines)
+}
+
+/// The `n` of every disk record line, in order.
+fn blk_numbers(lines: &[GuestLine]) -> Vec<u64> {
     lines
         .iter()
         .filter(|l| l.kind == "blk" && l.get("n").is_some())
@@ -104,11 +109,7 @@ fn disk_records_reach_the_file_and_survive_a_reboot() {
     molt.signal(libc::SIGTERM);
     let out = molt.finish(WAIT);
     out.assert_code(0);
-    let written = guest_lines(out.stdout())
-        .iter()
-        .filter(|l| l.kind == "blk" && l.get("n").is_some())
-        .map(|l| l.num("n"))
-        .collect::<Vec<_>>();
+    let written = blk_numbers(&guest_lines(out.stdout()));
     assert_consecutive(&written, "blk");
     let last = *written.last().unwrap();
     let on_disk = records(&img);
@@ -157,11 +158,7 @@ fn a_guest_with_two_vcpus_drives_its_disk() {
         !text.contains("exception") && !text.contains("FAIL"),
         "{text}"
     );
-    let written: Vec<u64> = guest_lines(out.stdout())
-        .iter()
-        .filter(|l| l.kind == "blk" && l.get("n").is_some())
-        .map(|l| l.num("n"))
-        .collect();
+    let written = blk_numbers(&guest_lines(out.stdout()));
     assert_consecutive(&written, "blk");
 }
 
@@ -229,11 +226,7 @@ fn disk_io_across_ten_live_updates_loses_and_repeats_nothing() {
         assert_eq!(api::put(&socket, "vm.shutdown", "").status, 204);
         let out = molt.finish(WAIT);
         out.assert_code(0);
-        let reported: Vec<u64> = guest_lines(out.stdout())
-            .iter()
-            .filter(|l| l.kind == "blk" && l.get("n").is_some())
-            .map(|l| l.num("n"))
-            .collect();
+        let reported = blk_numbers(&guest_lines(out.stdout()));
         assert_consecutive(&reported, "blk");
         let last = *reported.last().unwrap();
         let on_disk = records(&img);
