@@ -244,9 +244,15 @@ pub fn exec_fd(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// The process environment is one for all tests: those that set and take the
+    /// protocol's variables (each `take` removes all of them) run one at a time.
+    static ENVIRONMENT: Mutex<()> = Mutex::new(());
 
     #[test]
     fn the_contract_round_trips_and_leaves_nothing_behind() {
+        let _env = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
         let sent = ExecEnv {
             record_fd: 7,
             previous_exe_fd: Some(9),
@@ -268,6 +274,7 @@ mod tests {
 
     #[test]
     fn the_stand_in_contract_round_trips_and_leaves_nothing_behind() {
+        let _env = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
         let sent = StandInEnv {
             rollback: Some("cannot execute".into()),
             again: true,
