@@ -6,8 +6,9 @@
 //! and resume → next record, and the update's pause. The goal: gap ≤ pause + one record
 //! interval.
 //!
-//! `cargo bench -p molt-vmm --bench vhost_user [-- --updates N] [--stand-in]` (MOLT_BIN picks
-//! the binary; `--stand-in` updates through a stand-in).
+//! `cargo bench -p molt-vmm --bench vhost_user [-- --updates N] [--stand-in] [--each]
+//! [--vhost-user-only]` (MOLT_BIN picks the binary; `--stand-in` updates through a stand-in;
+//! `--each` prints every update's gap and its parts to stderr).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -69,7 +70,19 @@ fn record_times(molt: &Molt) -> Vec<Instant> {
         .collect()
 }
 
-fn run(name: &str, disk: &str, updates: usize, stand_in: bool, dir: &TempDir) {
+/// The command line.
+struct Opts {
+    updates: usize,
+    stand_in: bool,
+    /// Print each update's gap around the pause and its parts (to stderr).
+    each: bool,
+    vhost_user_only: bool,
+}
+
+fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
+    let Opts {
+        updates, stand_in, ..
+    } = *opts;
     let socket = dir.join(&format!("{name}.api"));
     let mut molt = Molt::spawn(&[
         "--api-socket",
@@ -148,6 +161,15 @@ fn run(name: &str, disk: &str, updates: usize, stand_in: bool, dir: &TempDir) {
             .windows(2)
             .find(|w| w[0] <= paused_at && w[1] >= after)
         {
+            if opts.each {
+                eprintln!(
+                    "{name}: gap {:.2} ms = {:.2} + pause {:.2} + {:.2}",
+                    ms(w[1] - w[0]),
+                    ms(paused_at - w[0]),
+                    ms(pause),
+                    ms(w[1] - after)
+                );
+            }
             around.push(ms(w[1] - w[0]));
             befores.push(ms(paused_at - w[0]));
             afters.push(ms(w[1] - after));
@@ -175,13 +197,18 @@ fn run(name: &str, disk: &str, updates: usize, stand_in: bool, dir: &TempDir) {
 }
 
 fn main() {
-    let updates: usize = std::env::args()
-        .skip_while(|a| a != "--updates")
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
-    let stand_in = std::env::args().any(|a| a == "--stand-in");
-    if stand_in {
+    let flag = |f: &str| std::env::args().any(|a| a == f);
+    let opts = Opts {
+        updates: std::env::args()
+            .skip_while(|a| a != "--updates")
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10),
+        stand_in: flag("--stand-in"),
+        each: flag("--each"),
+        vhost_user_only: flag("--vhost-user-only"),
+    };
+    if opts.stand_in {
         println!("cpr-exec through a stand-in: the pause is both pauses' sum; the gap around it is not split\n");
     }
     let dir = TempDir::new("bench-vhost");
@@ -197,13 +224,14 @@ fn main() {
     }
     println!("| disk | records/s | record interval without updates p50 / max | interval around an instant without updates p50 | longest record gap during an update request p50 / max | update request → answer p50 | record gap around the pause p50 = last record → pause + pause + resume → next record | update pause p50 / max | guest failures |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    run(
-        "built-in virtio-blk",
-        &format!("path={}", file_img.display()),
-        updates,
-        stand_in,
-        &dir,
-    );
+    if !opts.vhost_user_only {
+        run(
+            "built-in virtio-blk",
+            &format!("path={}", file_img.display()),
+            &opts,
+            &dir,
+        );
+    }
     let Some(_daemon) = start_daemon(&vu_img, &vu_sock) else {
         println!("SKIPPED: vhost-user: qemu-storage-daemon (Debian qemu-utils) cannot run");
         return;
@@ -211,8 +239,7 @@ fn main() {
     run(
         "vhost-user (qemu-storage-daemon)",
         &format!("vhost_user=on,socket={}", vu_sock.display()),
-        updates,
-        stand_in,
+        &opts,
         &dir,
     );
 }

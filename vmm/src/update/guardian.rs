@@ -5,6 +5,14 @@
 //! (or has not dismissed it within [`GUARDIAN_TIMEOUT`]), the guardian becomes the VMM: it
 //! puts the fds back at the numbers the record names and executes the previous molt binary,
 //! which restores the guest from the same record and reports the rollback.
+//!
+//! The guardian starts and ends at `SCHED_IDLE`: its start (an exec of this binary, a
+//! millisecond or two of CPU right before the pause) and its exit (beside the resumed guest)
+//! would otherwise hold a CPU the guest's vCPU or a device backend such as a vhost-user disk
+//! needs: a freshly started process keeps its CPU for its first time slice while a woken
+//! backend waits. It runs at molt's own policy if it is not ready within [`IDLE_START`] (the
+//! CPUs are busy) and before it takes over; a molt that could not take its policy back
+//! from `SCHED_IDLE` (no `CAP_SYS_NICE`, `RLIMIT_NICE` below 20) starts it at its own.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -15,7 +23,8 @@ use std::time::Duration;
 use cpr::{fdpass, ExecEnv, GuardianEnv};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
-use super::{sys, GUARDIAN_ARG};
+use super::sys::{self, Policy};
+use super::GUARDIAN_ARG;
 use crate::persist::FdRole;
 
 /// The old image's handle on its guardian.
@@ -42,14 +51,17 @@ impl Guardian {
         };
         // Its own process group: a Ctrl-C in molt's terminal must not kill the guardian
         // in the middle of an update.
-        let mut child = Command::new("/proc/self/exe")
-            .arg(GUARDIAN_ARG)
-            .envs(env.vars())
-            .process_group(0)
-            .spawn()?;
+        let mut command = Command::new("/proc/self/exe");
+        command.arg(GUARDIAN_ARG).envs(env.vars()).process_group(0);
+        let vmm_policy = Policy::of(std::process::id() as i32);
+        let mut child = spawn_idle(command)?;
         drop(theirs);
-        let pidfd = sys::pidfd_open(child.id() as i32).and_then(|fd| {
-            wait_ready(&ours)?;
+        let pid = child.id() as i32;
+        let pidfd = sys::pidfd_open(pid).and_then(|fd| {
+            wait_ready(&ours, || match vmm_policy.and_then(|p| p.apply(pid)) {
+                Ok(()) => log::debug!("the update guardian starts at molt's priority"),
+                Err(e) => log::debug!("the update guardian stays at SCHED_IDLE: {e}"),
+            })?;
             Ok(fd)
         });
         let pidfd = match pidfd {
@@ -84,14 +96,41 @@ impl Guardian {
     }
 }
 
+/// Starts `command` at `SCHED_IDLE` from a thread of its own (the child inherits the
+/// thread's policy from its first instruction; the caller's policy stays as it is), when
+/// molt may raise it again (the guardian takes molt's policy back before it takes over);
+/// otherwise at molt's policy.
+fn spawn_idle(mut command: Command) -> io::Result<Child> {
+    if !Policy::idle_is_undoable() {
+        return command.spawn();
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            if let Err(e) = Policy::IDLE.apply(0) {
+                log::debug!("the update guardian starts at molt's priority: {e}");
+            }
+            command.spawn()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the thread starting it panicked")))
+    })
+}
+
 /// How long the guardian may take to start.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long it starts on idle CPU time only; then `busy` raises it.
+const IDLE_START: Duration = Duration::from_millis(20);
 
-/// Waits for the guardian's "ready" byte. Starting it (an exec of this binary) costs
-/// milliseconds of CPU; the pause waits for them, so they are not taken from the guest's
-/// devices (a vhost-user backend, the event loop) right before or inside the pause.
-fn wait_ready(sock: &OwnedFd) -> io::Result<()> {
-    if !sys::wait_readable(sock, READY_TIMEOUT)? {
+/// Waits for the guardian's "ready" byte, calling `busy` once if it is not there within
+/// [`IDLE_START`]. Starting it (an exec of this binary) costs milliseconds of CPU; the
+/// pause waits for them, so they are not taken from the guest's devices (a vhost-user
+/// backend, the event loop) right before or inside the pause.
+fn wait_ready(sock: &OwnedFd, busy: impl FnOnce()) -> io::Result<()> {
+    let ready = sys::wait_readable(sock, IDLE_START)? || {
+        busy();
+        sys::wait_readable(sock, READY_TIMEOUT)?
+    };
+    if !ready {
         return Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("not started after {} s", READY_TIMEOUT.as_secs()),
@@ -134,6 +173,9 @@ pub fn main() -> i32 {
     let sock = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(env.sock) };
     // Watch the parent through a pidfd taken while it is still our parent: never a pid that
     // may have been recycled.
+    // The VMM's policy, which the guardian takes back before it becomes the VMM (it starts
+    // at SCHED_IDLE).
+    let vmm_policy = Policy::of(env.parent);
     let parent = match sys::pidfd_open(env.parent) {
         Ok(fd) if nix::unistd::getppid().as_raw() == env.parent => fd,
         _ => {
@@ -179,6 +221,9 @@ pub fn main() -> i32 {
         return 1;
     }
     eprintln!("molt: update guardian: {reason}; restoring the guest on the previous binary");
+    if let Err(e) = vmm_policy.and_then(|p| p.apply(0)) {
+        eprintln!("molt: guardian: cannot take molt's scheduling policy back: {e}");
+    }
     take_over(&reason, fds)
 }
 

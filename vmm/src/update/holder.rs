@@ -11,7 +11,8 @@
 //! kernel tears both down in the holder's exit, beside the resumed guest. Exiting at the
 //! exec already would put that teardown (~20 ms of kernel work, and the locks and TLB
 //! shootdowns of freeing the old VM's memory) beside the new image's start-up, inside the
-//! pause.
+//! pause. The holder exits at `SCHED_IDLE`, so that teardown takes no CPU from the resumed
+//! guest's vCPUs or its device backends.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -24,7 +25,7 @@ use nix::fcntl::OFlag;
 
 use super::sys;
 
-/// Stack of the holder: it only calls close, read, nanosleep and _exit.
+/// Stack of the holder: it only calls close, read, nanosleep, sched_setscheduler and _exit.
 const STACK_SIZE: usize = 64 << 10;
 /// How often the holder looks at the commit page after the exec.
 const WATCH_EVERY_NS: i64 = 1_000_000;
@@ -81,6 +82,15 @@ extern "C" fn hold(arg: *mut libc::c_void) -> libc::c_int {
                 );
             }
         }
+        // The teardown in the exit below takes milliseconds of kernel time beside the
+        // resumed guest: only on CPU time its vCPUs and devices do not want.
+        let idle = libc::sched_param { sched_priority: 0 };
+        libc::syscall(
+            libc::SYS_sched_setscheduler,
+            0,
+            libc::SCHED_IDLE,
+            &idle as *const libc::sched_param,
+        );
         libc::syscall(libc::SYS_exit, 0);
     }
     0
