@@ -51,10 +51,13 @@ impl Guardian {
         };
         // Its own process group: a Ctrl-C in molt's terminal must not kill the guardian
         // in the middle of an update.
-        let mut command = Command::new("/proc/self/exe");
-        command.arg(GUARDIAN_ARG).envs(env.vars()).process_group(0);
+        let command = || {
+            let mut c = Command::new("/proc/self/exe");
+            c.arg(GUARDIAN_ARG).envs(env.vars()).process_group(0);
+            c
+        };
         let vmm_policy = Policy::of(std::process::id() as i32);
-        let mut child = spawn_idle(command)?;
+        let mut child = spawn_idle(&command)?;
         drop(theirs);
         let pid = child.id() as i32;
         let pidfd = sys::pidfd_open(pid).and_then(|fd| {
@@ -96,23 +99,28 @@ impl Guardian {
     }
 }
 
-/// Starts `command` at `SCHED_IDLE` from a thread of its own (the child inherits the
+/// Starts `command()` at `SCHED_IDLE` from a thread of its own (the child inherits the
 /// thread's policy from its first instruction; the caller's policy stays as it is), when
 /// molt may raise it again (the guardian takes molt's policy back before it takes over);
 /// otherwise at molt's policy.
-fn spawn_idle(mut command: Command) -> io::Result<Child> {
+fn spawn_idle(command: &(dyn Fn() -> Command + Sync)) -> io::Result<Child> {
     if !Policy::idle_is_undoable() {
-        return command.spawn();
+        return command().spawn();
     }
     std::thread::scope(|s| {
-        s.spawn(|| {
+        let starter = std::thread::Builder::new().spawn_scoped(s, || {
             if let Err(e) = Policy::IDLE.apply(0) {
                 log::debug!("the update guardian starts at molt's priority: {e}");
             }
-            command.spawn()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the thread starting it panicked")))
+            command().spawn()
+        });
+        match starter {
+            Ok(thread) => thread
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the thread starting it panicked"))),
+            // No thread to spare: at molt's policy, from this one.
+            Err(_) => command().spawn(),
+        }
     })
 }
 
