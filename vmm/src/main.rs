@@ -28,24 +28,23 @@ fn reap_children_automatically() {
 fn main() {
     let started = Instant::now();
     let main_ns = vmm::state::now_ns();
-    // The update guardian inherits the record's environment too: check for it first.
-    if std::env::args().nth(1).as_deref() == Some(update::GUARDIAN_ARG) {
+    // The update's helper processes inherit the record's environment too: check for them
+    // first.
+    let role = std::env::args().nth(1);
+    let role = role.as_deref();
+    if role == Some(update::GUARDIAN_ARG) {
         std::process::exit(update::guardian::main());
     }
-    let first = std::env::args().nth(1);
-    if first.as_deref() == Some(update::stand_in::STAND_IN_ARG)
-        || first.as_deref() == Some(update::stand_in::RECEIVE_ARG)
-    {
+    let stand_in = role == Some(update::stand_in::STAND_IN_ARG);
+    if stand_in || role == Some(update::stand_in::RECEIVE_ARG) {
         reap_children_automatically();
         let level = vmm::cli::log_level_arg(std::env::args()).unwrap_or(log::LevelFilter::Warn);
         init_logging(level);
-        std::process::exit(
-            if first.as_deref() == Some(update::stand_in::STAND_IN_ARG) {
-                update::stand_in::stand_in_main(started)
-            } else {
-                update::stand_in::receive_main(started)
-            },
-        );
+        std::process::exit(if stand_in {
+            update::stand_in::stand_in_main(started)
+        } else {
+            update::stand_in::receive_main(started)
+        });
     }
     // A live update: this image continues a running VM (its command line's resources are
     // not used; the handoff record describes the VM).

@@ -179,11 +179,11 @@ pub fn main() -> i32 {
     };
     // SAFETY: the socket fd was inherited from the parent for this process alone.
     let sock = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(env.sock) };
-    // Watch the parent through a pidfd taken while it is still our parent: never a pid that
-    // may have been recycled.
     // The VMM's policy, which the guardian takes back before it becomes the VMM (it starts
     // at SCHED_IDLE).
     let vmm_policy = Policy::of(env.parent);
+    // Watch the parent through a pidfd taken while it is still our parent: never a pid that
+    // may have been recycled.
     let parent = match sys::pidfd_open(env.parent) {
         Ok(fd) if nix::unistd::getppid().as_raw() == env.parent => fd,
         _ => {
