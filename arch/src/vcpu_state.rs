@@ -294,6 +294,33 @@ fn run_immediate(
     })
 }
 
+/// Enters `KVM_RUN` once with `immediate_exit` set, without running guest code, from the
+/// thread that will run the vCPU: KVM binds the vCPU to its caller on its first KVM_RUN, and
+/// on the VM's first one it starts the VM's NX huge page recovery thread, whose first run
+/// preempts the caller. Done ahead of a resume, neither falls after it. `false` (and a
+/// warning) if KVM did not return as expected; the vCPU is usable either way.
+pub fn first_entry(vcpu: &mut VcpuFd, index: u8) -> bool {
+    vcpu.set_kvm_immediate_exit(1);
+    let ok = match vcpu.run() {
+        Err(e)
+            if std::io::Error::from_raw_os_error(e.errno()).kind()
+                == std::io::ErrorKind::Interrupted =>
+        {
+            true
+        }
+        Err(e) => {
+            log::warn!("vcpu{index}: first entry: {e}");
+            false
+        }
+        Ok(_) => {
+            log::warn!("vcpu{index}: first entry: unexpected exit");
+            false
+        }
+    };
+    vcpu.set_kvm_immediate_exit(0);
+    ok
+}
+
 /// Reads the complete state of a vCPU that is out of KVM_RUN, completing first any PIO/MMIO
 /// it stopped in ([`run_immediate`]); `known` is its identity if the caller keeps it (two
 /// ioctls fewer).
@@ -578,6 +605,32 @@ mod tests {
         // The vCPU went back to its normal runs: nothing asked of the kvm_run area.
         let run = vcpu.get_kvm_run();
         assert_eq!((run.kvm_valid_regs, run.immediate_exit), (0, 0));
+    }
+
+    #[test]
+    fn a_first_entry_runs_no_guest_code_and_leaves_the_vcpu_to_be_set_up() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            let required = std::env::var("MOLT_REQUIRE_ALL").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "no /dev/kvm, and MOLT_REQUIRE_ALL=1 requires this test"
+            );
+            return eprintln!("skipped: no /dev/kvm");
+        };
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let regs = vcpu.get_regs().unwrap();
+        assert!(first_entry(&mut vcpu, 0));
+        assert_eq!(Blob(regs), Blob(vcpu.get_regs().unwrap()));
+        assert_eq!(vcpu.get_kvm_run().immediate_exit, 0);
+        // KVM refuses a new CPUID once a vCPU has run guest code: the identity a restore
+        // sets after the first entry still goes in.
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .unwrap();
+        vcpu.set_cpuid2(&cpuid)
+            .expect("CPUID set after the first entry");
     }
 
     #[test]

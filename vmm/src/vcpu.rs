@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 
+use arch::vcpu_state;
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -156,10 +157,18 @@ impl VcpuControl {
 
     /// Runs jobs on `vcpu` until the thread has its machine and a request to run, then
     /// takes the machine; `None` if the thread is to end first.
-    fn wait_for_start(&self, vcpu: &mut VcpuFd) -> Option<Start> {
+    fn wait_for_start(&self, index: u8, vcpu: &mut VcpuFd) -> Option<Start> {
         let mut st = self.lock();
         st.ready = true;
         self.notify();
+        drop(st);
+        // KVM's work on a vCPU's first KVM_RUN (the VM's NX huge page recovery thread,
+        // whose start preempted the resumed vCPU and let others run on its CPU first) is
+        // done here, while the machine is still being built, not after the resume.
+        if std::env::var_os("MOLT_EXP_NOPRIME").is_none() {
+            vcpu_state::first_entry(vcpu, index);
+        }
+        let mut st = self.lock();
         loop {
             if st.requested == VcpuRunState::Exiting {
                 st.current = VcpuRunState::Exiting;
@@ -284,7 +293,7 @@ impl ParkedThread {
                 // fall inside the pause. Otherwise (or if that fails: it tries again and
                 // reports) `VcpuLoop::run` installs it.
                 let _ = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu);
-                if let Some(s) = ctl.wait_for_start(&mut vcpu) {
+                if let Some(s) = ctl.wait_for_start(index, &mut vcpu) {
                     VcpuLoop::new(index, vcpu, s.bus, s.exits, ctl).run();
                 }
             })
