@@ -11,8 +11,9 @@
 //! kernel tears both down in the holder's exit, beside the resumed guest. Exiting at the
 //! exec already would put that teardown (~20 ms of kernel work, and the locks and TLB
 //! shootdowns of freeing the old VM's memory) beside the new image's start-up, inside the
-//! pause. The holder exits at `SCHED_IDLE`, so that teardown takes no CPU from the resumed
-//! guest's vCPUs or its device backends.
+//! pause. The holder runs at `SCHED_IDLE` from its first instruction: neither its polling of
+//! the commit page (a wake-up every millisecond through the pause) nor its exit's teardown
+//! takes CPU from the new image, the resumed guest's vCPUs or its device backends.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -62,11 +63,18 @@ extern "C" fn hold(arg: *mut libc::c_void) -> libc::c_int {
         tv_sec: 0,
         tv_nsec: WATCH_EVERY_NS,
     };
+    let idle = libc::sched_param { sched_priority: 0 };
     // SAFETY: raw system calls on fds this process owns (its copy of the fd table) and on
     // values on its own stack. The commit word lives in a shared mapping of the address
     // space this holder keeps alive (after the exec, only the holder keeps it); it is read
     // atomically.
     unsafe {
+        libc::syscall(
+            libc::SYS_sched_setscheduler,
+            0,
+            libc::SCHED_IDLE,
+            &idle as *const libc::sched_param,
+        );
         libc::syscall(libc::SYS_close, args.write_end);
         let n = libc::syscall(libc::SYS_read, args.read_end, &mut byte as *mut u8, 1usize);
         // 0: the exec closed the pipe. A byte: the update was given up (`release`).
@@ -82,15 +90,6 @@ extern "C" fn hold(arg: *mut libc::c_void) -> libc::c_int {
                 );
             }
         }
-        // The teardown in the exit below takes milliseconds of kernel time beside the
-        // resumed guest: only on CPU time its vCPUs and devices do not want.
-        let idle = libc::sched_param { sched_priority: 0 };
-        libc::syscall(
-            libc::SYS_sched_setscheduler,
-            0,
-            libc::SCHED_IDLE,
-            &idle as *const libc::sched_param,
-        );
         libc::syscall(libc::SYS_exit, 0);
     }
     0
@@ -167,5 +166,27 @@ impl Holder {
         // SAFETY: the holder has exited (or was already gone: pidfd_open failed with ESRCH),
         // so nothing runs on the stack any more.
         unsafe { libc::munmap(self.stack, STACK_SIZE) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::update::sys::Policy;
+
+    #[test]
+    fn the_holder_runs_at_sched_idle_from_its_start() {
+        let commit = CommitPage::create().expect("commit page");
+        let holder = Holder::start(&commit).expect("holder");
+        // It moves itself there first thing: give it the moment that takes.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut policy = Policy::of(holder.pid).expect("the holder's policy");
+        while policy != Policy::IDLE && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+            policy = Policy::of(holder.pid).expect("the holder's policy");
+        }
+        let pid = holder.pid;
+        holder.release();
+        assert_eq!(policy, Policy::IDLE, "holder {pid}");
     }
 }
