@@ -1,26 +1,32 @@
 //! Benchmark (not a test): the guest's disk records with the built-in virtio-blk and with a
 //! vhost-user disk served by qemu-storage-daemon, across live updates. For each it prints the
 //! record rate and the interval between records without updates, the longest gap between two
-//! completed records around each update (records as molt's stdout delivers them), how long
+//! completed records around each update (records as molt's serial socket delivers them), how long
 //! the update request takes, the record gap around the pause split into last record → pause
 //! and resume → next record, and the update's pause. The goal: gap ≤ pause + one record
 //! interval.
 //!
-//! `cargo bench -p molt-vmm --bench vhost_user [-- --updates N] [--stand-in] [--each]
-//! [--vhost-user-only]` (MOLT_BIN picks the binary; `--stand-in` updates through a stand-in;
-//! `--each` prints every update's gap and its parts to stderr).
+//! `cargo bench -p molt-vmm --bench vhost_user [-- --updates N] [--stand-in | --transfer]
+//! [--each] [--vhost-user-only]` (MOLT_BIN picks the binary; `--stand-in` updates through a
+//! stand-in; `--transfer` makes each update a cpr-transfer to a molt started for it; `--each`
+//! prints every update's gap and its parts to stderr).
 
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use molt_tests::{api, molt_bin, GuestLine, Molt, Stream, TempDir};
+use molt_tests::{api, molt_bin, GuestLine, Molt, TempDir};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// Records are counted over this long before the updates.
 const RATE_WINDOW: Duration = Duration::from_secs(3);
 /// Time between two updates.
 const SPACING: Duration = Duration::from_millis(700);
+/// How long a transfer's receiver gets to start before the request.
+const RECEIVER_SETTLE: Duration = Duration::from_millis(300);
 
 struct Daemon(Child);
 
@@ -57,23 +63,73 @@ fn start_daemon(image: &Path, socket: &Path) -> Option<Daemon> {
     Some(daemon)
 }
 
-/// Arrival times of the completed-record lines.
-fn record_times(molt: &Molt) -> Vec<Instant> {
-    molt.lines()
-        .iter()
-        .filter(|l| l.stream == Stream::Stdout)
-        .filter(|l| {
-            GuestLine::parse(&l.text)
-                .is_some_and(|g| g.kind == "blk" && g.get("n").is_some() && g.has("ok"))
-        })
-        .map(|l| l.at)
-        .collect()
+/// The guest's serial console through `--serial socket=`: the socket and its client's
+/// connection travel with the VM through every kind of update (a transfer's receiver has a
+/// standard output of its own, which would split a line between two processes), and each
+/// line is timed as it arrives.
+struct Console {
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Console {
+    fn attach(path: &Path) -> Console {
+        let deadline = Instant::now() + WAIT;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => panic!("{}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        };
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let at = Instant::now();
+                sink.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((at, line));
+            }
+        });
+        Console { lines }
+    }
+
+    fn lines(&self) -> Vec<(Instant, String)> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Arrival times of the completed-record lines.
+    fn record_times(&self) -> Vec<Instant> {
+        self.lines()
+            .into_iter()
+            .filter(|(_, l)| {
+                GuestLine::parse(l)
+                    .is_some_and(|g| g.kind == "blk" && g.get("n").is_some() && g.has("ok"))
+            })
+            .map(|(at, _)| at)
+            .collect()
+    }
+
+    fn wait_for_records(&self) {
+        let deadline = Instant::now() + WAIT;
+        while self.record_times().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "no disk records: {:?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 /// The command line.
 struct Opts {
     updates: usize,
     stand_in: bool,
+    /// Each update a cpr-transfer to a molt started for it (`--incoming`) ahead of the request.
+    transfer: bool,
     /// Print each update's gap around the pause and its parts (to stderr).
     each: bool,
     vhost_user_only: bool,
@@ -81,22 +137,30 @@ struct Opts {
 
 fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
     let Opts {
-        updates, stand_in, ..
+        updates,
+        stand_in,
+        transfer,
+        ..
     } = *opts;
     let socket = dir.join(&format!("{name}.api"));
-    let mut molt = Molt::spawn(&[
+    let serial = dir.join(&format!("{name}.serial"));
+    let molt = Molt::spawn(&[
         "--api-socket",
         &socket.display().to_string(),
+        "--serial",
+        &format!("socket={}", serial.display()),
         "--disk",
         disk,
         "--cmdline",
         "molt.memtest=0 molt.blk=on",
     ]);
+    let console = Console::attach(&serial);
     api::wait_ready(&socket, WAIT);
-    molt.wait_stdout("blk n=1 ok", WAIT);
+    console.wait_for_records();
     let start = Instant::now();
-    molt.collect_for(RATE_WINDOW);
-    let calm: Vec<Instant> = record_times(&molt)
+    std::thread::sleep(RATE_WINDOW);
+    let calm: Vec<Instant> = console
+        .record_times()
         .into_iter()
         .filter(|t| *t >= start)
         .collect();
@@ -130,19 +194,32 @@ fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
     // record; and the whole request (prepare, pause, answer).
     let (mut around, mut befores, mut afters, mut requests) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..updates {
+    // The receivers of the transfers: each runs the VM after its transfer, until the next.
+    let mut receivers = Vec::new();
+    for i in 0..updates {
+        let (path, body) = if transfer {
+            // Started ahead of the request, as whoever runs a transfer would: its start-up
+            // (an exec and a KVM VM built) is not the update's.
+            let incoming = dir.join(&format!("{name}.in{i}"));
+            receivers.push(Molt::spawn_incoming(&molt_bin(), &incoming, &[], &[]));
+            std::thread::sleep(RECEIVER_SETTLE);
+            let body = format!(r#"{{"socket": "{}"}}"#, incoming.display());
+            ("vm.cpr-transfer", body)
+        } else {
+            let body = format!(
+                r#"{{"binary": "{}", "stand_in": {stand_in}}}"#,
+                molt_bin().display()
+            );
+            ("vm.cpr-exec", body)
+        };
         let before = Instant::now();
-        let body = format!(
-            r#"{{"binary": "{}", "stand_in": {stand_in}}}"#,
-            molt_bin().display()
-        );
-        let r = api::put(&socket, "vm.cpr-exec", &body);
+        let r = api::put(&socket, path, &body);
         let after = Instant::now();
         assert_eq!(r.status, 200, "{r:?}");
         pauses.push(r.body["pause_ms"].as_f64().unwrap_or(f64::NAN));
-        molt.collect_for(SPACING);
+        std::thread::sleep(SPACING);
         // The longest gap between records that spans the update's request.
-        let times = record_times(&molt);
+        let times = console.record_times();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let gap = times
             .windows(2)
@@ -176,8 +253,15 @@ fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
         }
     }
     assert_eq!(api::put(&socket, "vm.shutdown", "{}").status, 204);
-    let out = molt.finish(WAIT);
-    let failed = out.stdout().iter().filter(|l| l.contains("FAIL")).count();
+    for r in receivers {
+        r.finish(WAIT);
+    }
+    molt.finish(WAIT);
+    let failed = console
+        .lines()
+        .iter()
+        .filter(|(_, l)| l.contains("FAIL"))
+        .count();
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -205,9 +289,13 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(10),
         stand_in: flag("--stand-in"),
+        transfer: flag("--transfer"),
         each: flag("--each"),
         vhost_user_only: flag("--vhost-user-only"),
     };
+    if opts.transfer {
+        println!("each update a cpr-transfer to a molt started for it (`--incoming`) 0.3 s before the request\n");
+    }
     if opts.stand_in {
         println!("cpr-exec through a stand-in: the pause is both pauses' sum; the gap around it is not split\n");
     }
