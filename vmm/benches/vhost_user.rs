@@ -1,9 +1,9 @@
 //! Benchmark (not a test): the guest's disk records with the built-in virtio-blk and with a
 //! vhost-user disk served by qemu-storage-daemon, across live updates. For each it prints the
 //! record rate and the interval between records without updates, the longest gap between two
-//! completed records around each update (records as molt's serial socket delivers them), how long
-//! the update request takes, the record gap around the pause split into last record → pause
-//! and resume → next record, and the update's pause. The goal: gap ≤ pause + one record
+//! completed records around each update (records as molt's serial socket delivers them), how
+//! long the update request takes, the record gap around the pause split into last record →
+//! pause and resume → next record, and the update's pause. The goal: gap ≤ pause + one record
 //! interval.
 //!
 //! `cargo bench -p molt-vmm --bench vhost_user [-- --updates N] [--stand-in | --transfer]
