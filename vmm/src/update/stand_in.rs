@@ -28,6 +28,7 @@ use cpr::StandInEnv;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
 use super::outgoing::plan;
+use super::transfer_in::Build;
 use super::transfer_out::{self, Leg};
 use super::UpdateError;
 use crate::api::{ApiResponse, ApiServer, ConnId, CprExecRequest, ErrorReply};
@@ -214,7 +215,7 @@ pub fn receive_main(started: Instant) -> i32 {
             return 1;
         }
     }
-    let e = match super::transfer_in::take_over(&chan, started, rollback.clone()) {
+    let e = match super::transfer_in::take_over(&chan, started, rollback.clone(), Build::AtOnce) {
         Ok(runtime) => {
             drop((chan, previous));
             return crate::run_to_end(Ok(runtime));
@@ -273,7 +274,7 @@ pub fn stand_in_main(started: Instant) -> i32 {
         return 2;
     };
     let from = Channel::new(from);
-    let mut got = match super::transfer_in::receive(&from, started) {
+    let mut got = match super::transfer_in::receive(&from, started, Build::AtOnce) {
         Ok(got) => got,
         Err(e) => {
             super::transfer_in::refuse(&from, &e);

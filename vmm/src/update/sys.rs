@@ -156,20 +156,96 @@ pub fn place_at_numbers(
     Ok(placed)
 }
 
+/// Work that runs beside the guest and is not in a hurry (a receiver building its machine
+/// before the sender pauses the guest): the calling thread, and every thread it starts
+/// meanwhile, runs at `SCHED_IDLE` until [`Yielding::end`] (or a drop) gives every thread of
+/// the process its policy back. A watchdog thread does that after `limit` if the work is still
+/// going (busy CPUs would starve it). Nothing happens when the process could not take its
+/// policy back ([`Policy::idle_is_undoable`]) or does not run at a normal policy.
+pub struct Yielding {
+    prior: Policy,
+    /// Dropped at the end, which wakes the watchdog.
+    done: Option<std::sync::mpsc::Sender<()>>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Yielding {
+    /// Starts yielding, for at most `limit`.
+    pub fn begin(limit: Duration) -> Option<Self> {
+        let prior = Policy::of(0).ok()?;
+        let normal = matches!(prior.policy, libc::SCHED_OTHER | libc::SCHED_BATCH);
+        if !normal || !Policy::idle_is_undoable() {
+            return None;
+        }
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        // Started before the calling thread goes idle, so it keeps the prior policy.
+        let watchdog = std::thread::Builder::new()
+            .name("yield-limit".into())
+            .spawn(move || {
+                if wait.recv_timeout(limit) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                    log::debug!("still building after {limit:?}: back at molt's priority");
+                    every_thread(prior);
+                }
+            })
+            .ok()?;
+        let this = Self {
+            prior,
+            done: Some(done),
+            watchdog: Some(watchdog),
+        };
+        if let Err(e) = Policy::IDLE.apply(0) {
+            log::debug!("not yielding: {e}");
+        }
+        Some(this)
+    }
+
+    /// Every thread of the process back at the policy it had.
+    pub fn end(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        drop(self.done.take());
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+        let stuck = every_thread(self.prior);
+        if stuck > 0 {
+            log::warn!("{stuck} thread(s) could not take molt's scheduling policy back");
+        }
+    }
+}
+
+impl Drop for Yielding {
+    fn drop(&mut self) {
+        if self.watchdog.is_some() {
+            self.finish();
+        }
+    }
+}
+
 /// Puts every thread of this process at `SCHED_IDLE`, for a process about to exit beside a
 /// guest that runs elsewhere now: the exit's teardown (its address space, its KVM VM:
 /// milliseconds of kernel work) then takes only CPU time the guest's vCPUs and device
 /// backends do not want. Best effort; returns how many threads it could not move.
 pub fn idle_every_thread() -> usize {
+    every_thread(Policy::IDLE)
+}
+
+/// Gives every thread of this process `policy`; returns how many it could not move.
+pub fn every_thread(policy: Policy) -> usize {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return 1;
     };
-    idle_threads(tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<i32>().ok()))
+    apply_to(
+        policy,
+        tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<i32>().ok()),
+    )
 }
 
-/// Puts the threads `tids` at `SCHED_IDLE`; returns how many it could not move.
-fn idle_threads(tids: impl Iterator<Item = i32>) -> usize {
-    tids.filter(|&tid| Policy::IDLE.apply(tid).is_err()).count()
+/// Gives the threads `tids` `policy`; returns how many it could not move.
+fn apply_to(policy: Policy, tids: impl Iterator<Item = i32>) -> usize {
+    tids.filter(|&tid| policy.apply(tid).is_err()).count()
 }
 
 /// Maps in every page of this process's own binary (code and read-only data) ahead of a
@@ -248,13 +324,13 @@ mod tests {
             })
             .collect();
         let ids: Vec<i32> = (0..2).map(|_| tids.1.recv().unwrap()).collect();
-        assert_eq!(idle_threads(ids.into_iter()), 0);
+        assert_eq!(apply_to(Policy::IDLE, ids.into_iter()), 0);
         go.wait();
         for t in threads {
             t.join().expect("the thread");
             assert_eq!(seen.1.recv().unwrap(), Policy::IDLE);
         }
         // A thread that is gone is counted, not fatal.
-        assert_eq!(idle_threads(std::iter::once(i32::MAX)), 1);
+        assert_eq!(apply_to(Policy::IDLE, std::iter::once(i32::MAX)), 1);
     }
 }

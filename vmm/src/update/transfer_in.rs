@@ -28,6 +28,8 @@ use crate::state::now_ns;
 
 /// How long the sender may take between messages before the pause.
 const BEFORE_PAUSE: Duration = Duration::from_secs(60);
+/// How long the machine is built on idle CPU time only, at most (then at molt's policy).
+const YIELD_AT_MOST: Duration = Duration::from_millis(20);
 /// How long from Ready to the record (the sender pauses, captures and sends).
 const HANDOFF: Duration = Duration::from_secs(60);
 /// How long of that the receiver polls for the record rather than sleeping.
@@ -140,8 +142,20 @@ struct Built {
     identity: crate::runtime::Identity,
 }
 
+/// How a receiver builds its machine while the guest still runs in the sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Build {
+    /// On idle CPU time (for at most [`YIELD_AT_MOST`]): a receiver started ahead of the
+    /// transfer, whose build only the request waits for.
+    Yielding,
+    /// At molt's policy: the legs of a cpr-exec through a stand-in, whose processes start
+    /// inside the request and keep both CPUs of a small host busy (built on idle time, each leg
+    /// waited up to the time limit and the request took twice as long).
+    AtOnce,
+}
+
 /// Hello, then the machine built over the sender's RAM while the guest runs there.
-fn prebuild(chan: &Channel) -> Result<Built, ReceiveError> {
+fn prebuild(chan: &Channel, build: Build) -> Result<Built, ReceiveError> {
     expect(chan.recv(BEFORE_PAUSE)?, "hello", |m| {
         matches!(m, Message::Hello { .. })
     })?;
@@ -152,6 +166,13 @@ fn prebuild(chan: &Channel) -> Result<Built, ReceiveError> {
     })?;
     let Message::Prepare { machine } = prepare.message else {
         unreachable!("checked by expect");
+    };
+    // The guest runs in the sender meanwhile: building the machine (~2 ms of CPU) on idle CPU
+    // time takes none from its vCPUs or its device backends (a vhost-user disk's daemon woken
+    // on a busy CPU waits there); every thread here runs at molt's policy again before Ready.
+    let yielding = match build {
+        Build::Yielding => super::sys::Yielding::begin(YIELD_AT_MOST),
+        Build::AtOnce => None,
     };
     let spec: MachineSpec = serde_json::from_value(machine).map_err(ReceiveError::Machine)?;
     let mut fds = RestoreFds::new(Inherited::from_owned(prepare.fds).map_err(ReceiveError::Fds)?);
@@ -178,6 +199,9 @@ fn prebuild(chan: &Channel) -> Result<Built, ReceiveError> {
     crate::vcpu::warm_this_thread();
     let identity = crate::runtime::Identity::current();
     super::sys::populate_own_code();
+    if let Some(y) = yielding {
+        y.end();
+    }
     chan.send(&Message::Ready, &[], &[])?;
     Ok(Built {
         machine,
@@ -200,13 +224,17 @@ pub(super) struct Received {
 }
 
 /// Receives the paused VM and resumes it here.
-pub(super) fn receive(chan: &Channel, started: Instant) -> Result<Received, ReceiveError> {
+pub(super) fn receive(
+    chan: &Channel,
+    started: Instant,
+    build: Build,
+) -> Result<Received, ReceiveError> {
     let Built {
         machine: mut prebuilt,
         kvm,
         commit,
         identity,
-    } = prebuild(chan)?;
+    } = prebuild(chan, build)?;
     // The sender pauses the guest as soon as it reads Ready: the record follows within a
     // millisecond or so.
     let handoff = chan.recv_polling(HANDOFF, HANDOFF_POLL)?;
@@ -290,8 +318,9 @@ pub(super) fn take_over(
     chan: &Channel,
     started: Instant,
     rollback: Option<String>,
+    build: Build,
 ) -> Result<Runtime, ReceiveError> {
-    let mut got = receive(chan, started)?;
+    let mut got = receive(chan, started, build)?;
     let (h, phases) = (&got.handoff, got.phases.clone());
     super::incoming::finish(h, &mut got.runtime, phases, got.resumed_ns, rollback);
     Ok(got.runtime)
@@ -300,7 +329,7 @@ pub(super) fn take_over(
 /// Receives the VM on `chan`, answers the request that started the handoff and runs the VM;
 /// returns the process exit code.
 fn run_on(chan: Channel, started: Instant) -> i32 {
-    match take_over(&chan, started, None) {
+    match take_over(&chan, started, None, Build::Yielding) {
         Ok(runtime) => {
             // The sender is done with us (it exits once it read Committed).
             drop(chan);
