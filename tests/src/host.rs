@@ -1,8 +1,36 @@
-//! What the tests read or set up on the host: a process's fds and anonymous memory from
-//! /proc, and a tiny tmpfs in a mount namespace of the calling thread (nothing outside it
-//! changes).
+//! What the tests read or set up on the host: a process's fds, anonymous memory and its
+//! threads' scheduling policies from /proc, and a tiny tmpfs in a mount namespace of the
+//! calling thread (nothing outside it changes).
 
 use std::path::Path;
+
+/// `SCHED_IDLE`, as `/proc/PID/stat` reports a thread's policy.
+pub const SCHED_IDLE: u32 = 5;
+
+/// The name and scheduling policy (field 41) of the `/proc` stat file at `stat`.
+fn name_and_policy(stat: &Path) -> Option<(String, u32)> {
+    let stat = std::fs::read_to_string(stat).ok()?;
+    // Fields from the third on follow the command name's closing parenthesis.
+    let (pid_name, rest) = stat.rsplit_once(')')?;
+    let policy = rest.split_whitespace().nth(41 - 3)?.parse().ok()?;
+    let name = pid_name.split_once('(').map_or(pid_name, |(_, n)| n);
+    Some((name.to_string(), policy))
+}
+
+/// The scheduling policy of process `pid` (of its main thread).
+pub fn scheduling_policy(pid: u64) -> Option<u32> {
+    name_and_policy(Path::new(&format!("/proc/{pid}/stat"))).map(|(_, p)| p)
+}
+
+/// The names of the threads of process `pid` that run at `SCHED_IDLE`.
+pub fn idle_threads(pid: u64) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("the threads of process {pid}: {e}"))
+        .filter_map(|t| name_and_policy(&t.ok()?.path().join("stat")))
+        .filter(|(_, policy)| *policy == SCHED_IDLE)
+        .map(|(name, _)| name)
+        .collect()
+}
 
 /// The fds of `pid` by what they point to. Numbers, and the inode numbers of sockets and
 /// anonymous inodes, legitimately differ from one process (or update) to the next: only their

@@ -80,22 +80,6 @@ fn assert_transferred(r: &Reply, from_pid: u64, to_version: &str) {
     api::assert_phases_add_up(b);
 }
 
-/// The names of the threads of process `pid` that run at `SCHED_IDLE`.
-fn idle_threads(pid: u64) -> Vec<String> {
-    const SCHED_IDLE: u32 = 5;
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
-    tasks
-        .filter_map(|t| {
-            let stat = std::fs::read_to_string(t.ok()?.path().join("stat")).ok()?;
-            // Fields from the third on follow the command name's closing parenthesis.
-            let (pid_name, rest) = stat.rsplit_once(')')?;
-            let policy: u32 = rest.split_whitespace().nth(41 - 3)?.parse().ok()?;
-            let name = pid_name.split_once('(').map_or(pid_name, |(_, n)| n);
-            (policy == SCHED_IDLE).then(|| name.to_string())
-        })
-        .collect()
-}
-
 #[test]
 fn a_transfer_keeps_the_guest_and_the_api_path_and_the_sender_exits_0() {
     let mut vm = Vm::start("transfer-basic", &["--cpus", "2"]);
@@ -113,7 +97,7 @@ fn a_transfer_keeps_the_guest_and_the_api_path_and_the_sender_exits_0() {
     assert_eq!(info["vcpus"], 2, "{info}");
     // The receiver built its machine on idle CPU time: every thread of it, the vCPUs' too,
     // runs at molt's policy again.
-    let idle = idle_threads(to);
+    let idle = molt_tests::host::idle_threads(to);
     assert!(idle.is_empty(), "threads at SCHED_IDLE: {idle:?}");
     // The sender is gone, with exit code 0.
     let deadline = Instant::now() + WAIT;
@@ -156,7 +140,7 @@ fn transfers_to_the_next_version_and_back_and_mixed_with_cpr_exec() {
     vm.wait_ticks(2);
     // One vCPU leaves a CPU for the receiver's build on idle CPU time (with a vCPU on each
     // CPU, the time limit ends it): its threads run at molt's policy again all the same.
-    let idle = idle_threads(vm.pid());
+    let idle = molt_tests::host::idle_threads(vm.pid());
     assert!(idle.is_empty(), "threads at SCHED_IDLE: {idle:?}");
     assert_eq!(vm.info()["updates"]["count"], 3);
     vm.assert_continuous();

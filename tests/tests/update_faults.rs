@@ -147,14 +147,6 @@ impl Vm {
     }
 }
 
-/// The scheduling policy of process `pid` (field 41 of its `/proc/PID/stat`).
-fn scheduling_policy(pid: u64) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields from the third on follow the command name's closing parenthesis.
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(41 - 3)?.parse().ok()
-}
-
 /// Every step before the commit point, failed by `kind`: the guest runs on, on the previous
 /// binary, with no tick lost, and both socket paths still answer.
 fn roll_back_at_every_step(kind: &str) {
@@ -186,7 +178,7 @@ fn roll_back_at_every_step(kind: &str) {
             // The guardian starts at SCHED_IDLE; the VMM it becomes runs as molt did.
             let guardian = info["pid"].as_u64().unwrap_or(0);
             assert_eq!(
-                scheduling_policy(guardian),
+                molt_tests::host::scheduling_policy(guardian),
                 Some(libc::SCHED_OTHER as u32),
                 "{what}: the VMM after the guardian took over is not at molt's policy"
             );
