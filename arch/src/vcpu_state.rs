@@ -264,24 +264,9 @@ fn run_immediate(
             vcpu.set_sync_valid_reg(r);
         }
     }
-    vcpu.set_kvm_immediate_exit(1);
-    let interrupted = match vcpu.run() {
-        Err(e)
-            if std::io::Error::from_raw_os_error(e.errno()).kind()
-                == std::io::ErrorKind::Interrupted =>
-        {
-            true
-        }
-        Err(e) => {
-            log::warn!("vcpu{index}: completing pending I/O: {e}");
-            false
-        }
-        Ok(_) => {
-            log::warn!("vcpu{index}: unexpected exit while completing I/O");
-            false
-        }
-    };
-    vcpu.set_kvm_immediate_exit(0);
+    let interrupted = enter_immediate(vcpu)
+        .map_err(|what| log::warn!("vcpu{index}: completing pending I/O: {what}"))
+        .is_ok();
     if !sync {
         return None;
     }
@@ -300,25 +285,27 @@ fn run_immediate(
 /// preempts the caller. Done ahead of a resume, neither falls after it. `false` (and a
 /// warning) if KVM did not return as expected; the vCPU is usable either way.
 pub fn first_entry(vcpu: &mut VcpuFd, index: u8) -> bool {
+    enter_immediate(vcpu)
+        .map_err(|what| log::warn!("vcpu{index}: first entry: {what}"))
+        .is_ok()
+}
+
+/// `KVM_RUN` with `immediate_exit` set (cleared again after): `Ok` when KVM returned EINTR
+/// without running guest code, as it should; otherwise what it did instead.
+fn enter_immediate(vcpu: &mut VcpuFd) -> Result<(), String> {
     vcpu.set_kvm_immediate_exit(1);
-    let ok = match vcpu.run() {
+    let r = match vcpu.run() {
         Err(e)
             if std::io::Error::from_raw_os_error(e.errno()).kind()
                 == std::io::ErrorKind::Interrupted =>
         {
-            true
+            Ok(())
         }
-        Err(e) => {
-            log::warn!("vcpu{index}: first entry: {e}");
-            false
-        }
-        Ok(_) => {
-            log::warn!("vcpu{index}: first entry: unexpected exit");
-            false
-        }
+        Err(e) => Err(e.to_string()),
+        Ok(_) => Err("an unexpected exit".to_string()),
     };
     vcpu.set_kvm_immediate_exit(0);
-    ok
+    r
 }
 
 /// Reads the complete state of a vCPU that is out of KVM_RUN, completing first any PIO/MMIO
