@@ -224,14 +224,6 @@ impl Drop for Yielding {
     }
 }
 
-/// Puts every thread of this process at `SCHED_IDLE`, for a process about to exit beside a
-/// guest that runs elsewhere now: the exit's teardown (its address space, its KVM VM:
-/// milliseconds of kernel work) then takes only CPU time the guest's vCPUs and device
-/// backends do not want. Best effort; returns how many threads it could not move.
-pub fn idle_every_thread() -> usize {
-    every_thread(Policy::IDLE)
-}
-
 /// Gives every thread of this process `policy`; returns how many it could not move.
 pub fn every_thread(policy: Policy) -> usize {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {

@@ -193,8 +193,9 @@ pub(super) fn committed(vmm: &Vmm, api: &mut ApiServer) -> ! {
     let_go(vmm, api);
     log::info!("transfer committed: the guest runs in the receiver; exiting");
     // No teardown: the vCPUs stay stopped, and nothing here may touch what the receiver owns.
-    // The kernel's teardown in the exit runs beside the resumed guest: on idle CPU time.
-    let stuck = super::sys::idle_every_thread();
+    // The exit's teardown (the address space, the KVM VM: milliseconds of kernel work) runs
+    // beside the resumed guest: on CPU time its vCPUs and device backends do not want.
+    let stuck = super::sys::every_thread(super::sys::Policy::IDLE);
     if stuck > 0 {
         log::debug!("{stuck} thread(s) exit at their own priority");
     }
