@@ -165,9 +165,7 @@ impl VcpuControl {
         // KVM's work on a vCPU's first KVM_RUN (the VM's NX huge page recovery thread,
         // whose start preempted the resumed vCPU and let others run on its CPU first) is
         // done here, while the machine is still being built, not after the resume.
-        if std::env::var_os("MOLT_EXP_NOPRIME").is_none() {
-            vcpu_state::first_entry(vcpu, index);
-        }
+        vcpu_state::first_entry(vcpu, index);
         let mut st = self.lock();
         loop {
             if st.requested == VcpuRunState::Exiting {
