@@ -6,10 +6,12 @@
 //! pause and resume → next record, and the update's pause. The goal: gap ≤ pause + one record
 //! interval.
 //!
-//! `cargo bench -p molt-vmm --bench vhost_user [-- --updates N] [--stand-in | --transfer]
-//! [--each] [--vhost-user-only]` (MOLT_BIN picks the binary; `--stand-in` updates through a
-//! stand-in; `--transfer` makes each update a cpr-transfer to a molt started for it; `--each`
-//! prints every update's gap and its parts to stderr).
+//! `cargo bench -p molt-vmm --bench vhost_user [-- --updates N] [--stand-in | --transfer |
+//! --pause-resume] [--each] [--vhost-user-only]` (MOLT_BIN picks the binary; `--stand-in`
+//! updates through a stand-in; `--transfer` makes each update a cpr-transfer to a molt started
+//! for it; `--pause-resume` is the control: a pause and a resume instead of each update, which
+//! shows what a pause alone adds to the gap; `--each` prints every update's gap and its parts
+//! to stderr).
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
@@ -124,24 +126,31 @@ impl Console {
     }
 }
 
+/// What each round of a run does to the running VM.
+#[derive(Clone, Copy, PartialEq)]
+enum Update {
+    /// A cpr-exec of the same binary.
+    Exec,
+    /// A cpr-exec through a stand-in.
+    StandIn,
+    /// A cpr-transfer to a molt started for it (`--incoming`) ahead of the request.
+    Transfer,
+    /// No update: `vm.pause` and `vm.resume` back to back. The control of the method: what
+    /// a pause alone adds to the gap (its pause is the client's, request to last answer).
+    PauseResume,
+}
+
 /// The command line.
 struct Opts {
     updates: usize,
-    stand_in: bool,
-    /// Each update a cpr-transfer to a molt started for it (`--incoming`) ahead of the request.
-    transfer: bool,
+    update: Update,
     /// Print each update's gap around the pause and its parts (to stderr).
     each: bool,
     vhost_user_only: bool,
 }
 
 fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
-    let Opts {
-        updates,
-        stand_in,
-        transfer,
-        ..
-    } = *opts;
+    let updates = opts.updates;
     let socket = dir.join(&format!("{name}.api"));
     let serial = dir.join(&format!("{name}.serial"));
     let molt = Molt::spawn(&[
@@ -197,26 +206,45 @@ fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
     // The receivers of the transfers: each runs the VM after its transfer, until the next.
     let mut receivers = Vec::new();
     for i in 0..updates {
-        let (path, body) = if transfer {
-            // Started ahead of the request, as whoever runs a transfer would: its start-up
-            // (an exec and a KVM VM built) is not the update's.
-            let incoming = dir.join(&format!("{name}.in{i}"));
-            receivers.push(Molt::spawn_incoming(&molt_bin(), &incoming, &[], &[]));
-            std::thread::sleep(RECEIVER_SETTLE);
-            let body = format!(r#"{{"socket": "{}"}}"#, incoming.display());
-            ("vm.cpr-transfer", body)
-        } else {
-            let body = format!(
-                r#"{{"binary": "{}", "stand_in": {stand_in}}}"#,
-                molt_bin().display()
-            );
-            ("vm.cpr-exec", body)
+        let (before, after, pause_ms) = match opts.update {
+            Update::PauseResume => {
+                let before = Instant::now();
+                for path in ["vm.pause", "vm.resume"] {
+                    let r = api::put(&socket, path, "{}");
+                    assert!(r.status == 200 || r.status == 204, "{path}: {r:?}");
+                }
+                let after = Instant::now();
+                (before, after, (after - before).as_secs_f64() * 1e3)
+            }
+            update => {
+                let (path, body) = if update == Update::Transfer {
+                    // Started ahead of the request, as whoever runs a transfer would: its
+                    // start-up (an exec and a KVM VM built) is not the update's.
+                    let incoming = dir.join(&format!("{name}.in{i}"));
+                    receivers.push(Molt::spawn_incoming(&molt_bin(), &incoming, &[], &[]));
+                    std::thread::sleep(RECEIVER_SETTLE);
+                    let body = format!(r#"{{"socket": "{}"}}"#, incoming.display());
+                    ("vm.cpr-transfer", body)
+                } else {
+                    let stand_in = update == Update::StandIn;
+                    let body = format!(
+                        r#"{{"binary": "{}", "stand_in": {stand_in}}}"#,
+                        molt_bin().display()
+                    );
+                    ("vm.cpr-exec", body)
+                };
+                let before = Instant::now();
+                let r = api::put(&socket, path, &body);
+                let after = Instant::now();
+                assert_eq!(r.status, 200, "{r:?}");
+                (
+                    before,
+                    after,
+                    r.body["pause_ms"].as_f64().unwrap_or(f64::NAN),
+                )
+            }
         };
-        let before = Instant::now();
-        let r = api::put(&socket, path, &body);
-        let after = Instant::now();
-        assert_eq!(r.status, 200, "{r:?}");
-        pauses.push(r.body["pause_ms"].as_f64().unwrap_or(f64::NAN));
+        pauses.push(pause_ms);
         std::thread::sleep(SPACING);
         // The longest gap between records that spans the update's request.
         let times = console.record_times();
@@ -228,10 +256,10 @@ fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
             .fold(0.0, f64::max);
         gaps.push(gap);
         requests.push(ms(after - before));
-        let pause = Duration::from_secs_f64(pauses.last().copied().unwrap_or(0.0) / 1e3);
+        let pause = Duration::from_secs_f64(pause_ms.max(0.0) / 1e3);
         let paused_at = after.checked_sub(pause).unwrap_or(before);
         // Through a stand-in the guest pauses twice, the first time well before the answer.
-        if stand_in {
+        if opts.update == Update::StandIn {
             continue;
         }
         if let Some(w) = times
@@ -288,16 +316,23 @@ fn main() {
             .nth(1)
             .and_then(|v| v.parse().ok())
             .unwrap_or(10),
-        stand_in: flag("--stand-in"),
-        transfer: flag("--transfer"),
+        update: if flag("--pause-resume") {
+            Update::PauseResume
+        } else if flag("--transfer") {
+            Update::Transfer
+        } else if flag("--stand-in") {
+            Update::StandIn
+        } else {
+            Update::Exec
+        },
         each: flag("--each"),
         vhost_user_only: flag("--vhost-user-only"),
     };
-    if opts.transfer {
-        println!("each update a cpr-transfer to a molt started for it (`--incoming`) 0.3 s before the request\n");
-    }
-    if opts.stand_in {
-        println!("cpr-exec through a stand-in: the pause is both pauses' sum; the gap around it is not split\n");
+    match opts.update {
+        Update::Exec => {}
+        Update::Transfer => println!("each update a cpr-transfer to a molt started for it (`--incoming`) 0.3 s before the request\n"),
+        Update::StandIn => println!("cpr-exec through a stand-in: the pause is both pauses' sum; the gap around it is not split\n"),
+        Update::PauseResume => println!("no update (the method's control): `vm.pause` and `vm.resume` back to back; the pause is the client's, from the first request to the last answer\n"),
     }
     let dir = TempDir::new("bench-vhost");
     let (file_img, vu_img, vu_sock) = (

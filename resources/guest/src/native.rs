@@ -14,7 +14,9 @@
 //! - reads CPUID before the switch: natively it is not intercepted and
 //!   returns the host's values (no hypervisor leaves).
 //!
-//! Port I/O and `hlt` still exit to the VMM; `int n` must never be used. Bit
+//! Port I/O and `hlt` still exit to the VMM; `int n` must never be used. External
+//! interrupts are not delivered natively on this host (a pending local APIC timer vector
+//! stays in the IRR, `sti; hlt` never returns), which is one more reason the guest polls. Bit
 //! 15 lets a plain `iretq` return to native code (the exception handlers never
 //! return anyway, except the MSR probes below, which run before the switch).
 //!
