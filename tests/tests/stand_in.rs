@@ -70,7 +70,9 @@ fn assert_updated(r: &Reply, pid: u64, to_version: &str) -> u64 {
 
 /// A stand-in update that ended on the binary that asked, `version`, in the same PID (500,
 /// `rolled_back` saying `why`); the guest runs on. Shuts the VM down.
-fn assert_rolled_back(vm: FileVm, r: &Reply, version: &str, why: &str) {
+/// The update ended on the previous binary (`version`) for `why`, after `legs` handovers
+/// (a refused one included: its pause counts in the report's).
+fn assert_rolled_back(vm: FileVm, r: &Reply, version: &str, why: &str, legs: usize) {
     assert_eq!(r.status, 500, "{r:?}");
     let report = &r.body["report"];
     let said = report["rolled_back"].as_str().unwrap_or_default();
@@ -78,7 +80,11 @@ fn assert_rolled_back(vm: FileVm, r: &Reply, version: &str, why: &str) {
     let pid = report["from_pid"].clone();
     assert_eq!(report["pid"], pid, "{r:?}");
     assert_eq!(report["to_version"], version, "{r:?}");
-    assert_eq!(report["legs"].as_array().map(Vec::len), Some(2), "{r:?}");
+    let each = report["legs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(each.len(), legs, "{r:?}");
+    let sum: f64 = each.iter().filter_map(|l| l["pause_ms"].as_f64()).sum();
+    let total = report["pause_ms"].as_f64().unwrap_or_default();
+    assert!(total > 0.0 && (sum - total).abs() < 1e-6, "{r:?}");
     let info = vm.info();
     assert_eq!(info["pid"], pid, "{info}");
     assert_eq!(info["version"], version, "{info}");
@@ -152,7 +158,13 @@ fn a_new_image_that_refuses_is_replaced_by_the_previous_binary_in_the_same_pid()
     // Only the next build (the new image here) reads the fault.
     let vm = start(&dir, &molt_bin(), &[("MOLT_TEST_FAULT", "devices:error")]);
     let r = vm.cpr_exec_stand_in(Path::new(NEXT_BIN));
-    assert_rolled_back(vm, &r, VERSION, "injected");
+    // To the stand-in, to the new image (refused: the guest ran on in the stand-in), back.
+    let refused = &r.body["report"]["legs"][1];
+    let why = refused["rolled_back"].as_str().unwrap_or_default();
+    assert!(why.contains("injected"), "{r:?}");
+    assert!(refused["pause_ms"].as_f64() > Some(0.0), "{r:?}");
+    assert_eq!(refused["pid"], refused["from_pid"], "{r:?}");
+    assert_rolled_back(vm, &r, VERSION, "injected", 3);
 }
 
 /// The new image dies before it commits: the stand-in resumes the guest and answers.
@@ -218,5 +230,5 @@ fn a_new_binary_that_cannot_be_executed_is_replaced_by_the_running_one() {
         &[("MOLT_TEST_FAULT", "stand-in-exec:error")],
     );
     let r = vm.cpr_exec_stand_in(&molt_bin());
-    assert_rolled_back(vm, &r, &format!("{VERSION}+next"), "cannot execute");
+    assert_rolled_back(vm, &r, &format!("{VERSION}+next"), "cannot execute", 2);
 }

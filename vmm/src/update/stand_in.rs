@@ -100,13 +100,13 @@ pub fn perform(
     };
     drop((from, to));
     let chan = Channel::new(ours);
-    let leg = Leg {
+    let mut leg = Leg {
         target: plan.target.clone(),
         mode: "exec",
         earlier: Vec::new(),
     };
-    if let Err(e) = transfer_out::send(vmm, api, conn, &chan, leg, |e| UpdateError::StandIn(pid, e))
-    {
+    let failed = |e| UpdateError::StandIn(pid, e);
+    if let Err(e) = transfer_out::send(vmm, api, conn, &chan, &mut leg, failed) {
         // It exits by itself once it learns it gets nothing.
         return e;
     }
@@ -298,7 +298,7 @@ pub fn stand_in_main(started: Instant) -> i32 {
         return crate::run_to_end(Ok(got.runtime));
     };
     let to = Channel::new(to);
-    let leg = Leg {
+    let mut leg = Leg {
         target: target.clone(),
         mode: "exec",
         earlier: vec![first],
@@ -307,7 +307,7 @@ pub fn stand_in_main(started: Instant) -> i32 {
     let conn = waiting.unwrap_or(ConnId::MAX);
     let me = std::process::id();
     let failed = |e| UpdateError::NewImage(target.clone(), me, e);
-    let mut result = transfer_out::send(&mut runtime.vmm, api, conn, &to, leg.clone(), failed);
+    let mut result = transfer_out::send(&mut runtime.vmm, api, conn, &to, &mut leg, failed);
     // A new image that refused executes the previous binary, which takes the VM back on the
     // same channel.
     while let Err(UpdateError::NewImage(_, _, e)) = &result {
@@ -315,7 +315,8 @@ pub fn stand_in_main(started: Instant) -> i32 {
             break;
         }
         log::warn!("cpr-exec: the new image refused; the previous binary takes the VM back");
-        result = transfer_out::send(&mut runtime.vmm, api, conn, &to, leg.clone(), failed);
+        // The refused attempt's pause is in `leg` now: the report counts it.
+        result = transfer_out::send(&mut runtime.vmm, api, conn, &to, &mut leg, failed);
     }
     match result {
         Ok(()) => transfer_out::committed(&runtime.vmm, api),

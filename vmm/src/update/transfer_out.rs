@@ -80,19 +80,18 @@ pub fn perform(vmm: &mut Vmm, api: &mut ApiServer, conn: ConnId, socket: &Path) 
         Ok(c) => c,
         Err(e) => return failed(e),
     };
-    let leg = Leg {
+    let mut leg = Leg {
         target: socket.to_path_buf(),
         mode: "transfer",
         earlier: Vec::new(),
     };
-    match send(vmm, api, conn, &chan, leg, failed) {
+    match send(vmm, api, conn, &chan, &mut leg, failed) {
         Ok(()) => committed(vmm, api),
         Err(e) => e,
     }
 }
 
 /// One handover by the transfer protocol.
-#[derive(Clone)]
 pub(super) struct Leg {
     /// What the update goes to (the report's target).
     pub target: PathBuf,
@@ -104,20 +103,25 @@ pub(super) struct Leg {
 
 /// Hands the VM to the receiver on `chan` for the request on `conn`. `Ok` once the receiver
 /// committed: it runs the guest, and this process must leave everything it handed over
-/// alone. `Err` when the guest still runs here (`failed` says why the protocol failed).
+/// alone. `Err` when the guest still runs here (`failed` says why the protocol failed); if
+/// the guest was paused for the attempt, the attempt's report is added to `leg.earlier`, so
+/// that a later handover of the same update counts that pause too.
 pub(super) fn send(
     vmm: &mut Vmm,
     api: &mut ApiServer,
     conn: ConnId,
     chan: &Channel,
-    leg: Leg,
+    leg: &mut Leg,
     failed: impl Fn(TransferError) -> UpdateError,
 ) -> Result<(), UpdateError> {
     let commit = CommitPage::create().map_err(UpdateError::CommitPage)?;
     prepare(chan, vmm, &commit).map_err(&failed)?;
-    let mut paused = super::outgoing::pause_for_handoff(vmm, api, conn, leg.target, leg.mode)?;
-    paused.flight.earlier = leg.earlier;
+    let earlier = leg.earlier.clone();
+    let target = leg.target.clone();
+    let mut paused = super::outgoing::pause_for_handoff(vmm, api, conn, target, leg.mode)?;
+    paused.flight.earlier = earlier;
     let was_paused = paused.flight.was_paused;
+    let (paused_at_ns, kick_ms) = (paused.flight.paused_at_ns, paused.flight.pause_ms);
     let err = match hand_over(chan, vmm, api, paused) {
         Ok(()) => return Ok(()),
         Err(e) => e,
@@ -144,7 +148,38 @@ pub(super) fn send(
             log::error!("cannot resume the guest after a failed transfer: {e}");
         }
     }
+    leg.earlier
+        .push(failed_attempt(vmm, leg.mode, paused_at_ns, kick_ms, &err));
     Err(failed(err))
+}
+
+/// The report of a handover that failed after the pause: the guest stopped and runs on here.
+fn failed_attempt(
+    vmm: &Vmm,
+    mode: &str,
+    paused_at_ns: u64,
+    kick_ms: f64,
+    why: &TransferError,
+) -> UpdateReport {
+    let pause_ms = crate::state::now_ns().saturating_sub(paused_at_ns) as f64 / 1e6;
+    let me = std::process::id();
+    UpdateReport {
+        pause_ms,
+        stopped_ms: pause_ms - kick_ms,
+        mode: mode.into(),
+        from_pid: me,
+        phases_ms: super::Phases {
+            pause: kick_ms,
+            ..Default::default()
+        },
+        from_version: crate::VERSION.into(),
+        to_version: crate::VERSION.into(),
+        pid: me,
+        binary: vmm.identity.exe.clone(),
+        rolled_back: Some(why.to_string()),
+        carried_requests: 0,
+        legs: Vec::new(),
+    }
 }
 
 /// Captures, saves and sends the record with every fd but RAM (the receiver has RAM), then
