@@ -117,6 +117,9 @@ pub struct Line {
     pub stream: Stream,
     /// The text (a trailing `\r` is removed as well as the `\n`).
     pub text: String,
+    /// Whether it ended with a newline: only the last line of a stream may not (a guest
+    /// stopped in the middle of printing one).
+    pub complete: bool,
 }
 
 fn spawn_reader<R: Read + Send + 'static>(src: R, stream: Stream, tx: Sender<Line>) {
@@ -129,11 +132,18 @@ fn spawn_reader<R: Read + Send + 'static>(src: R, stream: Stream, tx: Sender<Lin
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
                     let at = Instant::now();
+                    let complete = buf.last() == Some(&b'\n');
                     while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                         buf.pop();
                     }
                     let text = String::from_utf8_lossy(&buf).into_owned();
-                    if tx.send(Line { at, stream, text }).is_err() {
+                    let line = Line {
+                        at,
+                        stream,
+                        text,
+                        complete,
+                    };
+                    if tx.send(line).is_err() {
                         break;
                     }
                 }
@@ -445,9 +455,15 @@ impl Output {
         self.stream(Stream::Stderr)
     }
 
-    /// The parsed `molt-guest:` lines of standard output.
+    /// The parsed `molt-guest:` lines of standard output, without an unfinished last one (a
+    /// guest stopped in the middle of a line leaves it cut short).
     pub fn guest_lines(&self) -> Vec<GuestLine> {
-        guest_lines(self.stdout())
+        let complete = self
+            .lines
+            .iter()
+            .filter(|l| l.stream == Stream::Stdout && l.complete)
+            .map(|l| l.text.as_str());
+        guest_lines(complete)
     }
 
     /// A multi-line description for assertion messages: command, status and all output.

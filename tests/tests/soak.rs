@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use molt_tests::netns::{self, NetNs, GUEST_IP};
-use molt_tests::{api, guest_lines, molt_bin, Molt, Stream, TempDir};
+use molt_tests::{api, molt_bin, Molt, Stream, TempDir};
 
 const WAIT: Duration = Duration::from_secs(60);
 const SECTOR: usize = 512;
@@ -170,7 +170,7 @@ fn consecutive_live_updates_lose_and_replay_nothing() {
     out.assert_code(0);
 
     // The guest's own view: every line intact and in sequence, no failure.
-    let lines = guest_lines(out.stdout());
+    let lines = out.guest_lines();
     for l in &lines {
         assert!(!l.raw.contains("FAIL"), "guest failure: {}", l.raw);
     }

@@ -109,7 +109,7 @@ fn disk_records_reach_the_file_and_survive_a_reboot() {
     molt.signal(libc::SIGTERM);
     let out = molt.finish(WAIT);
     out.assert_code(0);
-    let written = blk_numbers(&guest_lines(out.stdout()));
+    let written = blk_numbers(&out.guest_lines());
     assert_consecutive(&written, "blk");
     let last = *written.last().unwrap();
     let on_disk = records(&img);
@@ -158,7 +158,7 @@ fn a_guest_with_two_vcpus_drives_its_disk() {
         !text.contains("exception") && !text.contains("FAIL"),
         "{text}"
     );
-    let written = blk_numbers(&guest_lines(out.stdout()));
+    let written = blk_numbers(&out.guest_lines());
     assert_consecutive(&written, "blk");
 }
 
@@ -226,7 +226,7 @@ fn disk_io_across_ten_live_updates_loses_and_repeats_nothing() {
         assert_eq!(api::put(&socket, "vm.shutdown", "").status, 204);
         let out = molt.finish(WAIT);
         out.assert_code(0);
-        let reported = blk_numbers(&guest_lines(out.stdout()));
+        let reported = blk_numbers(&out.guest_lines());
         assert_consecutive(&reported, "blk");
         let last = *reported.last().unwrap();
         let on_disk = records(&img);
