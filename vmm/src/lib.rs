@@ -27,6 +27,7 @@ pub mod memory_persist;
 pub mod persist;
 pub mod pio;
 pub mod runtime;
+pub mod sched;
 pub mod sd_notify;
 pub mod seccomp;
 pub mod serial_backend;

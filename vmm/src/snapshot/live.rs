@@ -520,12 +520,9 @@ fn mapped(addr: u64) -> bool {
 /// or at least ahead of the writer threads (a nice value below theirs). Refused without
 /// CAP_SYS_NICE, which only costs latency.
 fn raise_priority() {
-    let param = libc::sched_param { sched_priority: 1 };
-    // SAFETY: sets the calling thread's (pid 0) policy from a valid sched_param.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+    let Err(fifo) = crate::sched::Policy::FIFO_LOWEST.apply(0) else {
         return;
-    }
-    let fifo = std::io::Error::last_os_error();
+    };
     // SAFETY: setpriority on this thread's own id; no memory is passed.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) };
     if rc != 0 {

@@ -23,9 +23,10 @@ use std::time::Duration;
 use cpr::{fdpass, ExecEnv, GuardianEnv};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
-use super::sys::{self, Policy};
+use super::sys;
 use super::GUARDIAN_ARG;
 use crate::persist::FdRole;
+use crate::sched::Policy;
 
 /// The old image's handle on its guardian.
 pub struct Guardian {

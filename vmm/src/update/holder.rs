@@ -172,7 +172,7 @@ impl Holder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::update::sys::Policy;
+    use crate::sched::Policy;
 
     #[test]
     fn the_holder_runs_at_sched_idle_from_its_start() {

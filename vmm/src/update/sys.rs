@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use crate::sched::Policy;
+
 /// Sets or clears close-on-exec on `fd`.
 pub fn set_cloexec(fd: impl AsFd, on: bool) -> io::Result<()> {
     let flags = if on {
@@ -28,70 +30,6 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     }
     // SAFETY: the kernel just returned this fd for us alone.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// A scheduling policy with its static priority, as `sched_getscheduler` and
-/// `sched_getparam` report it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Policy {
-    policy: libc::c_int,
-    priority: libc::c_int,
-}
-
-impl Policy {
-    /// `SCHED_IDLE`: the thread runs only on CPU time no other thread wants, and any other
-    /// thread that wakes takes its CPU at once.
-    pub const IDLE: Self = Self {
-        policy: libc::SCHED_IDLE,
-        priority: 0,
-    };
-
-    /// Whether this process may go back from `SCHED_IDLE` to a normal policy at nice 0:
-    /// with `CAP_SYS_NICE`, or an `RLIMIT_NICE` that allows nice 0 (20 or more).
-    pub fn idle_is_undoable() -> bool {
-        use nix::sys::resource::{getrlimit, Resource};
-        const CAP_SYS_NICE: u32 = 23;
-        if getrlimit(Resource::RLIMIT_NICE).is_ok_and(|(soft, _)| soft >= 20) {
-            return true;
-        }
-        std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-                .is_some_and(|caps| caps & (1 << CAP_SYS_NICE) != 0)
-        })
-    }
-
-    /// The policy of thread `tid` (0: the calling thread).
-    pub fn of(tid: i32) -> io::Result<Self> {
-        // SAFETY: sched_getscheduler takes a thread id and returns the policy or -1.
-        let policy = unsafe { libc::sched_getscheduler(tid) };
-        if policy < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: sched_getparam writes one sched_param we own.
-        if unsafe { libc::sched_getparam(tid, &mut param) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self {
-            policy,
-            priority: param.sched_priority,
-        })
-    }
-
-    /// Gives thread `tid` (0: the calling thread) this policy.
-    pub fn apply(self, tid: i32) -> io::Result<()> {
-        let param = libc::sched_param {
-            sched_priority: self.priority,
-        };
-        // SAFETY: sched_setscheduler reads one sched_param we own.
-        if unsafe { libc::sched_setscheduler(tid, self.policy, &param) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
 }
 
 /// Waits until `fd` is readable or `timeout` passes: `Ok(true)` if it became readable,
@@ -173,7 +111,7 @@ impl Yielding {
     /// Starts yielding, for at most `limit`.
     pub fn begin(limit: Duration) -> Option<Self> {
         let prior = Policy::of(0).ok()?;
-        let normal = matches!(prior.policy, libc::SCHED_OTHER | libc::SCHED_BATCH);
+        let normal = prior.is_normal();
         if !normal || !Policy::idle_is_undoable() {
             return None;
         }
@@ -284,22 +222,6 @@ pub fn populate_own_code() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_thread_goes_to_sched_idle_and_back_when_that_is_undoable() {
-        std::thread::spawn(|| {
-            let before = Policy::of(0).expect("own policy");
-            Policy::IDLE.apply(0).expect("to SCHED_IDLE");
-            assert_eq!(Policy::of(0).expect("own policy"), Policy::IDLE);
-            let back = before.apply(0);
-            assert_eq!(back.is_ok(), Policy::idle_is_undoable(), "{back:?}");
-            if back.is_ok() {
-                assert_eq!(Policy::of(0).expect("own policy"), before);
-            }
-        })
-        .join()
-        .expect("the thread");
-    }
 
     #[test]
     fn other_threads_are_put_at_sched_idle_by_their_ids() {

@@ -230,7 +230,7 @@ pub(super) fn committed(vmm: &Vmm, api: &mut ApiServer) -> ! {
     // No teardown: the vCPUs stay stopped, and nothing here may touch what the receiver owns.
     // The exit's teardown (the address space, the KVM VM: milliseconds of kernel work) runs
     // beside the resumed guest: on CPU time its vCPUs and device backends do not want.
-    let stuck = super::sys::every_thread(super::sys::Policy::IDLE);
+    let stuck = super::sys::every_thread(crate::sched::Policy::IDLE);
     if stuck > 0 {
         log::debug!("{stuck} thread(s) exit at their own priority");
     }
