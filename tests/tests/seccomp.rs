@@ -171,7 +171,8 @@ fn a_hundred_updates_with_seccomp_on_keep_working() {
     let out = vm.molt.finish(WAIT);
     out.assert_code(0);
     out.assert_no_panic();
-    let ticks: Vec<u64> = out.guest_lines()
+    let ticks: Vec<u64> = out
+        .guest_lines()
         .iter()
         .filter(|l| l.kind == "tick" && l.get("n").is_some())
         .map(|l| l.num("n"))
