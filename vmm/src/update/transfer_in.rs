@@ -143,15 +143,31 @@ struct Built {
 }
 
 /// How a receiver builds its machine while the guest still runs in the sender.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Build {
-    /// On idle CPU time (for at most [`YIELD_AT_MOST`]): a receiver started ahead of the
-    /// transfer, whose build only the request waits for.
-    Yielding,
+    /// On idle CPU time (for at most [`YIELD_AT_MOST`]), over the KVM VM it made when it
+    /// started, if it could: a receiver started ahead of the transfer, whose build only the
+    /// request waits for. (KVM_CREATE_VM's work, with the kworkers it wakes, is then not on
+    /// the CPUs the guest and its backends need during the request.)
+    Yielding(Option<EmptyVm>),
     /// At molt's policy: the legs of a cpr-exec through a stand-in, whose processes start
     /// inside the request and keep both CPUs of a small host busy (built on idle time, each leg
     /// waited up to the time limit and the request took twice as long).
     AtOnce,
+}
+
+/// An open /dev/kvm and an empty KVM VM on it ([`crate::vm::new_vm`]).
+pub(super) struct EmptyVm {
+    kvm: kvm_ioctls::Kvm,
+    vm: kvm_ioctls::VmFd,
+}
+
+impl EmptyVm {
+    /// Makes one, or says why not.
+    pub fn create() -> Result<Self, crate::Error> {
+        let kvm = crate::vm::open_kvm()?;
+        let vm = crate::vm::new_vm(&kvm)?;
+        Ok(Self { kvm, vm })
+    }
 }
 
 /// Hello, then the machine built over the sender's RAM while the guest runs there.
@@ -170,9 +186,9 @@ fn prebuild(chan: &Channel, build: Build) -> Result<Built, ReceiveError> {
     // The guest runs in the sender meanwhile: building the machine (~2 ms of CPU) on idle CPU
     // time takes none from its vCPUs or its device backends (a vhost-user disk's daemon woken
     // on a busy CPU waits there); every thread here runs at molt's policy again before Ready.
-    let yielding = match build {
-        Build::Yielding => super::sys::Yielding::begin(YIELD_AT_MOST),
-        Build::AtOnce => None,
+    let (yielding, early) = match build {
+        Build::Yielding(early) => (super::sys::Yielding::begin(YIELD_AT_MOST), early),
+        Build::AtOnce => (None, None),
     };
     let spec: MachineSpec = serde_json::from_value(machine).map_err(ReceiveError::Machine)?;
     let mut fds = RestoreFds::new(Inherited::from_owned(prepare.fds).map_err(ReceiveError::Fds)?);
@@ -192,8 +208,11 @@ fn prebuild(chan: &Channel, build: Build) -> Result<Built, ReceiveError> {
     if let Some(mode) = spec.seccomp {
         crate::seccomp::init(mode).map_err(crate::Error::from)?;
     }
-    let kvm = crate::vm::open_kvm().map_err(crate::Error::from)?;
-    let mut machine = Prebuilt::new(&kvm, ram, spec.vcpus, &spec.identities)?;
+    let EmptyVm { kvm, vm } = match early {
+        Some(e) => e,
+        None => EmptyVm::create()?,
+    };
+    let mut machine = Prebuilt::over(vm, ram, spec.vcpus, &spec.identities)?;
     machine.read_fresh()?;
     machine.warm_threads()?;
     crate::vcpu::warm_this_thread();
@@ -328,8 +347,8 @@ pub(super) fn take_over(
 
 /// Receives the VM on `chan`, answers the request that started the handoff and runs the VM;
 /// returns the process exit code.
-fn run_on(chan: Channel, started: Instant) -> i32 {
-    match take_over(&chan, started, None, Build::Yielding) {
+fn run_on(chan: Channel, early: Option<EmptyVm>, started: Instant) -> i32 {
+    match take_over(&chan, started, None, Build::Yielding(early)) {
         Ok(runtime) => {
             // The sender is done with us (it exits once it read Committed).
             drop(chan);
@@ -344,8 +363,12 @@ fn run_on(chan: Channel, started: Instant) -> i32 {
 
 /// `molt --incoming PATH`: returns the process exit code.
 pub fn run(path: &Path, started: Instant) -> i32 {
+    // Made now, long before a sender comes (or when it does, reporting to it why not).
+    let early = EmptyVm::create()
+        .map_err(|e| log::debug!("the KVM VM is made when a sender comes: {e}"))
+        .ok();
     match accept_one(path) {
-        Ok(chan) => run_on(chan, started),
+        Ok(chan) => run_on(chan, early, started),
         Err(e) => {
             eprintln!("molt: error: {}", crate::error_chain(&e));
             1
