@@ -137,12 +137,12 @@ impl Yielding {
         Some(this)
     }
 
-    /// Every thread of the process back at the policy it had.
-    pub fn end(mut self) {
-        self.finish();
-    }
+    /// Every thread of the process back at the policy it had (as a drop does).
+    pub fn end(self) {}
+}
 
-    fn finish(&mut self) {
+impl Drop for Yielding {
+    fn drop(&mut self) {
         drop(self.done.take());
         if let Some(w) = self.watchdog.take() {
             let _ = w.join();
@@ -150,14 +150,6 @@ impl Yielding {
         let stuck = every_thread(self.prior);
         if stuck > 0 {
             log::warn!("{stuck} thread(s) could not take molt's scheduling policy back");
-        }
-    }
-}
-
-impl Drop for Yielding {
-    fn drop(&mut self) {
-        if self.watchdog.is_some() {
-            self.finish();
         }
     }
 }
