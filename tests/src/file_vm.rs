@@ -130,6 +130,26 @@ impl FileVm {
         ns.len()
     }
 
+    /// With `molt.idle=halt`: the guest slept and took device interrupts during the ticks
+    /// after the `skip` first ones (the ticks' `sleeps=` and `irqs=`); returns their sums.
+    pub fn assert_slept_on_interrupts(&self, skip: usize) -> (u64, u64) {
+        let ticks: Vec<GuestLine> = self
+            .lines()
+            .into_iter()
+            .filter(|l| l.kind == "tick")
+            .skip(skip)
+            .collect();
+        let sum = |key| ticks.iter().map(|t| t.num(key)).sum::<u64>();
+        let (sleeps, irqs) = (sum("sleeps"), sum("irqs"));
+        assert!(
+            sleeps > 0 && irqs > 0,
+            "the guest never slept on its disk's interrupts ({sleeps} sleeps, {irqs} interrupts in {} ticks):\n{}",
+            ticks.len(),
+            self.tail()
+        );
+        (sleeps, irqs)
+    }
+
     /// The guest booted once and no line says FAIL.
     pub fn assert_one_boot_no_failure(&self) {
         let text = self.console();

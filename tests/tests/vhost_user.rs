@@ -200,6 +200,39 @@ fn disk_records_continue_through_transfers_and_updates_and_stand_ins_on_one_back
     vm.shutdown();
 }
 
+/// A guest that sleeps until its disk's interrupt (`molt.idle=halt`, sleeping at once) sees
+/// every completion only through the interrupt line and the device's InterruptStatus, as
+/// Linux does: a completion whose interrupt an update lost would stop its disk (a timeout).
+#[test]
+fn a_guest_that_sleeps_until_its_disk_interrupts_keeps_its_disk_through_updates_and_transfers() {
+    let dir = TempDir::new("vhost-halt");
+    let Some(backend) = Backend::start(&dir) else {
+        return;
+    };
+    let cmdline = "molt.memtest=0 molt.blk=on molt.idle=halt molt.halt_poll_us=0";
+    let mut vm = Vm::start(&dir, &backend.socket, cmdline);
+    let sockets = backend.sockets();
+    for i in 0..4 {
+        let r = vm.cpr_exec();
+        assert_eq!(r.status, 200, "update {i}: {r:?}");
+        vm.wait_records(2);
+        let r = vm.transfer();
+        assert_eq!(r.status, 200, "transfer {i}: {r:?}");
+        vm.wait_records(2);
+    }
+    let ticks_before = vm.last("tick", "n") as usize;
+    vm.wait_ticks(2);
+    vm.assert_slept_on_interrupts(ticks_before);
+    assert_connected(&vm.device(), 0);
+    assert_eq!(
+        backend.sockets(),
+        sockets,
+        "the backend saw another connection"
+    );
+    vm.assert_records_continuous(10);
+    vm.shutdown();
+}
+
 #[test]
 fn a_backend_that_dies_and_comes_back_is_reconnected_and_the_guest_keeps_running() {
     let dir = TempDir::new("vhost-restart");

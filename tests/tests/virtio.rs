@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use molt_tests::api;
+use molt_tests::file_vm::FileVm;
 use molt_tests::native::{check_mode, Mode};
 use molt_tests::netns::{self, NetNs, GUEST_IP};
 use molt_tests::{guest_lines, molt_bin, GuestLine, Molt, Stream, TempDir};
@@ -243,6 +244,44 @@ fn disk_io_across_ten_live_updates_loses_and_repeats_nothing() {
             "records beyond what the guest wrote (last reported {last}): {on_disk:?}"
         );
     }
+}
+
+/// A guest that sleeps until its disk's interrupt (`molt.idle=halt`, sleeping at once) takes
+/// each completion only after the interrupt line and the device's InterruptStatus said so: a
+/// completion an update, a transfer or a pause left without its interrupt would stop the disk.
+#[test]
+fn a_guest_that_sleeps_until_its_disk_interrupts_keeps_its_disk_across_updates() {
+    let dir = TempDir::new("virtio-halt");
+    let img = image(&dir, 8);
+    let mut vm = FileVm::start(
+        dir.path(),
+        &[
+            "--disk",
+            &format!("path={}", img.display()),
+            "--cmdline",
+            "molt.memtest=0 molt.blk=on molt.idle=halt molt.halt_poll_us=0",
+        ],
+    );
+    let records = |vm: &FileVm, more| vm.wait_for("blk", "n", more, String::new);
+    records(&vm, 3);
+    for i in 0..4 {
+        let r = vm.cpr_exec(&molt_bin());
+        assert_eq!(r.status, 200, "update {i}: {r:?}");
+        records(&vm, 2);
+        let r = vm.transfer_to_this_build();
+        assert_eq!(r.status, 200, "transfer {i}: {r:?}");
+        records(&vm, 2);
+        for endpoint in ["vm.pause", "vm.resume"] {
+            assert_eq!(api::put(&vm.api, endpoint, "").status, 204, "{endpoint}");
+        }
+        records(&vm, 2);
+    }
+    let ticks_before = vm.last("tick", "n") as usize;
+    vm.wait_ticks(2);
+    vm.assert_slept_on_interrupts(ticks_before);
+    vm.assert_one_boot_no_failure();
+    assert!(vm.assert_sequence("blk", "n") > 10, "{}", vm.tail());
+    vm.shutdown();
 }
 
 #[test]

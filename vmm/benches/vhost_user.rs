@@ -7,11 +7,12 @@
 //! interval) with how far the gap is over it.
 //!
 //! `cargo bench -p molt-vmm --bench vhost_user [-- --updates N] [--stand-in | --transfer |
-//! --pause-resume] [--each] [--vhost-user-only]` (MOLT_BIN picks the binary; `--stand-in`
-//! updates through a stand-in; `--transfer` makes each update a cpr-transfer to a molt started
-//! for it; `--pause-resume` is the control: a pause and a resume instead of each update, which
-//! shows what a pause alone adds to the gap; `--each` prints every update's gap and its parts
-//! to stderr).
+//! --pause-resume] [--each] [--vhost-user-only] [--idle-halt]` (MOLT_BIN picks the binary;
+//! `--stand-in` updates through a stand-in; `--transfer` makes each update a cpr-transfer to a
+//! molt started for it; `--pause-resume` is the control: a pause and a resume instead of each update, which
+//! shows what a pause alone adds to the gap; `--each` prints every update's gap, its parts and
+//! the next three record intervals to stderr; `--idle-halt` runs the guest with
+//! `molt.idle=halt`: it sleeps until its disk's interrupt once a request took 200 µs).
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
@@ -147,6 +148,8 @@ struct Opts {
     /// Print each update's gap around the pause and its parts (to stderr).
     each: bool,
     vhost_user_only: bool,
+    /// The guest's command line.
+    cmdline: &'static str,
 }
 
 fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
@@ -161,7 +164,7 @@ fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
         "--disk",
         disk,
         "--cmdline",
-        "molt.memtest=0 molt.blk=on",
+        opts.cmdline,
     ]);
     let console = Console::attach(&serial);
     api::wait_ready(&socket, WAIT);
@@ -267,12 +270,19 @@ fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
             .find(|w| w[0] <= paused_at && w[1] >= after)
         {
             if opts.each {
+                let next: Vec<String> = times
+                    .windows(2)
+                    .filter(|n| n[0] >= w[1])
+                    .take(3)
+                    .map(|n| format!("{:.2}", ms(n[1] - n[0])))
+                    .collect();
                 eprintln!(
-                    "{name}: gap {:.2} ms = {:.2} + pause {:.2} + {:.2}",
+                    "{name}: gap {:.2} ms = {:.2} + pause {:.2} + {:.2}; the next intervals {} ms",
                     ms(w[1] - w[0]),
                     ms(paused_at - w[0]),
                     ms(pause),
-                    ms(w[1] - after)
+                    ms(w[1] - after),
+                    next.join(", ")
                 );
             }
             around.push(ms(w[1] - w[0]));
@@ -329,6 +339,11 @@ fn main() {
         },
         each: flag("--each"),
         vhost_user_only: flag("--vhost-user-only"),
+        cmdline: if flag("--idle-halt") {
+            "molt.memtest=0 molt.blk=on molt.idle=halt"
+        } else {
+            "molt.memtest=0 molt.blk=on"
+        },
     };
     match opts.update {
         Update::Exec => {}

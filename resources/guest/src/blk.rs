@@ -34,7 +34,7 @@
 
 use crate::blk_ring::{self, RING};
 use crate::serial::Line;
-use crate::virtio::{Dma, Mmio, Queue, Ring, Why, DESC_NEXT, DESC_WRITE};
+use crate::virtio::{Dma, Mmio, Queue, Ring, Why, DESC_NEXT, DESC_WRITE, INT_USED};
 use core::ptr::{addr_of, addr_of_mut};
 use core::sync::atomic::AtomicBool;
 
@@ -173,6 +173,13 @@ pub struct Blk {
     in_flight: Option<(Req, u64)>,
     timeout_reported: bool,
     timeout_cycles: u64,
+    /// The device's interrupt line is routed (`molt.idle=halt`).
+    interrupt_driven: bool,
+    /// The CPU slept while the request in flight was pending: its completion is taken only
+    /// after the device's interrupt.
+    asleep: bool,
+    /// The device's InterruptStatus said it used buffers, since the last completion taken.
+    used_signalled: bool,
     /// Boot check: last_seq of the superblock, records verified, first bad.
     found: u64,
     verified: u64,
@@ -209,6 +216,9 @@ impl Blk {
             in_flight: None,
             timeout_reported: false,
             timeout_cycles: TIMEOUT_MS * tsc_khz,
+            interrupt_driven: false,
+            asleep: false,
+            used_signalled: false,
             found: 0,
             verified: 0,
             first_bad: None,
@@ -231,16 +241,59 @@ impl Blk {
         self.next = Some(Req::ReadSuper);
     }
 
+    /// Lets the driver sleep through a request (see [`Blk::sleep`]): its device's interrupt
+    /// line is routed.
+    pub fn wait_for_interrupts(&mut self) {
+        self.interrupt_driven = true;
+    }
+
+    /// A device interrupt came: reads and acknowledges the device's InterruptStatus.
+    pub fn interrupt(&mut self) {
+        if self.mmio.take_interrupt() & INT_USED != 0 {
+            self.used_signalled = true;
+        }
+    }
+
+    /// Since when (TSC) the driver has only waited for its device: the request in flight's
+    /// submission, or 0 with nothing to do at all; `None` when it has work.
+    pub fn waiting_since(&self) -> Option<u64> {
+        match self.in_flight {
+            Some(_) if self.asleep && self.used_signalled => None,
+            Some((_, since)) => Some(since),
+            None => self.next.is_none().then_some(0),
+        }
+    }
+
+    /// The CPU is going to sleep until an interrupt: from now on the request in flight is
+    /// taken only once the device's interrupt and its InterruptStatus said it used buffers,
+    /// as Linux's virtio-mmio driver does, so a device that completes without a word is seen
+    /// (as a timeout). Before, the driver polls its used ring (interrupts are not delivered
+    /// to native code on PVM hosts, see irq.rs).
+    pub fn sleep(&mut self) {
+        if self.interrupt_driven && self.in_flight.is_some() {
+            self.asleep = true;
+        }
+    }
+
     /// Takes the completion of the request in flight, if any, and submits
     /// the next request. Checking a record and filling the next one cost a
     /// few hundred instructions each: a write waits for the next call when
     /// this one completed a request, so the main loop keeps its cadence.
     pub fn poll(&mut self, now: u64) {
         if let Some((req, since)) = self.in_flight {
-            if self.queue.pop_used().is_none() {
+            if self.asleep && !self.used_signalled {
                 self.check_timeout(req, now.saturating_sub(since));
                 return;
             }
+            if self.queue.pop_used().is_none() {
+                // An interrupt with nothing used (the previous request's, or one raised again
+                // after a live update) is spurious: the next one counts.
+                self.used_signalled = false;
+                self.check_timeout(req, now.saturating_sub(since));
+                return;
+            }
+            self.asleep = false;
+            self.used_signalled = false;
             self.in_flight = None;
             self.timeout_reported = false;
             // SAFETY: the request completed, so the device no longer writes

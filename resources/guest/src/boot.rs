@@ -263,6 +263,9 @@ pub fn stack_top(index: usize) -> u64 {
     base + ((index + 1) * STACK_SIZE) as u64
 }
 
+/// The exceptions' 32 vectors and the interrupts' (irq.rs).
+const IDT_ENTRIES: usize = 0x22;
+
 /// One 64-bit interrupt gate (16 bytes).
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -272,14 +275,14 @@ struct IdtEntry {
 }
 
 #[repr(C, align(16))]
-struct Idt([IdtEntry; 32]);
+struct Idt([IdtEntry; IDT_ENTRIES]);
 
 /// The IDT of emulated mode: gates into our own 64-bit code segment.
-static mut IDT: Idt = Idt([IdtEntry { low: 0, high: 0 }; 32]);
+static mut IDT: Idt = Idt([IdtEntry { low: 0, high: 0 }; IDT_ENTRIES]);
 /// The IDT of native mode (see native.rs): the same stubs, but the gates must
 /// name selector 0x33 (the host's 64-bit user code segment, which native
 /// guest code runs on) with DPL 3; there is no IST or stack switch.
-static mut IDT_NATIVE: Idt = Idt([IdtEntry { low: 0, high: 0 }; 32]);
+static mut IDT_NATIVE: Idt = Idt([IdtEntry { low: 0, high: 0 }; IDT_ENTRIES]);
 
 /// Selector of the gates of the native IDT.
 const NATIVE_CS: u16 = 0x33;
@@ -294,12 +297,14 @@ fn gate(handler: u64, selector: u16, type_attr: u64) -> IdtEntry {
     }
 }
 
-/// Fills both IDTs with the 32 exception stubs. Called once, by the BSP,
-/// before any AP is started.
+/// Fills both IDTs with the 32 exception stubs and the interrupt handlers. Called once, by
+/// the BSP, before any AP is started.
 pub fn init_idt() {
-    for v in 0..32 {
+    let exceptions = (0..32).map(|v| {
         // SAFETY: isr_table is a read-only table of 32 addresses in .rodata.
-        let handler = unsafe { core::ptr::addr_of!(isr_table).cast::<u64>().add(v).read() };
+        (v, unsafe { core::ptr::addr_of!(isr_table).cast::<u64>().add(v).read() })
+    });
+    for (v, handler) in exceptions.chain(crate::irq::handlers()) {
         // SAFETY: only the BSP writes the IDTs, before APs exist and before
         // any CPU loads them; nothing else references them meanwhile.
         unsafe {

@@ -146,9 +146,15 @@ pub struct Config {
     pub net: NetArg,
     /// `molt.rng=on`: run the entropy driver on the first virtio-rng device.
     pub rng: bool,
-    /// `virtio_mmio.device=` windows as (size, base); `None` for an entry
+    /// `molt.idle=halt`: the BSP sleeps until an interrupt when it has nothing to do,
+    /// instead of polling (see irq.rs).
+    pub idle_halt: bool,
+    /// `molt.halt_poll_us=`: with `molt.idle=halt`, how long a request is polled for before
+    /// the CPU sleeps.
+    pub halt_poll_us: u64,
+    /// `virtio_mmio.device=` windows as (size, base, interrupt line); `None` for an entry
     /// that does not parse.
-    pub virtio: [Option<(u64, u64)>; MAX_VIRTIO],
+    pub virtio: [Option<(u64, u64, Option<u32>)>; MAX_VIRTIO],
     pub virtio_count: usize,
 }
 
@@ -221,6 +227,8 @@ impl Config {
             blk: false,
             net: NetArg::Off,
             rng: false,
+            idle_halt: false,
+            halt_poll_us: 200,
             virtio: [None; MAX_VIRTIO],
             virtio_count: 0,
         };
@@ -261,6 +269,10 @@ impl Config {
                 config.net = parse_net(v);
             } else if let Some(v) = value_of(word, b"molt.rng=") {
                 config.rng = v == b"on";
+            } else if let Some(v) = value_of(word, b"molt.idle=") {
+                config.idle_halt = v == b"halt";
+            } else if let Some(v) = value_of(word, b"molt.halt_poll_us=").and_then(parse_num) {
+                config.halt_poll_us = v;
             } else if let Some(v) = value_of(word, b"virtio_mmio.device=") {
                 if config.virtio_count < MAX_VIRTIO {
                     config.virtio[config.virtio_count] = crate::virtio::parse_device(v);

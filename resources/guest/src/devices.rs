@@ -23,6 +23,9 @@ pub struct Devices {
     blk: Option<Blk>,
     net: Option<Net>,
     rng: Option<Rng>,
+    /// The net and rng devices, whose interrupts are only acknowledged: their drivers look
+    /// at their rings on every wake-up anyway.
+    acked: [Option<Mmio>; 2],
 }
 
 /// A driver just set up, to start after its `virtio` line.
@@ -34,8 +37,9 @@ enum Started {
 }
 
 impl Devices {
-    /// Finds, reports and initialises the devices.
-    pub fn start(config: &Config, now: u64, tsc_khz: u64) -> Devices {
+    /// Finds, reports and initialises the devices. With `interrupts_to` (a local APIC id,
+    /// `molt.idle=halt`), routes each started device's interrupt line to that CPU.
+    pub fn start(config: &Config, now: u64, tsc_khz: u64, interrupts_to: Option<u8>) -> Devices {
         let mut d = Devices::default();
         Line::new()
             .s(b"virtio devices=")
@@ -44,9 +48,16 @@ impl Devices {
         for entry in &config.virtio[..config.virtio_count] {
             let (id, base, result) = match entry {
                 None => (0, 0, Err("bad virtio_mmio.device")),
-                Some((size, base)) => {
+                Some((size, base, irq)) => {
                     match virtio::window_ok(*size, *base).and_then(|m| Ok((m, m.check()?))) {
-                        Ok((mmio, id)) => (id, *base, d.attach(config, mmio, id, now, tsc_khz)),
+                        Ok((mmio, id)) => {
+                            let started = d.attach(config, mmio, id, now, tsc_khz);
+                            let routed = started.and_then(|s| match interrupts_to {
+                                Some(apic) => d.route(s, mmio, *irq, apic),
+                                None => Ok(s),
+                            });
+                            (id, *base, routed)
+                        }
                         Err(why) => (0, *base, Err(why)),
                     }
                 }
@@ -106,6 +117,47 @@ impl Devices {
                 mmio.reset();
                 result.map(|_| Started::None)
             }
+        }
+    }
+
+    /// Routes a started driver's interrupt line, and makes the blk driver wait for it.
+    fn route(&mut self, s: Started, mmio: Mmio, irq: Option<u32>, apic: u8) -> Result<Started, Why> {
+        if matches!(s, Started::None) {
+            return Ok(s);
+        }
+        if !irq.is_some_and(|gsi| crate::irq::route(gsi, apic)) {
+            return Err("no usable interrupt line");
+        }
+        match (&s, &mut self.blk) {
+            (Started::Blk, Some(blk)) => blk.wait_for_interrupts(),
+            _ => {
+                let slot = usize::from(matches!(s, Started::Rng));
+                self.acked[slot] = Some(mmio);
+            }
+        }
+        Ok(s)
+    }
+
+    /// A device interrupt came: the drivers read and acknowledge their devices' status.
+    pub fn interrupt(&mut self) {
+        if let Some(blk) = self.blk.as_mut() {
+            blk.interrupt();
+        }
+        for mmio in self.acked.iter().flatten() {
+            mmio.take_interrupt();
+        }
+    }
+
+    /// Since when (TSC) every driver has only waited for its device (0: nothing to do);
+    /// `None` when one has work.
+    pub fn waiting_since(&self) -> Option<u64> {
+        self.blk.as_ref().map_or(Some(0), Blk::waiting_since)
+    }
+
+    /// The CPU is going to sleep until an interrupt.
+    pub fn sleep(&mut self) {
+        if let Some(blk) = self.blk.as_mut() {
+            blk.sleep();
         }
     }
 

@@ -39,7 +39,8 @@
 //! with it), which cannot execute SSE/AVX/x87: the build disables them and
 //! `vmm/tests/guest_image.rs` checks the image. For the same reason nothing
 //! here uses `core::fmt` or floating point, and every main-loop iteration does
-//! only a little work. The guest never enables interrupts; it only polls.
+//! only a little work. The guest polls; only with `molt.idle=halt` does the
+//! boot CPU enable interrupts, between `sti` and `hlt` (irq.rs).
 
 #![no_std]
 #![no_main]
@@ -50,6 +51,7 @@ mod boot;
 mod bootparams;
 mod devices;
 mod dirty;
+mod irq;
 mod mem;
 mod memtest;
 mod native;
@@ -83,6 +85,9 @@ pub fn bsp_mode() -> native::Mode {
 
 const DEFAULT_TSC_KHZ: u64 = 2_000_000;
 const CPU_LINE_MS: u64 = 500;
+/// The longest sleep with `molt.idle=halt` (the drivers that only poll, rng and net, and
+/// the blk driver's timeout get a look at least this often).
+const HALT_MAX_MS: u64 = 10;
 
 /// Where the TSC frequency came from.
 #[derive(PartialEq, Eq)]
@@ -246,17 +251,32 @@ pub extern "C" fn bsp_main(zero_page: u64) -> ! {
         smp::start_aps(&cpus, khz);
     }
     crash(config.crash);
-    let mut devices = devices::Devices::start(&config, boot::rdtsc(), khz);
+    // Sleeping when idle leaves the CPU to others (a vhost-user backend, say), but a memory
+    // test or load has always something to do.
+    let halt = config.idle_halt && memtest.bytes == 0 && config.dirty_mib_s == 0;
+    if halt {
+        irq::init();
+    }
+    let mut devices = devices::Devices::start(&config, boot::rdtsc(), khz, halt.then_some(apic_id));
 
+    // Before sleeping, a request is polled for this long (as Linux's guest halt-polling
+    // does): leaving native execution to sleep costs more than most requests take.
+    let poll_cycles = khz * config.halt_poll_us / 1000;
     let mut tick = Deadline::new(boot::rdtsc(), khz * config.tick_ms);
     let mut cpu_ticker = CpuTicker::new(0);
     let mut prev = boot::rdtsc();
     let mut gap_max = 0;
+    // With `molt.idle=halt`: how often the CPU slept and a device interrupt came, per tick.
+    let (mut sleeps, mut irqs) = (0u64, 0u64);
     loop {
         let now = boot::rdtsc();
         gap_max = gap_max.max(now.saturating_sub(prev));
         prev = now;
 
+        if irq::take_device() {
+            irqs += 1;
+            devices.interrupt();
+        }
         memtest.step(now);
         dirty.step(now);
         devices.poll(now);
@@ -268,21 +288,43 @@ pub extern "C" fn bsp_main(zero_page: u64) -> ! {
             let before = boot::rdtsc();
             let loops_per_s = native::loop_rate(khz);
             prev += boot::rdtsc() - before;
-            Line::new()
+            let mut line = Line::new();
+            line
                 .s(b"tick n=")
                 .dec(n)
                 .s(b" gap_max_us=")
                 .dec(cycles_to_us(gap_max, khz))
                 .s(b" loops_per_s=")
                 .dec(loops_per_s)
-                .print();
+                ;
+            if halt {
+                line.s(b" sleeps=").dec(sleeps).s(b" irqs=").dec(irqs);
+                (sleeps, irqs) = (0, 0);
+            }
+            line.print();
             gap_max = 0;
             if config.ticks != 0 && n >= config.ticks {
                 finish(config.exit);
             }
         }
-        if CPU_COUNT.load(Ordering::Relaxed) > 1 {
+        let smp = CPU_COUNT.load(Ordering::Relaxed) > 1;
+        if smp {
             cpu_ticker.poll(now);
+        }
+        let waited = devices.waiting_since().map(|since| now.saturating_sub(since));
+        if halt && waited.is_some_and(|w| w >= poll_cycles) {
+            let mut until = tick.next.min(now + khz * HALT_MAX_MS);
+            if smp {
+                until = until.min(cpu_ticker.deadline.next);
+            }
+            let now = boot::rdtsc();
+            if until > now {
+                sleeps += 1;
+                devices.sleep();
+                irq::halt(cycles_to_us(until - now, khz) * 1000, mode.is_native());
+            }
+            // Time asleep is not a gap of the loop.
+            prev = boot::rdtsc();
         }
     }
 }

@@ -16,7 +16,8 @@
 //!
 //! Port I/O and `hlt` still exit to the VMM; `int n` must never be used. External
 //! interrupts are not delivered natively on this host (a pending local APIC timer vector
-//! stays in the IRR, `sti; hlt` never returns), which is one more reason the guest polls. Bit
+//! stays in the IRR, `sti; hlt` never returns), so a guest that sleeps goes back to the
+//! emulator for it ([`set_emulated`], irq.rs). Bit
 //! 15 lets a plain `iretq` return to native code (the exception handlers never
 //! return anyway, except the MSR probes below, which run before the switch).
 //!
@@ -26,6 +27,7 @@
 
 use crate::bootparams::NativeArg;
 use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// PVM signature MSR: reads [`SIGNATURE`] ("PVM") on hosts that have it.
 const SIGNATURE_MSR: u32 = 0x4b56_4d11;
@@ -39,6 +41,10 @@ const CONTROL_MSR: u32 = 0x4b56_4d10;
 const CONTROL_NATIVE_IRET: u64 = 0x8401;
 const CONTROL_NATIVE: u64 = 0x401;
 const CONTROL_BIT_NATIVE: u64 = 1;
+/// The control MSR's default value (emulated).
+const CONTROL_DEFAULT: u64 = 0x400;
+/// The control MSR's value in native mode, as read back after the switch.
+static CONTROL: AtomicU64 = AtomicU64::new(0);
 
 // u64 molt_rdmsr_safe(u32 msr, u64 *value): 1 and *value set, or 0 on #GP.
 // u64 molt_wrmsr_safe(u32 msr, u64 value): 1, or 0 on #GP.
@@ -210,11 +216,23 @@ fn switch_this_cpu() -> Mode {
     }
     match rdmsr_safe(CONTROL_MSR) {
         Some(v) if v & CONTROL_BIT_NATIVE != 0 => {
+            CONTROL.store(v, Ordering::Relaxed);
             crate::boot::load_idt(true);
             Mode::Native
         }
         _ => Mode::Refused,
     }
+}
+
+/// Leaves native execution for the emulator (`true`) or returns to it (`false`), on a CPU
+/// that runs natively, with the emulated-mode IDT loaded (a refusal is a #GP, which only
+/// that IDT recovers from). For `hlt` with interrupts, which are delivered only in the
+/// emulator (see irq.rs).
+pub fn set_emulated(emulated: bool) {
+    let native = CONTROL.load(Ordering::Relaxed);
+    // Bit 15 without bit 0 stops the vCPU for good (measured): the emulator gets the default.
+    let value = if emulated { CONTROL_DEFAULT } else { native };
+    wrmsr_safe(CONTROL_MSR, value);
 }
 
 /// Iterations per second of a two-instruction loop (`dec; jnz`), measured in

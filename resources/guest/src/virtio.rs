@@ -24,6 +24,8 @@ pub const DESC_NEXT: u16 = 1;
 pub const DESC_WRITE: u16 = 2;
 
 // Registers of the virtio-mmio window (virtio 1.x, section 4.2.2).
+/// InterruptStatus bit: the device used buffers.
+pub const INT_USED: u32 = 1;
 const REG_MAGIC: u64 = 0x000;
 const REG_VERSION: u64 = 0x004;
 const REG_DEVICE_ID: u64 = 0x008;
@@ -36,6 +38,8 @@ const REG_QUEUE_NUM_MAX: u64 = 0x034;
 const REG_QUEUE_NUM: u64 = 0x038;
 const REG_QUEUE_READY: u64 = 0x044;
 const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
 const REG_STATUS: u64 = 0x070;
 const REG_QUEUE_DESC: u64 = 0x080;
 const REG_QUEUE_DRIVER: u64 = 0x090;
@@ -123,6 +127,16 @@ impl Mmio {
 
     pub fn status(self) -> u32 {
         self.read(REG_STATUS)
+    }
+
+    /// Reads and acknowledges the device's InterruptStatus (bit 0: used buffers, bit 1:
+    /// configuration change).
+    pub fn take_interrupt(self) -> u32 {
+        let status = self.read(REG_INTERRUPT_STATUS);
+        if status != 0 {
+            self.write(REG_INTERRUPT_ACK, status);
+        }
+        status
     }
 
     pub fn needs_reset(self) -> bool {
@@ -384,9 +398,9 @@ impl Queue {
     }
 }
 
-/// Splits `size@base:irq[:id]` (a `virtio_mmio.device=` value) into size
-/// and base. Size takes an optional K/M/G suffix, as in Linux.
-pub fn parse_device(value: &[u8]) -> Option<(u64, u64)> {
+/// Splits `size@base:irq[:id]` (a `virtio_mmio.device=` value) into size,
+/// base and interrupt line. Size takes an optional K/M/G suffix, as in Linux.
+pub fn parse_device(value: &[u8]) -> Option<(u64, u64, Option<u32>)> {
     let at = value.iter().position(|&c| c == b'@')?;
     let (size, rest) = (&value[..at], &value[at + 1..]);
     let (digits, shift) = match size.last()? {
@@ -398,7 +412,14 @@ pub fn parse_device(value: &[u8]) -> Option<(u64, u64)> {
     let size = crate::bootparams::parse_num(digits)?.checked_mul(1 << shift)?;
     let colon = rest.iter().position(|&c| c == b':').unwrap_or(rest.len());
     let base = crate::bootparams::parse_num(&rest[..colon])?;
-    Some((size, base))
+    let irq = rest.get(colon + 1..).map(|r| {
+        let end = r.iter().position(|&c| c == b':').unwrap_or(r.len());
+        &r[..end]
+    });
+    let irq = irq
+        .and_then(crate::bootparams::parse_num)
+        .and_then(|n| u32::try_from(n).ok());
+    Some((size, base, irq))
 }
 
 /// Whether a window is usable at all (mapped, large enough, aligned).
