@@ -184,6 +184,17 @@ fn a_new_image_that_dies_leaves_the_guest_running_in_the_stand_in() {
     assert_ne!(stand_in, pid, "{info}");
     assert!(err.contains(&stand_in.to_string()), "{err}");
     assert_eq!(info["updates"]["count"], 0, "{info}");
+    // A rollback after two pauses: the handover to the stand-in, and the failed one from it.
+    let report = &r.body["report"];
+    assert_eq!(report["pid"], stand_in, "{r:?}");
+    assert_eq!(report["legs"].as_array().map(Vec::len), Some(2), "{r:?}");
+    assert!(report["legs"][1]["rolled_back"].is_string(), "{r:?}");
+    assert_eq!(
+        report["rolled_back"], report["legs"][1]["rolled_back"],
+        "{r:?}"
+    );
+    assert_eq!(info["updates"]["rollbacks"], 1, "{info}");
+    assert_eq!(&info["updates"]["last"], report, "{info}");
     vm.wait_ticks(3);
     vm.wait_for("blk", "n", 2, String::new);
     assert_continuous(&vm);
@@ -212,6 +223,15 @@ fn a_stand_in_that_fails_leaves_the_guest_where_it_was() {
     assert_eq!(info["pid"], pid, "{info}");
     assert_eq!(info["version"], format!("{VERSION}+next"), "{info}");
     assert_eq!(info["updates"]["count"], 0, "{info}");
+    // The guest was paused for the attempt: a rollback, with its pause and why.
+    let report = &r.body["report"];
+    assert_eq!(report["pid"], pid, "{r:?}");
+    assert!(
+        report["pause_ms"].as_f64().is_some_and(|p| p > 0.0),
+        "{r:?}"
+    );
+    assert!(report["rolled_back"].is_string(), "{r:?}");
+    assert_eq!(info["updates"]["rollbacks"], 1, "{info}");
     vm.wait_ticks(3);
     vm.wait_for("blk", "n", 2, String::new);
     assert_continuous(&vm);

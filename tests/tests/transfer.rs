@@ -187,13 +187,29 @@ fn twenty_transfers_in_a_chain_leave_fds_and_memory_flat() {
 }
 
 /// Every failure before the commit: the guest runs on in the sender, which answers with a JSON
-/// error saying why.
-fn assert_kept(vm: &Vm, r: &Reply, pid: u64, why: &str) {
+/// error saying why; if the guest was paused for the attempt, the answer also has its report
+/// (a rollback: the pause, and why), which `vm.info` keeps as the last update's.
+fn assert_kept(vm: &Vm, r: &Reply, pid: u64, why: &str, paused: bool) {
     assert_eq!(r.status, 502, "{r:?}");
     let error = r.body["error"].as_str().unwrap_or_default();
     assert!(error.contains(why), "expected {why:?} in {r:?}");
     assert_eq!(vm.pid(), pid, "the sender keeps the guest");
-    assert_eq!(vm.info()["state"], "running");
+    let info = vm.info();
+    assert_eq!(info["state"], "running");
+    let report = &r.body["report"];
+    if paused {
+        assert_eq!(report["mode"], "transfer", "{r:?}");
+        assert_eq!(report["pid"], pid, "{r:?}");
+        assert!(
+            report["pause_ms"].as_f64().is_some_and(|p| p > 0.0),
+            "{r:?}"
+        );
+        let rolled_back = report["rolled_back"].as_str().unwrap_or_default();
+        assert!(rolled_back.contains(why), "expected {why:?} in {r:?}");
+        assert_eq!(&info["updates"]["last"], report, "{info}");
+    } else {
+        assert!(report.is_null(), "no pause, no report: {r:?}");
+    }
     vm.wait_ticks(2);
 }
 
@@ -203,21 +219,21 @@ fn failed_transfers_leave_the_guest_running_on_the_sender() {
     let pid = vm.pid();
     // Nobody listens.
     let r = vm.transfer(&vm.dir.join("nobody.sock"));
-    assert_kept(&vm, &r, pid, "transfer to");
+    assert_kept(&vm, &r, pid, "transfer to", false);
     // A receiver that dies in the middle of its restore, after the pause.
     let r = vm.transfer_to(
         Path::new(NEXT_BIN),
         &["--log-level", "info"],
         &[("MOLT_TEST_FAULT", "vcpus:exit")],
     );
-    assert_kept(&vm, &r, pid, "closed");
+    assert_kept(&vm, &r, pid, "closed", true);
     // A receiver that fails its restore refuses, and says why.
     let r = vm.transfer_to(
         Path::new(NEXT_BIN),
         &["--log-level", "info"],
         &[("MOLT_TEST_FAULT", "devices:error")],
     );
-    assert_kept(&vm, &r, pid, "injected fault at devices");
+    assert_kept(&vm, &r, pid, "injected fault at devices", true);
     // Something that speaks garbage, and something that never answers.
     for garbage in [true, false] {
         let path = vm.dir.join(format!("fake-{garbage}.sock"));
@@ -240,10 +256,11 @@ fn failed_transfers_leave_the_guest_running_on_the_sender() {
         } else {
             "no answer"
         };
-        assert_kept(&vm, &r, pid, why);
+        assert_kept(&vm, &r, pid, why, false);
         talker.join().unwrap();
     }
     assert_eq!(vm.info()["updates"]["count"], 0);
+    assert_eq!(vm.info()["updates"]["rollbacks"], 2);
     vm.assert_continuous();
     vm.shutdown();
 }

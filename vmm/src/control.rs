@@ -244,12 +244,13 @@ impl Control {
                 self.respond(conn, err.response());
                 return;
             }
-            let err = self.cpr_exec(conn, req);
+            let failed = self.cpr_exec(conn, req);
             log::warn!(
                 "live update refused or failed: {}",
-                crate::error_chain(&err)
+                crate::error_chain(&failed.error)
             );
-            self.respond(conn, err.response());
+            let response = failed.response(&mut self.vmm.history);
+            self.respond(conn, response);
         }
     }
 
@@ -284,17 +285,17 @@ impl Control {
     }
 
     /// Runs a live update; returns only if it failed (the guest runs on here).
-    fn cpr_exec(&mut self, conn: ConnId, req: ApiRequest) -> RequestError {
+    fn cpr_exec(&mut self, conn: ConnId, req: ApiRequest) -> update::Failed {
         let Some(api) = self.api.clone() else {
             return UpdateError::NoApi.into();
         };
         let mut api = lock(&api);
         match req {
             ApiRequest::CprTransfer(r) => {
-                update::transfer_out::perform(&mut self.vmm, &mut api, conn, &r.socket).into()
+                update::transfer_out::perform(&mut self.vmm, &mut api, conn, &r.socket)
             }
             ApiRequest::CprExec(r) if r.stand_in => {
-                update::stand_in::perform(&mut self.vmm, &mut api, conn, &r).into()
+                update::stand_in::perform(&mut self.vmm, &mut api, conn, &r)
             }
             ApiRequest::CprExec(r) => {
                 update::outgoing::perform(&mut self.vmm, &mut api, conn, &r).into()

@@ -31,6 +31,7 @@ pub mod transfer_out;
 
 use std::path::{Path, PathBuf};
 
+use crate::api::{ApiResponse, ErrorReply};
 use serde::{Deserialize, Serialize};
 
 /// First argument that makes molt run as a guardian.
@@ -238,6 +239,53 @@ impl UpdateReport {
     }
 }
 
+/// A live update that failed, the guest running on here.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: UpdateError,
+    /// The report of the attempts that paused the guest before the failure (each a leg,
+    /// `rolled_back` saying why), or `None` when none did.
+    pub report: Option<UpdateReport>,
+}
+
+impl From<UpdateError> for Failed {
+    fn from(error: UpdateError) -> Self {
+        Self {
+            error,
+            report: None,
+        }
+    }
+}
+
+impl Failed {
+    /// `error`, after the failed `attempts` (see [`Failed::report`]).
+    pub fn after(error: UpdateError, mut attempts: Vec<UpdateReport>) -> Self {
+        let report = attempts
+            .pop()
+            .map(|last| UpdateReport::of_legs(attempts, last));
+        Self { error, report }
+    }
+
+    /// The answer to the request. When the guest was paused for it, a rollback: counted in
+    /// `history` and reported as an update's.
+    pub fn response(self, history: &mut UpdateHistory) -> ApiResponse {
+        let error = crate::error_chain(&self.error);
+        let status = self.error.status();
+        match self.report {
+            None => ApiResponse::error(status, error),
+            Some(report) => {
+                history.rollbacks += 1;
+                history.last = Some(report.clone());
+                let reply = ErrorReply {
+                    error,
+                    report: Some(report),
+                };
+                ApiResponse::json(status, &reply)
+            }
+        }
+    }
+}
+
 /// Update bookkeeping kept across updates.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -292,5 +340,27 @@ mod tests {
         let one = UpdateReport::of_legs(Vec::new(), last.clone());
         assert_eq!(one, last);
         assert!(serde_json::to_value(&one).unwrap().get("legs").is_none());
+    }
+
+    #[test]
+    fn a_failure_reports_a_rollback_only_if_the_guest_was_paused_for_it() {
+        let mut history = UpdateHistory::default();
+        let refused = Failed::after(UpdateError::Busy, Vec::new());
+        assert!(refused.report.is_none());
+        let answer = refused.response(&mut history);
+        assert!(answer.body.get("report").is_none(), "{:?}", answer.body);
+        assert_eq!(history, UpdateHistory::default());
+
+        let mut failed = leg(20, 20, 0.125, 0.25);
+        failed.rolled_back = Some("the receiver refused".into());
+        let attempts = vec![leg(10, 20, 0.25, 0.5), failed];
+        let answer = Failed::after(UpdateError::Busy, attempts).response(&mut history);
+        assert_eq!(answer.status, UpdateError::Busy.status());
+        let report = &answer.body["report"];
+        assert_eq!(report["pause_ms"], 1.125);
+        assert_eq!(report["rolled_back"], "the receiver refused");
+        assert_eq!(report["legs"].as_array().map(Vec::len), Some(2));
+        assert_eq!((history.updates, history.rollbacks), (0, 1));
+        assert_eq!(serde_json::to_value(&history.last).unwrap(), *report);
     }
 }

@@ -30,8 +30,8 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use super::outgoing::plan;
 use super::transfer_in::Build;
 use super::transfer_out::{self, Leg};
-use super::UpdateError;
-use crate::api::{ApiResponse, ApiServer, ConnId, CprExecRequest, ErrorReply};
+use super::{Failed, UpdateError};
+use crate::api::{ApiServer, ConnId, CprExecRequest};
 use crate::runtime::Vmm;
 
 /// First argument of the stand-in: `__cpr-stand-in FROM_FD TO_FD`.
@@ -78,25 +78,21 @@ fn spawn(from: &OwnedFd, to: &OwnedFd) -> std::io::Result<u32> {
     Ok(child?.id())
 }
 
-/// The old image's side: returns only if the guest still runs here.
-pub fn perform(
-    vmm: &mut Vmm,
-    api: &mut ApiServer,
-    conn: ConnId,
-    req: &CprExecRequest,
-) -> UpdateError {
+/// The old image's side: returns only if the guest still runs here (with the report of the
+/// attempt if it paused the guest).
+pub fn perform(vmm: &mut Vmm, api: &mut ApiServer, conn: ConnId, req: &CprExecRequest) -> Failed {
     let plan = match plan(vmm, req) {
         Ok(p) => p,
-        Err(e) => return e,
+        Err(e) => return e.into(),
     };
     let fds = pair().and_then(|(ours, from)| Ok((ours, from, pair()?)));
     let (ours, from, (new_image, to)) = match fds {
         Ok(f) => f,
-        Err(e) => return UpdateError::StandInStart(e),
+        Err(e) => return UpdateError::StandInStart(e).into(),
     };
     let pid = match spawn(&from, &to) {
         Ok(pid) => pid,
-        Err(e) => return UpdateError::StandInStart(e),
+        Err(e) => return UpdateError::StandInStart(e).into(),
     };
     drop((from, to));
     let chan = Channel::new(ours);
@@ -108,7 +104,7 @@ pub fn perform(
     let failed = |e| UpdateError::StandIn(pid, e);
     if let Err(e) = transfer_out::send(vmm, api, conn, &chan, &mut leg, failed) {
         // It exits by itself once it learns it gets nothing.
-        return e;
+        return Failed::after(e, leg.earlier);
     }
     // The stand-in runs the guest: this process becomes the new image.
     transfer_out::let_go(vmm, api);
@@ -322,11 +318,9 @@ pub fn stand_in_main(started: Instant) -> i32 {
         Ok(()) => transfer_out::committed(&runtime.vmm, api),
         Err(e) => {
             log::error!("cpr-exec: {}", crate::error_chain(&e));
-            let reply = ErrorReply::<()> {
-                error: crate::error_chain(&e),
-                report: None,
-            };
-            api.respond(conn, ApiResponse::json(e.status(), &reply));
+            // The stand-in keeps the guest: the update rolled back after its first leg.
+            let failed = Failed::after(e, std::mem::take(&mut leg.earlier));
+            api.respond(conn, failed.response(&mut runtime.vmm.history));
             api.end_handoff();
         }
     }

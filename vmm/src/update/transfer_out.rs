@@ -13,7 +13,7 @@ use cpr::CommitPage;
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
 use super::outgoing::Paused;
-use super::{UpdateError, UpdateReport, HANDOFF_KIND};
+use super::{Failed, UpdateError, UpdateReport, HANDOFF_KIND};
 use crate::api::{ApiServer, ConnId};
 use crate::persist::FdRole;
 use crate::runtime::Vmm;
@@ -73,12 +73,13 @@ fn prepare(chan: &Channel, vmm: &Vmm, commit: &CommitPage) -> Result<(), Transfe
 }
 
 /// Transfers the VM to the molt listening at `socket` for the request on `conn`. Returns only
-/// if the guest still runs here; exits the process once the receiver committed.
-pub fn perform(vmm: &mut Vmm, api: &mut ApiServer, conn: ConnId, socket: &Path) -> UpdateError {
+/// if the guest still runs here (with the report of the attempt if it paused the guest);
+/// exits the process once the receiver committed.
+pub fn perform(vmm: &mut Vmm, api: &mut ApiServer, conn: ConnId, socket: &Path) -> Failed {
     let failed = |e| UpdateError::Transfer(socket.to_path_buf(), e);
     let chan = match connect_to(socket) {
         Ok(c) => c,
-        Err(e) => return failed(e),
+        Err(e) => return failed(e).into(),
     };
     let mut leg = Leg {
         target: socket.to_path_buf(),
@@ -87,7 +88,7 @@ pub fn perform(vmm: &mut Vmm, api: &mut ApiServer, conn: ConnId, socket: &Path) 
     };
     match send(vmm, api, conn, &chan, &mut leg, failed) {
         Ok(()) => committed(vmm, api),
-        Err(e) => e,
+        Err(e) => Failed::after(e, leg.earlier),
     }
 }
 
