@@ -302,7 +302,9 @@ fn gate(handler: u64, selector: u16, type_attr: u64) -> IdtEntry {
 pub fn init_idt() {
     let exceptions = (0..32).map(|v| {
         // SAFETY: isr_table is a read-only table of 32 addresses in .rodata.
-        (v, unsafe { core::ptr::addr_of!(isr_table).cast::<u64>().add(v).read() })
+        (v, unsafe {
+            core::ptr::addr_of!(isr_table).cast::<u64>().add(v).read()
+        })
     });
     for (v, handler) in exceptions.chain(crate::irq::handlers()) {
         // SAFETY: only the BSP writes the IDTs, before APs exist and before

@@ -121,7 +121,13 @@ impl Devices {
     }
 
     /// Routes a started driver's interrupt line, and makes the blk driver wait for it.
-    fn route(&mut self, s: Started, mmio: Mmio, irq: Option<u32>, apic: u8) -> Result<Started, Why> {
+    fn route(
+        &mut self,
+        s: Started,
+        mmio: Mmio,
+        irq: Option<u32>,
+        apic: u8,
+    ) -> Result<Started, Why> {
         if matches!(s, Started::None) {
             return Ok(s);
         }

@@ -51,6 +51,7 @@ mod boot;
 mod bootparams;
 mod devices;
 mod dirty;
+mod idle;
 mod irq;
 mod mem;
 mod memtest;
@@ -85,9 +86,6 @@ pub fn bsp_mode() -> native::Mode {
 
 const DEFAULT_TSC_KHZ: u64 = 2_000_000;
 const CPU_LINE_MS: u64 = 500;
-/// The longest sleep with `molt.idle=halt` (the drivers that only poll, rng and net, and
-/// the blk driver's timeout get a look at least this often).
-const HALT_MAX_MS: u64 = 10;
 
 /// Where the TSC frequency came from.
 #[derive(PartialEq, Eq)]
@@ -254,29 +252,19 @@ pub extern "C" fn bsp_main(zero_page: u64) -> ! {
     // Sleeping when idle leaves the CPU to others (a vhost-user backend, say), but a memory
     // test or load has always something to do.
     let halt = config.idle_halt && memtest.bytes == 0 && config.dirty_mib_s == 0;
-    if halt {
-        irq::init();
-    }
+    let mut idle = idle::Idle::new(halt, mode.is_native(), khz, config.halt_poll_us);
     let mut devices = devices::Devices::start(&config, boot::rdtsc(), khz, halt.then_some(apic_id));
 
-    // Before sleeping, a request is polled for this long (as Linux's guest halt-polling
-    // does): leaving native execution to sleep costs more than most requests take.
-    let poll_cycles = khz * config.halt_poll_us / 1000;
     let mut tick = Deadline::new(boot::rdtsc(), khz * config.tick_ms);
     let mut cpu_ticker = CpuTicker::new(0);
     let mut prev = boot::rdtsc();
     let mut gap_max = 0;
-    // With `molt.idle=halt`: how often the CPU slept and a device interrupt came, per tick.
-    let (mut sleeps, mut irqs) = (0u64, 0u64);
     loop {
         let now = boot::rdtsc();
         gap_max = gap_max.max(now.saturating_sub(prev));
         prev = now;
 
-        if irq::take_device() {
-            irqs += 1;
-            devices.interrupt();
-        }
+        idle.take_interrupt(&mut devices);
         memtest.step(now);
         dirty.step(now);
         devices.poll(now);
@@ -289,18 +277,13 @@ pub extern "C" fn bsp_main(zero_page: u64) -> ! {
             let loops_per_s = native::loop_rate(khz);
             prev += boot::rdtsc() - before;
             let mut line = Line::new();
-            line
-                .s(b"tick n=")
+            line.s(b"tick n=")
                 .dec(n)
                 .s(b" gap_max_us=")
                 .dec(cycles_to_us(gap_max, khz))
                 .s(b" loops_per_s=")
-                .dec(loops_per_s)
-                ;
-            if halt {
-                line.s(b" sleeps=").dec(sleeps).s(b" irqs=").dec(irqs);
-                (sleeps, irqs) = (0, 0);
-            }
+                .dec(loops_per_s);
+            idle.report(&mut line);
             line.print();
             gap_max = 0;
             if config.ticks != 0 && n >= config.ticks {
@@ -311,18 +294,12 @@ pub extern "C" fn bsp_main(zero_page: u64) -> ! {
         if smp {
             cpu_ticker.poll(now);
         }
-        let waited = devices.waiting_since().map(|since| now.saturating_sub(since));
-        if halt && waited.is_some_and(|w| w >= poll_cycles) {
-            let mut until = tick.next.min(now + khz * HALT_MAX_MS);
-            if smp {
-                until = until.min(cpu_ticker.deadline.next);
-            }
-            let now = boot::rdtsc();
-            if until > now {
-                sleeps += 1;
-                devices.sleep();
-                irq::halt(cycles_to_us(until - now, khz) * 1000, mode.is_native());
-            }
+        let deadline = if smp {
+            tick.next.min(cpu_ticker.deadline.next)
+        } else {
+            tick.next
+        };
+        if idle.sleep(&mut devices, now, deadline) {
             // Time asleep is not a gap of the loop.
             prev = boot::rdtsc();
         }
