@@ -11,7 +11,10 @@
 //!   native execution once woken: ~70 µs per halt, measured.
 //!
 //! Interrupts are enabled only between `sti` and `hlt`; the `sti` shadow makes that pair atomic,
-//! so an interrupt raised after the last check of the rings wakes the `hlt` at once.
+//! so an interrupt raised after the last check of the rings wakes the `hlt` at once. Natively
+//! the CPU's own flag does not keep them out: with two vCPUs, device interrupts also reach the
+//! boot CPU while it runs natively (with one, none did), through the native IDT's gates for
+//! the same handlers, which is harmless.
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicBool, Ordering};
