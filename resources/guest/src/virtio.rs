@@ -23,9 +23,10 @@ pub const F_VERSION_1: u64 = 1 << 32;
 pub const DESC_NEXT: u16 = 1;
 pub const DESC_WRITE: u16 = 2;
 
-// Registers of the virtio-mmio window (virtio 1.x, section 4.2.2).
 /// InterruptStatus bit: the device used buffers.
 pub const INT_USED: u32 = 1;
+
+// Registers of the virtio-mmio window (virtio 1.x, section 4.2.2).
 const REG_MAGIC: u64 = 0x000;
 const REG_VERSION: u64 = 0x004;
 const REG_DEVICE_ID: u64 = 0x008;
