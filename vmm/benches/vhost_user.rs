@@ -9,9 +9,9 @@
 //! `cargo bench -p molt-vmm --bench vhost_user [-- --updates N] [--stand-in | --transfer |
 //! --pause-resume] [--each] [--vhost-user-only] [--idle-halt]` (MOLT_BIN picks the binary;
 //! `--stand-in` updates through a stand-in; `--transfer` makes each update a cpr-transfer to a
-//! molt started for it; `--pause-resume` is the control: a pause and a resume instead of each update, which
-//! shows what a pause alone adds to the gap; `--each` prints every update's gap, its parts and
-//! the next three record intervals to stderr; `--idle-halt` runs the guest with
+//! molt started for it; `--pause-resume` is the control: a pause and a resume instead of each
+//! update, which shows what a pause alone adds to the gap; `--each` prints every update's gap,
+//! its parts and the next three record intervals to stderr; `--idle-halt` runs the guest with
 //! `molt.idle=halt`: it sleeps until its disk's interrupt once a request took 200 µs).
 
 use std::io::{BufRead, BufReader};

@@ -25,7 +25,8 @@ pub struct Devices {
     rng: Option<Rng>,
     /// The net and rng devices, whose interrupts are only acknowledged: their drivers look
     /// at their rings on every wake-up anyway.
-    acked: [Option<Mmio>; 2],
+    net_irq: Option<Mmio>,
+    rng_irq: Option<Mmio>,
 }
 
 /// A driver just set up, to start after its `virtio` line.
@@ -136,10 +137,9 @@ impl Devices {
         }
         match (&s, &mut self.blk) {
             (Started::Blk, Some(blk)) => blk.wait_for_interrupts(),
-            _ => {
-                let slot = usize::from(matches!(s, Started::Rng));
-                self.acked[slot] = Some(mmio);
-            }
+            (Started::Net, _) => self.net_irq = Some(mmio),
+            (Started::Rng, _) => self.rng_irq = Some(mmio),
+            _ => {}
         }
         Ok(s)
     }
@@ -149,7 +149,7 @@ impl Devices {
         if let Some(blk) = self.blk.as_mut() {
             blk.interrupt();
         }
-        for mmio in self.acked.iter().flatten() {
+        for mmio in [self.net_irq, self.rng_irq].into_iter().flatten() {
             mmio.take_interrupt();
         }
     }
