@@ -118,7 +118,9 @@ pub const PHASES_OVER_MAX_MS: f64 = 1.0;
 
 /// Asserts an update report (`vm.cpr-exec`'s answer) has a positive `pause_ms` and five
 /// non-negative phases (`phases_ms`: pause, save, exec, restore, resume) that add up to it,
-/// within [`PHASES_UNACCOUNTED_MAX_MS`] (and a share) below and [`PHASES_OVER_MAX_MS`] above.
+/// within [`PHASES_UNACCOUNTED_MAX_MS`] (and a share) below and [`PHASES_OVER_MAX_MS`] above;
+/// and that the pause's wall-clock times (`paused_at_ns`, `resumed_at_ns`) lie in the past
+/// hour and span `pause_ms` (or, in an update of several legs, at least that).
 #[track_caller]
 pub fn assert_phases_add_up(report: &serde_json::Value) {
     let b = report;
@@ -140,4 +142,36 @@ pub fn assert_phases_add_up(report: &serde_json::Value) {
         "the phases add up to {sum:.3} ms, pause_ms is {pause_ms:.3} ms (allowed: \
          {unaccounted_max:.3} ms less, {PHASES_OVER_MAX_MS} ms more): {b}"
     );
+    assert_pause_placed(b, pause_ms);
+}
+
+#[track_caller]
+fn assert_pause_placed(b: &serde_json::Value, pause_ms: f64) {
+    let at = |k: &str| {
+        b[k].as_u64()
+            .unwrap_or_else(|| panic!("no {k} in the report: {b}"))
+    };
+    let (paused, resumed) = (at("paused_at_ns"), at("resumed_at_ns"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let hour = 3_600 * 1_000_000_000;
+    assert!(
+        now.saturating_sub(hour) < paused && paused <= resumed && resumed <= now,
+        "the pause from {paused} to {resumed} ns is not within the last hour before {now}: {b}"
+    );
+    let span_ms = (resumed - paused) as f64 / 1e6;
+    let legs = b["legs"].as_array().map_or(0, Vec::len);
+    if legs > 1 {
+        // The guest ran between the legs.
+        assert!(
+            span_ms >= pause_ms - 0.01,
+            "{span_ms} ms from pause to resume: {b}"
+        );
+    } else {
+        assert!(
+            (span_ms - pause_ms).abs() < 0.01,
+            "{span_ms} ms from pause to resume: {b}"
+        );
+    }
 }

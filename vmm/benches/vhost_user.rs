@@ -19,7 +19,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use molt_tests::{api, molt_bin, GuestLine, Molt, TempDir};
 
@@ -201,23 +201,32 @@ fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
             .unwrap_or(f64::NAN)
     };
     let (mut gaps, mut pauses) = (Vec::new(), Vec::new());
-    // The gap around the pause and its parts: last record → pause, the pause (ending when
-    // the answer is read, which the new image sends right after the resume), answer → next
-    // record; and the whole request (prepare, pause, answer).
+    // The gap around the pause and its parts: last record → pause, the pause (where the
+    // update's report puts it), resume → next record; and the whole request (prepare, pause,
+    // answer).
     let (mut around, mut befores, mut afters, mut requests) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // The receivers of the transfers: each runs the VM after its transfer, until the next.
     let mut receivers = Vec::new();
+    // Updates whose pause no record interval spans (the console stopped, say).
+    let mut missed = 0;
     for i in 0..updates {
-        let (before, after, pause_ms) = match opts.update {
+        // The request's span as the client saw it, the pause's length, where the pause lies
+        // in the client's time, and an instant when the guest was surely stopped.
+        let (before, after, pause_ms, pause_span, stopped) = match opts.update {
             Update::PauseResume => {
                 let before = Instant::now();
+                let mut answered = Vec::new();
                 for path in ["vm.pause", "vm.resume"] {
+                    answered.push(Instant::now());
                     let r = api::put(&socket, path, "{}");
                     assert!(r.status == 200 || r.status == 204, "{path}: {r:?}");
+                    answered.push(Instant::now());
                 }
                 let after = Instant::now();
-                (before, after, (after - before).as_secs_f64() * 1e3)
+                // The pause's answer comes once the vCPUs stopped.
+                let pause_ms = (after - before).as_secs_f64() * 1e3;
+                (before, after, pause_ms, (before, after), answered[1])
             }
             update => {
                 let (path, body) = if update == Update::Transfer {
@@ -238,12 +247,26 @@ fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
                 };
                 let before = Instant::now();
                 let r = api::put(&socket, path, &body);
-                let after = Instant::now();
+                let (after, wall) = (Instant::now(), SystemTime::now());
                 assert_eq!(r.status, 200, "{r:?}");
+                // The report's wall-clock times of the pause, moved to this clock.
+                let at = |field: &str| {
+                    let ns = r.body[field].as_u64().unwrap_or(0);
+                    let ago = wall
+                        .duration_since(UNIX_EPOCH + Duration::from_nanos(ns))
+                        .unwrap_or_default();
+                    after.checked_sub(ago).unwrap_or(before)
+                };
+                let (paused, resumed) = (at("paused_at_ns"), at("resumed_at_ns"));
+                // Its middle: a record line arrives here a little after the guest wrote it,
+                // so one finished just before the pause may arrive just after it began.
+                let middle = paused + resumed.saturating_duration_since(paused) / 2;
                 (
                     before,
                     after,
                     r.body["pause_ms"].as_f64().unwrap_or(f64::NAN),
+                    (paused, resumed),
+                    middle,
                 )
             }
         };
@@ -259,36 +282,41 @@ fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
             .fold(0.0, f64::max);
         gaps.push(gap);
         requests.push(ms(after - before));
-        let pause = Duration::from_secs_f64(pause_ms.max(0.0) / 1e3);
-        let paused_at = after.checked_sub(pause).unwrap_or(before);
         // Through a stand-in the guest pauses twice, the first time well before the answer.
         if opts.update == Update::StandIn {
             continue;
         }
-        if let Some(w) = times
+        // The record interval the pause falls in.
+        let (paused_at, resumed_at) = pause_span;
+        let Some(w) = times
             .windows(2)
-            .find(|w| w[0] <= paused_at && w[1] >= after)
-        {
-            if opts.each {
-                let next: Vec<String> = times
-                    .windows(2)
-                    .filter(|n| n[0] >= w[1])
-                    .take(3)
-                    .map(|n| format!("{:.2}", ms(n[1] - n[0])))
-                    .collect();
-                eprintln!(
-                    "{name}: gap {:.2} ms = {:.2} + pause {:.2} + {:.2}; the next intervals {} ms",
-                    ms(w[1] - w[0]),
-                    ms(paused_at - w[0]),
-                    ms(pause),
-                    ms(w[1] - after),
-                    next.join(", ")
-                );
-            }
-            around.push(ms(w[1] - w[0]));
-            befores.push(ms(paused_at - w[0]));
-            afters.push(ms(w[1] - after));
+            .find(|w| w[0] <= stopped && w[1] >= stopped)
+        else {
+            missed += 1;
+            continue;
+        };
+        if opts.each {
+            let next: Vec<String> = times
+                .windows(2)
+                .filter(|n| n[0] >= w[1])
+                .take(3)
+                .map(|n| format!("{:.2}", ms(n[1] - n[0])))
+                .collect();
+            eprintln!(
+                "{name}: gap {:.2} ms = {:.2} + pause {:.2} + {:.2}; the next intervals {} ms",
+                ms(w[1] - w[0]),
+                ms(paused_at.saturating_duration_since(w[0])),
+                ms(resumed_at.saturating_duration_since(paused_at)),
+                ms(w[1].saturating_duration_since(resumed_at)),
+                next.join(", ")
+            );
         }
+        around.push(ms(w[1] - w[0]));
+        befores.push(ms(paused_at.saturating_duration_since(w[0])));
+        afters.push(ms(w[1].saturating_duration_since(resumed_at)));
+    }
+    if missed > 0 {
+        eprintln!("{name}: no record interval around the pause found for {missed} update(s)");
     }
     assert_eq!(api::put(&socket, "vm.shutdown", "{}").status, 204);
     for r in receivers {

@@ -287,6 +287,8 @@ pub(super) fn leg_report(
     UpdateReport {
         pause_ms,
         stopped_ms: pause_ms - phases_ms.pause,
+        paused_at_ns: h.update.paused_at_ns,
+        resumed_at_ns: resumed_ns,
         mode: h.update.mode.clone(),
         from_pid: h.update.from_pid,
         phases_ms,

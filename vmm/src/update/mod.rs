@@ -180,6 +180,12 @@ pub struct UpdateReport {
     /// The stopped span: from all vCPUs stopped to the guest running again (`pause_ms` less
     /// the kick, the `pause` phase).
     pub stopped_ms: f64,
+    /// When the pause began (the request to stop the vCPUs), in ns since the Unix epoch
+    /// (`CLOCK_REALTIME`): lines the pause up with what a client or the guest saw.
+    pub paused_at_ns: u64,
+    /// When the guest ran again, in ns since the Unix epoch; in an update of several legs
+    /// the first leg's pause began at `paused_at_ns` and the last one's ended here.
+    pub resumed_at_ns: u64,
     /// `exec` (same process) or `transfer` (to a separately started process).
     pub mode: String,
     /// The process that ran the guest before.
@@ -228,6 +234,7 @@ impl UpdateReport {
         UpdateReport {
             pause_ms: sum(|l| l.pause_ms),
             stopped_ms: sum(|l| l.stopped_ms),
+            paused_at_ns: first.paused_at_ns,
             mode: first.mode,
             from_pid: first.from_pid,
             phases_ms,
@@ -318,6 +325,8 @@ mod tests {
             to_version: format!("v{pid}"),
             pid,
             carried_requests: 1,
+            paused_at_ns: u64::from(from_pid) * 1_000,
+            resumed_at_ns: u64::from(from_pid) * 1_000 + 500,
             ..UpdateReport::default()
         }
     }
@@ -327,6 +336,11 @@ mod tests {
         let (first, last) = (leg(10, 20, 0.25, 0.5), leg(20, 10, 0.125, 0.25));
         let r = UpdateReport::of_legs(vec![first.clone()], last.clone());
         assert_eq!((r.pause_ms, r.stopped_ms), (1.125, 0.75));
+        // From the first leg's pause to the last leg's resume.
+        assert_eq!(
+            (r.paused_at_ns, r.resumed_at_ns),
+            (first.paused_at_ns, last.resumed_at_ns)
+        );
         assert_eq!(r.phases_ms.pause, 0.375);
         assert_eq!(r.phases_ms.save + r.phases_ms.restore, 0.75);
         assert_eq!((r.from_pid, r.pid), (10, 10));

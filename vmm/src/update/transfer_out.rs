@@ -162,11 +162,14 @@ fn failed_attempt(
     kick_ms: f64,
     why: &TransferError,
 ) -> UpdateReport {
-    let pause_ms = crate::state::now_ns().saturating_sub(paused_at_ns) as f64 / 1e6;
+    let resumed_at_ns = crate::state::now_ns();
+    let pause_ms = resumed_at_ns.saturating_sub(paused_at_ns) as f64 / 1e6;
     let me = std::process::id();
     UpdateReport {
         pause_ms,
         stopped_ms: pause_ms - kick_ms,
+        paused_at_ns,
+        resumed_at_ns,
         mode: mode.into(),
         from_pid: me,
         phases_ms: super::Phases {
