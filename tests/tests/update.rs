@@ -547,14 +547,15 @@ fn a_new_binary_that_dies_at_once_loses_nothing() {
     let pid = vm.pid();
     std::thread::sleep(Duration::from_millis(500));
     let r = vm.update(r#"{"binary": "/bin/false"}"#);
+    // The process that became /bin/false is gone; the guardian runs the guest now (and is
+    // killed with this test if an assertion below fails).
+    let info = vm.info();
+    let new_pid = info["pid"].as_u64().unwrap() as u32;
+    let _cleanup = KillOnDrop(new_pid);
     assert_eq!(r.status, 500, "{r:?}");
     let reason = r.body["report"]["rolled_back"].as_str().unwrap_or_default();
     assert!(reason.contains("exited"), "{r:?}");
     api::assert_phases_add_up(&r.body["report"]);
-    // The process that became /bin/false is gone; the guardian runs the guest now.
-    let info = vm.info();
-    let new_pid = info["pid"].as_u64().unwrap() as u32;
-    let _cleanup = KillOnDrop(new_pid);
     assert_ne!(new_pid, pid);
     assert_eq!(info["updates"]["rollbacks"], 1, "{info}");
     let before = std::fs::read_to_string(&serial).unwrap();
