@@ -216,17 +216,15 @@ fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
         let (before, after, pause_ms, pause_span, stopped) = match opts.update {
             Update::PauseResume => {
                 let before = Instant::now();
-                let mut answered = Vec::new();
-                for path in ["vm.pause", "vm.resume"] {
-                    answered.push(Instant::now());
-                    let r = api::put(&socket, path, "{}");
-                    assert!(r.status == 200 || r.status == 204, "{path}: {r:?}");
-                    answered.push(Instant::now());
-                }
-                let after = Instant::now();
+                let r = api::put(&socket, "vm.pause", "{}");
+                assert!(r.status == 200 || r.status == 204, "vm.pause: {r:?}");
                 // The pause's answer comes once the vCPUs stopped.
+                let stopped = Instant::now();
+                let r = api::put(&socket, "vm.resume", "{}");
+                assert!(r.status == 200 || r.status == 204, "vm.resume: {r:?}");
+                let after = Instant::now();
                 let pause_ms = (after - before).as_secs_f64() * 1e3;
-                (before, after, pause_ms, (before, after), answered[1])
+                (before, after, pause_ms, (before, after), stopped)
             }
             update => {
                 let (path, body) = if update == Update::Transfer {
@@ -251,7 +249,9 @@ fn run(name: &str, disk: &str, opts: &Opts, dir: &TempDir) {
                 assert_eq!(r.status, 200, "{r:?}");
                 // The report's wall-clock times of the pause, moved to this clock.
                 let at = |field: &str| {
-                    let ns = r.body[field].as_u64().unwrap_or(0);
+                    let ns = r.body[field].as_u64().unwrap_or_else(|| {
+                        panic!("{path}: no {field} in the report (MOLT_BIN too old?): {r:?}")
+                    });
                     let ago = wall
                         .duration_since(UNIX_EPOCH + Duration::from_nanos(ns))
                         .unwrap_or_default();
