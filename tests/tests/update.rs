@@ -633,6 +633,74 @@ fn concurrent_updates_get_409_and_other_clients_are_served() {
     vm.assert_guest_continuous();
 }
 
+/// Guardians whose parent was `pid` (an update guardian names its parent in its
+/// environment).
+fn guardians_of(pid: u32) -> Vec<u32> {
+    let needle = format!("MOLT_CPR_GUARDIAN_PARENT={pid}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+        })
+        .collect()
+}
+
+/// While a cpr-exec is prepared (its guardian started, the guest not paused yet: a few ms,
+/// stretched to 2 s here by the test build) molt serves the API: `vm.info` answers, a second
+/// update and a snapshot get 409, and a `vm.shutdown` wins: the update does not happen (409,
+/// the VM is ending), molt stops as asked, and the guardian goes with it.
+#[test]
+fn requests_while_an_update_is_prepared() {
+    let mut vm = Vm::start_bin(
+        Path::new(NEXT_BIN),
+        "update-prepared",
+        &[],
+        &[("MOLT_TEST_SETTLE_MS", "2000")],
+    );
+    let pid = vm.pid();
+    vm.wait_ticks(2);
+    let socket = vm.socket.clone();
+    let update = std::thread::spawn(move || api::put(&socket, "vm.cpr-exec", "{}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while guardians_of(pid).is_empty() {
+        assert!(Instant::now() < deadline, "no guardian started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let info = vm.info();
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(info["updates"]["count"], 0, "{info}");
+    let second = vm.update("{}");
+    assert_eq!(second.status, 409, "{second:?}");
+    let dir = TempDir::new("update-prepared-snap");
+    let body = format!(r#"{{"path": "{}"}}"#, dir.join("snap").display());
+    let snap = api::put(&vm.socket, "vm.snapshot", &body);
+    assert_eq!(snap.status, 409, "{snap:?}");
+    assert!(!update.is_finished(), "the update did not wait");
+    let r = api::put(&vm.socket, "vm.shutdown", "{}");
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = update.join().unwrap();
+    assert_eq!(r.status, 409, "{r:?}");
+    assert!(
+        r.body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("ending")),
+        "{r:?}"
+    );
+    let Vm { molt, _dir, .. } = vm;
+    molt.finish(WAIT).assert_code(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !guardians_of(pid).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "guardians left: {:?}",
+            guardians_of(pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_serial_socket_client_stays_connected_across_updates() {
     use std::io::{BufRead, BufReader};

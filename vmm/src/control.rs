@@ -29,6 +29,15 @@ pub struct Control {
     snapshot: Option<(ConnId, Pending)>,
     /// Signalled by the snapshot writer when it is done.
     snapshot_done: Option<EventFd>,
+    /// A cpr-exec prepared and the guest not paused for it yet ([`update::outgoing::SETTLE`]).
+    exec: Option<PendingExec>,
+}
+
+/// A cpr-exec whose safety nets run, paused for at `due`.
+struct PendingExec {
+    conn: ConnId,
+    prepared: update::outgoing::Prepared,
+    due: Instant,
 }
 
 /// Wakes the event loop when an eventfd is signalled (and resets it).
@@ -103,6 +112,7 @@ impl Control {
             api,
             snapshot: None,
             snapshot_done,
+            exec: None,
         }
     }
 
@@ -123,7 +133,16 @@ impl Control {
             if let Some(end) = self.vmm.ended() {
                 break end;
             }
-            if let Err(e) = self.em.run() {
+            let turn = match &self.exec {
+                // Until the prepared update is due (epoll counts whole milliseconds).
+                Some(p) => {
+                    let left = p.due.saturating_duration_since(Instant::now());
+                    let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+                    self.em.run_with_timeout(ms)
+                }
+                None => self.em.run(),
+            };
+            if let Err(e) = turn {
                 break VmExit::Error(format!("event loop: {e}"));
             }
             self.snapshot_written(false);
@@ -132,7 +151,15 @@ impl Control {
                 None => Vec::new(),
             };
             self.handle_batch(requests);
+            self.exec_when_due();
         };
+        // The VM ended while an update was prepared: it does not happen.
+        if let Some(p) = self.exec.take() {
+            p.prepared.dismiss();
+            let end = self.vmm.ended().map(|e| e.to_string()).unwrap_or_default();
+            let err = RequestError::from(UpdateError::Ending(end));
+            self.respond(p.conn, err.response());
+        }
         crate::sd_notify::stopping();
         // A snapshot still being written is abandoned (nothing is left at its path).
         self.snapshot_written(true);
@@ -186,6 +213,10 @@ impl Control {
 
     /// Starts a snapshot; it is answered when it is durable.
     fn begin_snapshot(&mut self, conn: ConnId, req: &crate::snapshot::SnapshotRequest) {
+        if self.exec.is_some() {
+            self.respond(conn, RequestError::from(UpdateError::Busy).response());
+            return;
+        }
         let done = match &self.snapshot_done {
             _ if self.snapshot.is_some() => Err(SnapshotError::Busy),
             Some(fd) => fd.try_clone().map_err(|source| SnapshotError::Write {
@@ -221,7 +252,9 @@ impl Control {
                 {
                     RequestError::from(SnapshotError::Busy).response()
                 }
-                ApiRequest::CprExec(_) | ApiRequest::CprTransfer(_) if update.is_none() => {
+                ApiRequest::CprExec(_) | ApiRequest::CprTransfer(_)
+                    if update.is_none() && self.exec.is_none() =>
+                {
                     update = Some((conn, req));
                     continue;
                 }
@@ -244,14 +277,58 @@ impl Control {
                 self.respond(conn, err.response());
                 return;
             }
-            let failed = self.cpr_exec(conn, req);
-            log::warn!(
-                "live update refused or failed: {}",
-                crate::error_chain(&failed.error)
-            );
-            let response = failed.response(&mut self.vmm.history);
-            self.respond(conn, response);
+            match req {
+                ApiRequest::CprExec(r) if !r.stand_in => {
+                    match update::outgoing::prepare(&self.vmm, &r) {
+                        Ok(prepared) => {
+                            // A paused guest has no devices to let settle.
+                            let settle = match self.vmm.run_state() {
+                                crate::runtime::RunState::Paused => Duration::ZERO,
+                                _ => update::outgoing::settle(),
+                            };
+                            self.exec = Some(PendingExec {
+                                conn,
+                                prepared,
+                                due: Instant::now() + settle,
+                            })
+                        }
+                        Err(e) => self.update_failed(conn, e.into()),
+                    }
+                }
+                req => {
+                    let failed = self.cpr_exec(conn, req);
+                    self.update_failed(conn, failed);
+                }
+            }
         }
+    }
+
+    /// Pauses the guest for the prepared cpr-exec once it is due. An update that happens never
+    /// returns (the process is the new image); one that did not is answered here.
+    fn exec_when_due(&mut self) {
+        // A VM that ended meanwhile is not updated: the loop ends and answers the request.
+        if self.vmm.ended().is_some() || self.exec.as_ref().is_none_or(|p| Instant::now() < p.due) {
+            return;
+        }
+        let Some(PendingExec { conn, prepared, .. }) = self.exec.take() else {
+            return;
+        };
+        let Some(api) = self.api.clone() else {
+            prepared.dismiss();
+            return self.update_failed(conn, UpdateError::NoApi.into());
+        };
+        let err =
+            update::outgoing::perform_prepared(&mut self.vmm, &mut lock(&api), conn, prepared);
+        self.update_failed(conn, err.into());
+    }
+
+    fn update_failed(&mut self, conn: ConnId, failed: update::Failed) {
+        log::warn!(
+            "live update refused or failed: {}",
+            crate::error_chain(&failed.error)
+        );
+        let response = failed.response(&mut self.vmm.history);
+        self.respond(conn, response);
     }
 
     fn handle(&mut self, req: ApiRequest) -> ApiResponse {
@@ -296,9 +373,6 @@ impl Control {
             }
             ApiRequest::CprExec(r) if r.stand_in => {
                 update::stand_in::perform(&mut self.vmm, &mut api, conn, &r)
-            }
-            ApiRequest::CprExec(r) => {
-                update::outgoing::perform(&mut self.vmm, &mut api, conn, &r).into()
             }
             _ => UpdateError::Busy.into(),
         }

@@ -5,8 +5,9 @@
 //!
 //! pause → save → hand over → restore → resume:
 //!
-//! 1. [`outgoing`] (old image): validate the target, pause, capture the machine and save
-//!    every part into a [`handoff::Handoff`] record, and hand it over with the [`exec`]
+//! 1. [`outgoing`] (old image): validate the target and start the safety nets; the event
+//!    loop lets the guest run on for [`outgoing::SETTLE`], then pause, capture the machine and
+//!    save every part into a [`handoff::Handoff`] record, and hand it over with the [`exec`]
 //!    transport. If that fails, everything is undone and the guest resumes here.
 //! 2. [`incoming`] (new image, first thing in `main`): take the record and the inherited fds,
 //!    restore, resume, dismiss the guardian, answer the waiting API request. If it cannot, it

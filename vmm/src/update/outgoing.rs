@@ -1,5 +1,6 @@
-//! The old image's side of a live update: pause, save, hand over. Returns only when the update
-//! did not happen, after undoing everything: the guest runs on here.
+//! The old image's side of a live update: prepare (the guest runs on), then pause, save, hand
+//! over. Returns only when the update did not happen, after undoing everything: the guest runs
+//! on here.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -67,24 +68,47 @@ pub(super) fn plan(vmm: &Vmm, req: &CprExecRequest) -> Result<Plan, UpdateError>
     Ok(Plan { target, argv })
 }
 
-/// Performs the update `req` asked for on connection `conn`. On success this never returns
-/// (the process is the new image); the error says why the guest still runs here.
-pub fn perform(
-    vmm: &mut Vmm,
-    api: &mut ApiServer,
-    conn: ConnId,
-    req: &CprExecRequest,
-) -> UpdateError {
-    let plan = match plan(vmm, req) {
-        Ok(p) => p,
-        Err(e) => return e,
-    };
-    // The commit page and the guardian are made while the guest still runs; the guardian
-    // gets the fds just before execve.
-    let commit = match CommitPage::create() {
-        Ok(c) => c,
-        Err(e) => return UpdateError::CommitPage(e),
-    };
+/// How long the guest runs on between the update's preparation and its pause. Starting the
+/// guardian (a clone and an exec of this binary) slows the guest's device backends while it
+/// runs: a vhost-user disk's daemon woken on that CPU waits behind it. Paused at once, the
+/// guest would see that slowdown and the pause as one stall; a few milliseconds apart, the
+/// requests it slowed complete before the pause. The event loop serves the guest's devices
+/// and the API meanwhile.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(4);
+
+/// [`SETTLE`], or in the tests' build what `MOLT_TEST_SETTLE_MS` says (so that a test can
+/// send requests while an update is prepared).
+pub fn settle() -> std::time::Duration {
+    #[cfg(feature = "test-next")]
+    if let Some(ms) = std::env::var("MOLT_TEST_SETTLE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return std::time::Duration::from_millis(ms);
+    }
+    SETTLE
+}
+
+/// A cpr-exec prepared while the guest runs: what it executes and its safety nets, waiting
+/// for its pause ([`perform_prepared`]).
+pub struct Prepared {
+    plan: Plan,
+    nets: SafetyNets,
+}
+
+impl Prepared {
+    /// The update will not happen: the guardian and the holder go.
+    pub fn dismiss(self) {
+        self.nets.dismiss();
+    }
+}
+
+/// Checks the update `req` and starts its safety nets (commit page, guardian, holder); the
+/// guest runs on.
+pub fn prepare(vmm: &Vmm, req: &CprExecRequest) -> Result<Prepared, UpdateError> {
+    let plan = plan(vmm, req)?;
+    // The guardian gets the fds just before execve.
+    let commit = CommitPage::create().map_err(UpdateError::CommitPage)?;
     // Started by the unfiltered launcher: a child of a filtered thread could not exec.
     let guardian = crate::seccomp::launcher::run(Guardian::spawn)
         .unwrap_or_else(|| Err(std::io::Error::other("the launcher thread is gone")))
@@ -96,11 +120,29 @@ pub fn perform(
     let holder = Holder::start(&commit)
         .map_err(|e| log::warn!("live update without an address-space holder: {e}"))
         .ok();
-    let safety_nets = SafetyNets {
-        guardian,
-        holder,
-        commit,
-    };
+    Ok(Prepared {
+        plan,
+        nets: SafetyNets {
+            guardian,
+            holder,
+            commit,
+        },
+    })
+}
+
+/// Performs the update `prepared` for the request on connection `conn`: pause, save, exec.
+/// On success this never returns (the process is the new image); the error says why the
+/// guest still runs here.
+pub fn perform_prepared(
+    vmm: &mut Vmm,
+    api: &mut ApiServer,
+    conn: ConnId,
+    prepared: Prepared,
+) -> UpdateError {
+    let Prepared {
+        plan,
+        nets: safety_nets,
+    } = prepared;
     // One update at a time: clients that ask for another meanwhile get 409 now; everything
     // else they sent is carried over and answered by the new image.
     let paused = match pause_for_handoff(vmm, api, conn, plan.target.clone(), "exec") {
