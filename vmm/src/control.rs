@@ -307,10 +307,12 @@ impl Control {
     /// returns (the process is the new image); one that did not is answered here.
     fn exec_when_due(&mut self) {
         // A VM that ended meanwhile is not updated: the loop ends and answers the request.
-        if self.vmm.ended().is_some() || self.exec.as_ref().is_none_or(|p| Instant::now() < p.due) {
+        if self.vmm.ended().is_some() {
             return;
         }
-        let Some(PendingExec { conn, prepared, .. }) = self.exec.take() else {
+        let Some(PendingExec { conn, prepared, .. }) =
+            self.exec.take_if(|p| Instant::now() >= p.due)
+        else {
             return;
         };
         let Some(api) = self.api.clone() else {
