@@ -51,6 +51,14 @@ pub fn fd_kinds(pid: u64) -> Vec<String> {
     kinds
 }
 
+/// The kernel's CPU wake-up latency request device, which molt holds open around updates.
+pub const CPU_LATENCY: &str = "/dev/cpu_dma_latency";
+
+/// Whether `pid` holds a CPU wake-up latency request (has [`CPU_LATENCY`] open).
+pub fn holds_cpu_latency_request(pid: u64) -> bool {
+    fd_kinds(pid).iter().any(|k| k == CPU_LATENCY)
+}
+
 /// `RssAnon` of `pid`, in KiB (0 if it cannot be read).
 pub fn rss_anon_kib(pid: u64) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -176,6 +176,10 @@ fn twenty_transfers_in_a_chain_leave_fds_and_memory_flat() {
         fds,
         "the fds of the 20th receiver differ from the 1st's"
     );
+    assert!(
+        !molt_tests::host::holds_cpu_latency_request(last),
+        "the receiver still keeps the CPUs awake 500 ms after the transfer"
+    );
     let rss_last = molt_tests::host::rss_anon_kib(last);
     assert!(
         rss_last <= rss + rss / 4 + 4096,

@@ -447,6 +447,10 @@ fn twenty_updates_leave_fds_and_memory_flat() {
     }
     vm.wait_ticks(2);
     assert_same_fds(&fds, &settled_fd_set(pid), "after 20 updates");
+    assert!(
+        !molt_tests::host::holds_cpu_latency_request(pid.into()),
+        "molt still keeps the CPUs awake after the updates"
+    );
     let anon_after = status_kib(pid, "RssAnon:");
     assert!(
         anon_after <= anon + anon / 4 + 4096,
@@ -671,6 +675,18 @@ fn requests_while_an_update_is_prepared() {
     let info = vm.info();
     assert_eq!(info["state"], "running", "{info}");
     assert_eq!(info["updates"]["count"], 0, "{info}");
+    // The CPUs are kept out of idle states from the preparation on.
+    if Path::new(molt_tests::host::CPU_LATENCY).exists() {
+        assert!(
+            molt_tests::host::holds_cpu_latency_request(pid.into()),
+            "no CPU wake-up latency request while the update is prepared"
+        );
+    } else {
+        molt_tests::skip(
+            "the CPU wake-up latency request of a prepared update",
+            "this host has no /dev/cpu_dma_latency",
+        );
+    }
     let second = vm.update("{}");
     assert_eq!(second.status, 409, "{second:?}");
     let dir = TempDir::new("update-prepared-snap");

@@ -27,6 +27,8 @@ pub struct Runtime {
     pub em: EventManager<Subscriber>,
     /// Its API server, not yet subscribed to the event loop.
     pub api: Option<ApiServer>,
+    /// The CPUs kept awake for a little while after an update resumed the guest.
+    pub awake: Option<crate::update::awake::CpusAwake>,
 }
 
 /// Where the KVM machine comes from.
@@ -105,5 +107,6 @@ pub fn assemble(
         vmm,
         em,
         api: parts.api,
+        awake: None,
     })
 }

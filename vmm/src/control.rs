@@ -31,6 +31,8 @@ pub struct Control {
     snapshot_done: Option<EventFd>,
     /// A cpr-exec prepared and the guest not paused for it yet ([`update::outgoing::SETTLE`]).
     exec: Option<PendingExec>,
+    /// The CPUs kept awake after an update resumed the guest, until then.
+    awake: Option<update::awake::CpusAwake>,
 }
 
 /// A cpr-exec whose safety nets run, paused for at `due`.
@@ -92,7 +94,12 @@ impl RequestError {
 impl Control {
     /// Wires the runtime's VMM, event loop and API server together.
     pub fn new(runtime: Runtime) -> Self {
-        let Runtime { vmm, mut em, api } = runtime;
+        let Runtime {
+            vmm,
+            mut em,
+            api,
+            awake,
+        } = runtime;
         let api = api.map(|a| {
             let a = Arc::new(Mutex::new(a));
             em.add_subscriber(a.clone());
@@ -113,6 +120,7 @@ impl Control {
             snapshot: None,
             snapshot_done,
             exec: None,
+            awake,
         }
     }
 
@@ -133,10 +141,10 @@ impl Control {
             if let Some(end) = self.vmm.ended() {
                 break end;
             }
-            let turn = match &self.exec {
-                // Until the prepared update is due (epoll counts whole milliseconds).
-                Some(p) => {
-                    let left = p.due.saturating_duration_since(Instant::now());
+            let turn = match self.next_deadline() {
+                // epoll counts whole milliseconds.
+                Some(at) => {
+                    let left = at.saturating_duration_since(Instant::now());
                     let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
                     self.em.run_with_timeout(ms)
                 }
@@ -152,6 +160,8 @@ impl Control {
             };
             self.handle_batch(requests);
             self.exec_when_due();
+            self.awake
+                .take_if(|a| a.until().is_some_and(|t| Instant::now() >= t));
         };
         // The VM ended while an update was prepared: it does not happen.
         if let Some(p) = self.exec.take() {
@@ -172,6 +182,14 @@ impl Control {
         }
         self.vmm.shutdown();
         end
+    }
+
+    /// When the event loop must wake up whatever happens: a prepared update is due, or the
+    /// CPUs may idle again.
+    fn next_deadline(&self) -> Option<Instant> {
+        let exec = self.exec.as_ref().map(|p| p.due);
+        let awake = self.awake.as_ref().and_then(|a| a.until());
+        exec.into_iter().chain(awake).min()
     }
 
     /// Starts the unfiltered launcher (it executes live updates), then filters this thread:

@@ -203,6 +203,8 @@ fn take_over(
     } else {
         runtime.vmm.resume_confirmed()?
     };
+    // The old image's request ends with the holder, once it sees the commit.
+    runtime.awake = super::awake::CpusAwake::after_resume();
     let resume_ms = resumed_ns.saturating_sub(resume_from_ns) as f64 / 1e6;
     spread.undo();
     fault::inject(Step::AfterResume)?;

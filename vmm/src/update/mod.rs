@@ -17,6 +17,7 @@
 //!    dies (or hangs) before it resumes the guest, the guardian restores the guest on the
 //!    previous binary.
 
+pub mod awake;
 pub mod early_vm;
 pub mod exec;
 pub mod guardian;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use cpr::{CommitPage, Transport};
 
+use super::awake::CpusAwake;
 use super::exec::ExecTransport;
 use super::guardian::Guardian;
 use super::handoff::{BookkeepingState, Handoff, InFlight};
@@ -94,6 +95,8 @@ pub fn settle() -> std::time::Duration {
 pub struct Prepared {
     plan: Plan,
     nets: SafetyNets,
+    /// Made before the holder starts, whose copy of the fd table keeps it across `execve`.
+    awake: Option<CpusAwake>,
 }
 
 impl Prepared {
@@ -107,6 +110,7 @@ impl Prepared {
 /// guest runs on.
 pub fn prepare(vmm: &Vmm, req: &CprExecRequest) -> Result<Prepared, UpdateError> {
     let plan = plan(vmm, req)?;
+    let awake = CpusAwake::hold();
     // The guardian gets the fds just before execve.
     let commit = CommitPage::create().map_err(UpdateError::CommitPage)?;
     // Started by the unfiltered launcher: a child of a filtered thread could not exec.
@@ -127,6 +131,7 @@ pub fn prepare(vmm: &Vmm, req: &CprExecRequest) -> Result<Prepared, UpdateError>
             holder,
             commit,
         },
+        awake,
     })
 }
 
@@ -142,6 +147,7 @@ pub fn perform_prepared(
     let Prepared {
         plan,
         nets: safety_nets,
+        awake: _awake,
     } = prepared;
     // One update at a time: clients that ask for another meanwhile get 409 now; everything
     // else they sent is carried over and answered by the new image.

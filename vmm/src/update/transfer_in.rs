@@ -295,6 +295,8 @@ pub(super) fn receive(
         runtime.vmm.resume_confirmed()?
     };
     laps.mark("resume");
+    // The sender's request ends when it exits, after Committed.
+    runtime.awake = super::awake::CpusAwake::after_resume();
     laps.log();
     spread.undo();
     super::incoming::rebuild_api(&mut runtime, api);

@@ -115,6 +115,8 @@ pub(super) fn send(
     leg: &mut Leg,
     failed: impl Fn(TransferError) -> UpdateError,
 ) -> Result<(), UpdateError> {
+    // Until this process exits, or the guest runs on here.
+    let _awake = super::awake::CpusAwake::hold();
     let commit = CommitPage::create().map_err(UpdateError::CommitPage)?;
     prepare(chan, vmm, &commit).map_err(&failed)?;
     let earlier = leg.earlier.clone();
