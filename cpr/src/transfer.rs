@@ -135,8 +135,6 @@ pub struct Received {
 #[derive(Debug)]
 pub struct Channel {
     sock: OwnedFd,
-    /// Until when [`Channel::recv`] polls instead of sleeping ([`Channel::recv_polling`]).
-    polling_until: std::cell::Cell<Option<Instant>>,
     /// Where packets are received: allocated and written once, so that receiving inside a
     /// pause does not fault its pages in (several µs each under PVM).
     buf: std::cell::RefCell<Vec<u8>>,
@@ -147,19 +145,8 @@ impl Channel {
     pub fn new(sock: OwnedFd) -> Self {
         Self {
             sock,
-            polling_until: std::cell::Cell::new(None),
             buf: std::cell::RefCell::new(touched(fdpass::MAX_TEXT)),
         }
-    }
-
-    /// As [`Channel::recv`], but for the first `poll` of the wait it checks for the message
-    /// without sleeping (yielding the CPU between checks): waking a sleeping process costs
-    /// tens of µs, which counts when the message ends a guest's pause.
-    pub fn recv_polling(&self, limit: Duration, poll: Duration) -> Result<Received, TransferError> {
-        self.polling_until.set(Some(Instant::now() + poll));
-        let got = self.recv(limit);
-        self.polling_until.set(None);
-        got
     }
 
     /// Sends `message` with `payload` and the named `fds`.
@@ -180,19 +167,6 @@ impl Channel {
     }
 
     fn wait(&self, deadline: Instant, limit: Duration) -> Result<(), TransferError> {
-        if let Some(until) = self.polling_until.get() {
-            // Poll without sleeping, yielding the CPU to anything else that wants it: a
-            // message expected within a moment is taken without a wake-up's latency.
-            while Instant::now() < until {
-                let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
-                match poll(&mut fds, PollTimeout::ZERO) {
-                    Ok(n) if n > 0 => return Ok(()),
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    Err(e) => return Err(io::Error::from(e).into()),
-                }
-                std::thread::yield_now();
-            }
-        }
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use molt_tests::api::{self, Reply};
 use molt_tests::file_vm::{FileVm, WAIT};
-use molt_tests::{molt_bin, TempDir};
+use molt_tests::{molt_bin, Molt, TempDir};
 
 const NEXT_BIN: &str = env!("MOLT_NEXT_BIN");
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -188,6 +188,64 @@ fn twenty_transfers_in_a_chain_leave_fds_and_memory_flat() {
     assert_eq!(vm.info()["updates"]["count"], 20);
     vm.assert_continuous();
     vm.shutdown();
+}
+
+/// A transfer waits a few ms after the receiver is ready before it pauses the guest (stretched
+/// here to 2 s): meanwhile the sender answers other requests, refuses another update or a
+/// snapshot, and a shutdown wins: the transfer is refused and so is the receiver.
+#[test]
+fn requests_while_a_transfer_is_prepared() {
+    if !Path::new(molt_tests::host::CPU_LATENCY).exists() {
+        return molt_tests::skip(
+            "requests while a transfer is prepared",
+            "this host has no /dev/cpu_dma_latency (the test sees the preparation by it)",
+        );
+    }
+    let dir = TempDir::new("transfer-prepared");
+    let args = ["--cmdline", "molt.memtest=4"];
+    let env = [("MOLT_TEST_SETTLE_MS", "2000")];
+    let vm = FileVm::start_with(Path::new(NEXT_BIN), dir.path(), &args, &env);
+    vm.wait_ticks(2);
+    let pid = vm.pid();
+    let socket = vm.dir.join("in.sock");
+    let receiver = Molt::spawn_incoming(&molt_bin(), &socket, &["--log-level", "info"], &[]);
+    let (api_path, body) = (
+        vm.api.clone(),
+        format!(r#"{{"socket": "{}"}}"#, socket.display()),
+    );
+    let transfer = std::thread::spawn(move || api::put(&api_path, "vm.cpr-transfer", &body));
+    // The sender keeps the CPUs awake from the transfer's start; requests from then on are
+    // answered once the receiver is ready.
+    let deadline = Instant::now() + WAIT;
+    while !molt_tests::host::holds_cpu_latency_request(pid) {
+        assert!(Instant::now() < deadline, "the transfer did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let info = vm.info();
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(info["pid"], pid, "{info}");
+    assert_eq!(info["updates"]["count"], 0, "{info}");
+    let second = vm.transfer(&vm.dir.join("other.sock"));
+    assert_eq!(second.status, 409, "{second:?}");
+    let exec = vm.cpr_exec(&molt_bin());
+    assert_eq!(exec.status, 409, "{exec:?}");
+    let body = format!(r#"{{"path": "{}"}}"#, vm.dir.join("snap").display());
+    let snap = api::put(&vm.api, "vm.snapshot", &body);
+    assert_eq!(snap.status, 409, "{snap:?}");
+    assert!(!transfer.is_finished(), "the transfer did not wait");
+    vm.shutdown();
+    let r = transfer.join().unwrap();
+    assert_eq!(r.status, 409, "{r:?}");
+    let error = r.body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("ending"), "{r:?}");
+    let out = receiver.finish(WAIT);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    out.assert_no_panic();
+    assert!(
+        out.stderr().iter().any(|l| l.contains("ending")),
+        "the receiver does not say why: {}",
+        out.describe()
+    );
 }
 
 /// Every failure before the commit: the guest runs on in the sender, which answers with a JSON

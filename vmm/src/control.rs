@@ -29,16 +29,16 @@ pub struct Control {
     snapshot: Option<(ConnId, Pending)>,
     /// Signalled by the snapshot writer when it is done.
     snapshot_done: Option<EventFd>,
-    /// A cpr-exec prepared and the guest not paused for it yet ([`update::outgoing::SETTLE`]).
-    exec: Option<PendingExec>,
+    /// An update prepared and the guest not paused for it yet ([`update::outgoing::SETTLE`]).
+    update: Option<PendingUpdate>,
     /// The CPUs kept awake after an update resumed the guest, until then.
     awake: Option<update::awake::CpusAwake>,
 }
 
-/// A cpr-exec whose safety nets run, paused for at `due`.
-struct PendingExec {
+/// A prepared update, paused for at `due`.
+struct PendingUpdate {
     conn: ConnId,
-    prepared: update::outgoing::Prepared,
+    prepared: update::Prepared,
     due: Instant,
 }
 
@@ -119,7 +119,7 @@ impl Control {
             api,
             snapshot: None,
             snapshot_done,
-            exec: None,
+            update: None,
             awake,
         }
     }
@@ -159,15 +159,16 @@ impl Control {
                 None => Vec::new(),
             };
             self.handle_batch(requests);
-            self.exec_when_due();
+            self.update_when_due();
             self.awake
                 .take_if(|a| a.until().is_some_and(|t| Instant::now() >= t));
         };
         // The VM ended while an update was prepared: it does not happen.
-        if let Some(p) = self.exec.take() {
-            p.prepared.dismiss();
+        if let Some(p) = self.update.take() {
             let end = self.vmm.ended().map(|e| e.to_string()).unwrap_or_default();
-            let err = RequestError::from(UpdateError::Ending(end));
+            let err = UpdateError::Ending(end);
+            p.prepared.dismiss(&err.to_string());
+            let err = RequestError::from(err);
             self.respond(p.conn, err.response());
         }
         crate::sd_notify::stopping();
@@ -187,9 +188,9 @@ impl Control {
     /// When the event loop must wake up whatever happens: a prepared update is due, or the
     /// CPUs may idle again.
     fn next_deadline(&self) -> Option<Instant> {
-        let exec = self.exec.as_ref().map(|p| p.due);
+        let update = self.update.as_ref().map(|p| p.due);
         let awake = self.awake.as_ref().and_then(|a| a.until());
-        exec.into_iter().chain(awake).min()
+        update.into_iter().chain(awake).min()
     }
 
     /// Starts the unfiltered launcher (it executes live updates), then filters this thread:
@@ -231,7 +232,7 @@ impl Control {
 
     /// Starts a snapshot; it is answered when it is durable.
     fn begin_snapshot(&mut self, conn: ConnId, req: &crate::snapshot::SnapshotRequest) {
-        if self.exec.is_some() {
+        if self.update.is_some() {
             self.respond(conn, RequestError::from(UpdateError::Busy).response());
             return;
         }
@@ -271,7 +272,7 @@ impl Control {
                     RequestError::from(SnapshotError::Busy).response()
                 }
                 ApiRequest::CprExec(_) | ApiRequest::CprTransfer(_)
-                    if update.is_none() && self.exec.is_none() =>
+                    if update.is_none() && self.update.is_none() =>
                 {
                     update = Some((conn, req));
                     continue;
@@ -295,51 +296,53 @@ impl Control {
                 self.respond(conn, err.response());
                 return;
             }
-            match req {
+            let prepared = match req {
                 ApiRequest::CprExec(r) if !r.stand_in => {
-                    match update::outgoing::prepare(&self.vmm, &r) {
-                        Ok(prepared) => {
-                            // A paused guest has no devices to let settle.
-                            let settle = match self.vmm.run_state() {
-                                crate::runtime::RunState::Paused => Duration::ZERO,
-                                _ => update::outgoing::settle(),
-                            };
-                            self.exec = Some(PendingExec {
-                                conn,
-                                prepared,
-                                due: Instant::now() + settle,
-                            })
-                        }
-                        Err(e) => self.update_failed(conn, e.into()),
-                    }
+                    update::outgoing::prepare(&self.vmm, &r).map(update::Prepared::Exec)
                 }
+                ApiRequest::CprTransfer(r) => update::transfer_out::prepare(&self.vmm, &r.socket)
+                    .map(update::Prepared::Transfer),
                 req => {
-                    let failed = self.cpr_exec(conn, req);
-                    self.update_failed(conn, failed);
+                    let failed = self.stand_in_update(conn, req);
+                    return self.update_failed(conn, failed);
                 }
+            };
+            match prepared {
+                Ok(prepared) => {
+                    // A paused guest has no devices to let settle.
+                    let settle = match self.vmm.run_state() {
+                        crate::runtime::RunState::Paused => Duration::ZERO,
+                        _ => update::outgoing::settle(),
+                    };
+                    self.update = Some(PendingUpdate {
+                        conn,
+                        prepared,
+                        due: Instant::now() + settle,
+                    })
+                }
+                Err(e) => self.update_failed(conn, e.into()),
             }
         }
     }
 
-    /// Pauses the guest for the prepared cpr-exec once it is due. An update that happens never
-    /// returns (the process is the new image); one that did not is answered here.
-    fn exec_when_due(&mut self) {
+    /// Pauses the guest for the prepared update once it is due. An update that happens never
+    /// returns (the process is the new image, or exits); one that did not is answered here.
+    fn update_when_due(&mut self) {
         // A VM that ended meanwhile is not updated: the loop ends and answers the request.
         if self.vmm.ended().is_some() {
             return;
         }
-        let Some(PendingExec { conn, prepared, .. }) =
-            self.exec.take_if(|p| Instant::now() >= p.due)
+        let Some(PendingUpdate { conn, prepared, .. }) =
+            self.update.take_if(|p| Instant::now() >= p.due)
         else {
             return;
         };
         let Some(api) = self.api.clone() else {
-            prepared.dismiss();
+            prepared.dismiss("no API server");
             return self.update_failed(conn, UpdateError::NoApi.into());
         };
-        let err =
-            update::outgoing::perform_prepared(&mut self.vmm, &mut lock(&api), conn, prepared);
-        self.update_failed(conn, err.into());
+        let failed = prepared.perform(&mut self.vmm, &mut lock(&api), conn);
+        self.update_failed(conn, failed);
     }
 
     fn update_failed(&mut self, conn: ConnId, failed: update::Failed) {
@@ -381,18 +384,14 @@ impl Control {
         }
     }
 
-    /// Runs a live update; returns only if it failed (the guest runs on here).
-    fn cpr_exec(&mut self, conn: ConnId, req: ApiRequest) -> update::Failed {
+    /// Runs a cpr-exec through a stand-in; returns only if it failed (the guest runs on here).
+    fn stand_in_update(&mut self, conn: ConnId, req: ApiRequest) -> update::Failed {
         let Some(api) = self.api.clone() else {
             return UpdateError::NoApi.into();
         };
-        let mut api = lock(&api);
         match req {
-            ApiRequest::CprTransfer(r) => {
-                update::transfer_out::perform(&mut self.vmm, &mut api, conn, &r.socket)
-            }
-            ApiRequest::CprExec(r) if r.stand_in => {
-                update::stand_in::perform(&mut self.vmm, &mut api, conn, &r)
+            ApiRequest::CprExec(r) => {
+                update::stand_in::perform(&mut self.vmm, &mut lock(&api), conn, &r)
             }
             _ => UpdateError::Busy.into(),
         }

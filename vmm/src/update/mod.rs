@@ -248,6 +248,39 @@ impl UpdateReport {
     }
 }
 
+/// An update prepared while the guest runs, waiting for its pause (see
+/// [`outgoing::SETTLE`]).
+pub enum Prepared {
+    /// A cpr-exec: its safety nets run.
+    Exec(outgoing::Prepared),
+    /// A cpr-transfer: its receiver has built the machine.
+    Transfer(transfer_out::Prepared),
+}
+
+impl Prepared {
+    /// The update will not happen, because of `why`.
+    pub fn dismiss(self, why: &str) {
+        match self {
+            Prepared::Exec(p) => p.dismiss(),
+            Prepared::Transfer(p) => p.dismiss(why),
+        }
+    }
+
+    /// Pauses the guest and hands it over for the request on `conn`. Returns only if the
+    /// update failed (the guest runs on here); a transfer that committed exits the process.
+    pub fn perform(
+        self,
+        vmm: &mut crate::runtime::Vmm,
+        api: &mut crate::api::ApiServer,
+        conn: crate::api::ConnId,
+    ) -> Failed {
+        match self {
+            Prepared::Exec(p) => outgoing::perform_prepared(vmm, api, conn, p).into(),
+            Prepared::Transfer(p) => transfer_out::perform_prepared(vmm, api, conn, p),
+        }
+    }
+}
+
 /// A live update that failed, the guest running on here.
 #[derive(Debug)]
 pub struct Failed {

@@ -30,10 +30,9 @@ use crate::state::now_ns;
 const BEFORE_PAUSE: Duration = Duration::from_secs(60);
 /// How long the machine is built on idle CPU time only, at most (then at molt's policy).
 const YIELD_AT_MOST: Duration = Duration::from_millis(20);
-/// How long from Ready to the record (the sender pauses, captures and sends).
+/// How long from Ready to the record (the sender lets the guest settle, pauses, captures
+/// and sends).
 const HANDOFF: Duration = Duration::from_secs(60);
-/// How long of that the receiver polls for the record rather than sleeping.
-const HANDOFF_POLL: Duration = Duration::from_millis(5);
 
 /// Errors receiving a VM (before the commit: the sender keeps the guest).
 #[derive(Debug, thiserror::Error)]
@@ -254,9 +253,10 @@ pub(super) fn receive(
         commit,
         identity,
     } = prebuild(chan, build)?;
-    // The sender pauses the guest as soon as it reads Ready: the record follows within a
-    // millisecond or so.
-    let handoff = chan.recv_polling(HANDOFF, HANDOFF_POLL)?;
+    // The sender pauses the guest a few ms after it reads Ready (a running guest's devices
+    // settle first); the record follows the pause within a millisecond or so. The sender keeps
+    // the CPUs out of idle states meanwhile, so this wait ends without a wake-up's latency.
+    let handoff = chan.recv(HANDOFF)?;
     let handoff = expect(handoff, "handoff", |m| *m == Message::Handoff)?;
     let received_ns = now_ns();
     let spread = prebuilt.wake();

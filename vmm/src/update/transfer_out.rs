@@ -12,6 +12,7 @@ use cpr::transfer::{expect, Channel, Message, TransferError};
 use cpr::CommitPage;
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
+use super::awake::CpusAwake;
 use super::outgoing::Paused;
 use super::{Failed, UpdateError, UpdateReport, HANDOFF_KIND};
 use crate::api::{ApiServer, ConnId};
@@ -40,7 +41,7 @@ fn connect_to(path: &Path) -> Result<Channel, TransferError> {
 
 /// Hello both ways, then the machine the receiver builds before the pause; returns once it
 /// is built. The guest runs throughout.
-fn prepare(chan: &Channel, vmm: &Vmm, commit: &CommitPage) -> Result<(), TransferError> {
+fn prepare_receiver(chan: &Channel, vmm: &Vmm, commit: &CommitPage) -> Result<(), TransferError> {
     let writer = format!("molt {}", crate::VERSION);
     chan.send(&Message::Hello { writer }, &[], &[])?;
     expect(chan.recv(HELLO)?, "hello", |m| {
@@ -72,21 +73,63 @@ fn prepare(chan: &Channel, vmm: &Vmm, commit: &CommitPage) -> Result<(), Transfe
     Ok(())
 }
 
-/// Transfers the VM to the molt listening at `socket` for the request on `conn`. Returns only
-/// if the guest still runs here (with the report of the attempt if it paused the guest);
-/// exits the process once the receiver committed.
-pub fn perform(vmm: &mut Vmm, api: &mut ApiServer, conn: ConnId, socket: &Path) -> Failed {
+/// A transfer whose receiver has built the machine; the guest still runs here, until the
+/// event loop pauses it ([`perform_prepared`]).
+pub struct Prepared {
+    socket: PathBuf,
+    chan: Channel,
+    ready: Ready,
+}
+
+impl Prepared {
+    /// The transfer will not happen: the receiver is told why and goes.
+    pub fn dismiss(self, why: &str) {
+        let reason = why.to_string();
+        let _ = self.chan.send(&Message::Refused { reason }, &[], &[]);
+    }
+}
+
+/// What a receiver's readiness leaves for the pause.
+pub(super) struct Ready {
+    commit: CommitPage,
+    /// Until this process exits, or the guest runs on here.
+    _awake: Option<CpusAwake>,
+}
+
+/// Connects to the molt listening at `socket` and has it build the machine; the guest runs
+/// on.
+pub fn prepare(vmm: &Vmm, socket: &Path) -> Result<Prepared, UpdateError> {
     let failed = |e| UpdateError::Transfer(socket.to_path_buf(), e);
-    let chan = match connect_to(socket) {
-        Ok(c) => c,
-        Err(e) => return failed(e).into(),
-    };
+    let chan = connect_to(socket).map_err(failed)?;
+    let ready = ready(&chan, vmm, &failed)?;
+    Ok(Prepared {
+        socket: socket.to_path_buf(),
+        chan,
+        ready,
+    })
+}
+
+/// Transfers the VM for the request on `conn` to the receiver `prepared`. Returns only if the
+/// guest still runs here (with the report of the attempt if it paused the guest); exits the
+/// process once the receiver committed.
+pub fn perform_prepared(
+    vmm: &mut Vmm,
+    api: &mut ApiServer,
+    conn: ConnId,
+    prepared: Prepared,
+) -> Failed {
+    let Prepared {
+        socket,
+        chan,
+        ready,
+    } = prepared;
+    let failed = |e| UpdateError::Transfer(socket.clone(), e);
     let mut leg = Leg {
-        target: socket.to_path_buf(),
+        target: socket.clone(),
         mode: "transfer",
         earlier: Vec::new(),
     };
-    match send(vmm, api, conn, &chan, &mut leg, failed) {
+    match send_ready(vmm, api, (conn, &chan), ready, &mut leg, failed) {
         Ok(()) => committed(vmm, api),
         Err(e) => Failed::after(e, leg.earlier),
     }
@@ -102,11 +145,26 @@ pub(super) struct Leg {
     pub earlier: Vec<UpdateReport>,
 }
 
-/// Hands the VM to the receiver on `chan` for the request on `conn`. `Ok` once the receiver
-/// committed: it runs the guest, and this process must leave everything it handed over
-/// alone. `Err` when the guest still runs here (`failed` says why the protocol failed); if
-/// the guest was paused for the attempt, the attempt's report is added to `leg.earlier`, so
-/// that a later handover of the same update counts that pause too.
+/// Has the receiver on `chan` build the machine; the guest runs throughout.
+fn ready(
+    chan: &Channel,
+    vmm: &Vmm,
+    failed: &impl Fn(TransferError) -> UpdateError,
+) -> Result<Ready, UpdateError> {
+    let awake = CpusAwake::hold();
+    let commit = CommitPage::create().map_err(UpdateError::CommitPage)?;
+    prepare_receiver(chan, vmm, &commit).map_err(failed)?;
+    Ok(Ready {
+        commit,
+        _awake: awake,
+    })
+}
+
+/// Hands the VM to the receiver on `chan` for the request on `conn`, at once. `Ok` once the
+/// receiver committed: it runs the guest, and this process must leave everything it handed
+/// over alone. `Err` when the guest still runs here (`failed` says why the protocol failed);
+/// if the guest was paused for the attempt, the attempt's report is added to `leg.earlier`,
+/// so that a later handover of the same update counts that pause too.
 pub(super) fn send(
     vmm: &mut Vmm,
     api: &mut ApiServer,
@@ -115,10 +173,20 @@ pub(super) fn send(
     leg: &mut Leg,
     failed: impl Fn(TransferError) -> UpdateError,
 ) -> Result<(), UpdateError> {
-    // Until this process exits, or the guest runs on here.
-    let _awake = super::awake::CpusAwake::hold();
-    let commit = CommitPage::create().map_err(UpdateError::CommitPage)?;
-    prepare(chan, vmm, &commit).map_err(&failed)?;
+    let ready = ready(chan, vmm, &failed)?;
+    send_ready(vmm, api, (conn, chan), ready, leg, failed)
+}
+
+/// [`send`] once the receiver is `ready`.
+fn send_ready(
+    vmm: &mut Vmm,
+    api: &mut ApiServer,
+    (conn, chan): (ConnId, &Channel),
+    ready: Ready,
+    leg: &mut Leg,
+    failed: impl Fn(TransferError) -> UpdateError,
+) -> Result<(), UpdateError> {
+    let commit = &ready.commit;
     let earlier = leg.earlier.clone();
     let target = leg.target.clone();
     let mut paused = super::outgoing::pause_for_handoff(vmm, api, conn, target, leg.mode)?;
