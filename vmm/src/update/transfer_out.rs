@@ -1,6 +1,7 @@
 //! The sender's side of cpr-transfer: hand the running VM to a separately started molt
 //! (`molt --incoming PATH`). Before the pause the receiver gets the RAM memfds and builds the
-//! machine while the guest runs; the pause covers only capture, the record and the restore.
+//! machine while the guest runs ([`prepare`]); the event loop pauses the guest a few ms later
+//! ([`perform_prepared`]), and the pause covers only capture, the record and the restore.
 //! Until the receiver commits, the sender can take the VM back and resume it; once it has,
 //! the sender exits 0 and never resumes the guest from its own, stale, state.
 
