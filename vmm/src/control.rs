@@ -29,7 +29,7 @@ pub struct Control {
     snapshot: Option<(ConnId, Pending)>,
     /// Signalled by the snapshot writer when it is done.
     snapshot_done: Option<EventFd>,
-    /// An update prepared and the guest not paused for it yet ([`update::outgoing::SETTLE`]).
+    /// An update prepared and the guest not paused for it yet ([`update::SETTLE`]).
     update: Option<PendingUpdate>,
     /// The CPUs kept awake after an update resumed the guest, until then.
     awake: Option<update::awake::CpusAwake>,
@@ -302,17 +302,18 @@ impl Control {
                 }
                 ApiRequest::CprTransfer(r) => update::transfer_out::prepare(&self.vmm, &r.socket)
                     .map(update::Prepared::Transfer),
-                req => {
-                    let failed = self.stand_in_update(conn, req);
+                ApiRequest::CprExec(r) => {
+                    let failed = self.stand_in_update(conn, &r);
                     return self.update_failed(conn, failed);
                 }
+                _ => Err(UpdateError::Busy),
             };
             match prepared {
                 Ok(prepared) => {
                     // A paused guest has no devices to let settle.
                     let settle = match self.vmm.run_state() {
                         crate::runtime::RunState::Paused => Duration::ZERO,
-                        _ => update::outgoing::settle(),
+                        _ => update::settle(),
                     };
                     self.update = Some(PendingUpdate {
                         conn,
@@ -385,15 +386,15 @@ impl Control {
     }
 
     /// Runs a cpr-exec through a stand-in; returns only if it failed (the guest runs on here).
-    fn stand_in_update(&mut self, conn: ConnId, req: ApiRequest) -> update::Failed {
+    fn stand_in_update(
+        &mut self,
+        conn: ConnId,
+        req: &crate::api::CprExecRequest,
+    ) -> update::Failed {
         let Some(api) = self.api.clone() else {
             return UpdateError::NoApi.into();
         };
-        match req {
-            ApiRequest::CprExec(r) => {
-                update::stand_in::perform(&mut self.vmm, &mut lock(&api), conn, &r)
-            }
-            _ => UpdateError::Busy.into(),
-        }
+        let mut api = lock(&api);
+        update::stand_in::perform(&mut self.vmm, &mut api, conn, req)
     }
 }

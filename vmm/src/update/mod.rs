@@ -6,7 +6,7 @@
 //! pause → save → hand over → restore → resume:
 //!
 //! 1. [`outgoing`] (old image): validate the target and start the safety nets; the event
-//!    loop lets the guest run on for [`outgoing::SETTLE`], then pause, capture the machine and
+//!    loop lets the guest run on for [`SETTLE`], then pause, capture the machine and
 //!    save every part into a [`handoff::Handoff`] record, and hand it over with the [`exec`]
 //!    transport. If that fails, everything is undone and the guest resumes here.
 //! 2. [`incoming`] (new image, first thing in `main`): take the record and the inherited fds,
@@ -248,8 +248,28 @@ impl UpdateReport {
     }
 }
 
-/// An update prepared while the guest runs, waiting for its pause (see
-/// [`outgoing::SETTLE`]).
+/// How long the guest runs on between the update's preparation and its pause. Starting the
+/// guardian (a clone and an exec of this binary) for a cpr-exec, or a transfer's receiver
+/// building the machine, slows the guest's device backends while it runs: a vhost-user disk's
+/// daemon woken on that CPU waits behind it. Paused at once, the guest would see that slowdown
+/// and the pause as one stall; a few milliseconds apart, the requests it slowed complete before
+/// the pause. The event loop serves the guest's devices and the API meanwhile.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(4);
+
+/// [`SETTLE`], or in the tests' build what `MOLT_TEST_SETTLE_MS` says (so that a test can
+/// send requests while an update is prepared).
+pub fn settle() -> std::time::Duration {
+    #[cfg(feature = "test-next")]
+    if let Some(ms) = std::env::var("MOLT_TEST_SETTLE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return std::time::Duration::from_millis(ms);
+    }
+    SETTLE
+}
+
+/// An update prepared while the guest runs, waiting for its pause ([`SETTLE`]).
 pub enum Prepared {
     /// A cpr-exec: its safety nets run.
     Exec(outgoing::Prepared),

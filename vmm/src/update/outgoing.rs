@@ -69,29 +69,8 @@ pub(super) fn plan(vmm: &Vmm, req: &CprExecRequest) -> Result<Plan, UpdateError>
     Ok(Plan { target, argv })
 }
 
-/// How long the guest runs on between the update's preparation and its pause. Starting the
-/// guardian (a clone and an exec of this binary) for a cpr-exec, or a transfer's receiver
-/// building the machine, slows the guest's device backends while it runs: a vhost-user disk's
-/// daemon woken on that CPU waits behind it. Paused at once, the guest would see that slowdown
-/// and the pause as one stall; a few milliseconds apart, the requests it slowed complete before
-/// the pause. The event loop serves the guest's devices and the API meanwhile.
-pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(4);
-
-/// [`SETTLE`], or in the tests' build what `MOLT_TEST_SETTLE_MS` says (so that a test can
-/// send requests while an update is prepared).
-pub fn settle() -> std::time::Duration {
-    #[cfg(feature = "test-next")]
-    if let Some(ms) = std::env::var("MOLT_TEST_SETTLE_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return std::time::Duration::from_millis(ms);
-    }
-    SETTLE
-}
-
 /// A cpr-exec prepared while the guest runs: what it executes and its safety nets, waiting
-/// for its pause ([`perform_prepared`]).
+/// for its pause ([`perform_prepared`], [`super::SETTLE`] later).
 pub struct Prepared {
     plan: Plan,
     nets: SafetyNets,
