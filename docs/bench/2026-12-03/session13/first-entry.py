@@ -21,17 +21,20 @@ for line in open(sys.argv[1]):
 events.sort(key=lambda e: e[0])
 vcpu = [e for e in events if e[1].startswith("vcpu")]
 
-# A resume is a KVM_RUN entry after an exit that ran no guest code to its end: a kick (INTR)
-# or an entry with immediate_exit set (UNKNOWN), as a new vCPU's first entry or a pause.
+# A resume is a KVM_RUN entry after an exit that ran no guest code to its end (a kick, INTR,
+# or an entry with immediate_exit set, UNKNOWN: a new vCPU's first entry or a pause), or after
+# 0.3 ms or more out of KVM (a vCPU paused while it handled an I/O exit; in steady state it is
+# back in ~30 µs).
 last_exit = {}
 entries = []
 for t, comm, tid, name, line in vcpu:
     if name == "kvm:kvm_userspace_exit":
-        last_exit[tid] = line
+        last_exit[tid] = (t, line)
     elif name == "kvm:kvm_fpu" and " load" in line and tid in last_exit:
-        if "KVM_EXIT_UNKNOWN" in last_exit[tid] or "KVM_EXIT_INTR" in last_exit[tid]:
+        out_at, why = last_exit[tid]
+        if "KVM_EXIT_UNKNOWN" in why or "KVM_EXIT_INTR" in why or t - out_at >= 0.0003:
             entries.append((t, tid))
-            last_exit[tid] = ""
+            last_exit[tid] = (t, "")
 
 
 def first(pred, start, end):
