@@ -3,7 +3,8 @@
 # and prints what first-entry.py finds at each resume.
 # Usage: trace-updates.sh exec|transfer|control N [MOLT]   (root; perf; MOLT defaults to
 # target/release/molt of this checkout). The control pauses and resumes instead of updating.
-# MEMORY=size=256M,hugepages=on picks the guest RAM; KEEP=1 keeps the trace directory.
+# MEMORY=size=256M,hugepages=on picks the guest RAM (raise /proc/sys/vm/nr_hugepages to 128 or
+# more first); KEEP=1 keeps the trace directory.
 set -eu
 mode=$1 n=$2
 here=$(cd "$(dirname "$0")" && pwd)
